@@ -1,0 +1,208 @@
+"""`orchestrate`: the command line. Thin: parsing and printing only; the work is in job/plan/runner."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import typer
+
+from orchestrator import job as jobfile
+from orchestrator.plan import describe_stage, plan_job
+from orchestrator.runner import StageFailedError, run_job, summary_table
+from stages.contract import STAGES, ArtifactError, JobFileError, ResourceError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,  # never dump tensors or prompts in a traceback
+    help="Run PixArt-alpha text-to-image jobs as three one-model stage processes: encode, denoise, decode.",
+)
+
+WORKDIR = typer.Option(Path("workdir"), "--workdir", help="Where job folders are made: <workdir>/<job name>/.")
+DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (auto: cuda if available).")
+
+
+def echo(message: str) -> None:
+    typer.echo(message)
+
+
+def _fail(message: str, code: int = 2):
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def expected_errors(command):
+    """Turn the project's expected failures into one line on stderr and a non-zero exit."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (JobFileError, ArtifactError) as exc:
+            _fail(str(exc))
+        except ResourceError as exc:
+            _fail(str(exc), 3)
+        except StageFailedError as exc:
+            _fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            typer.echo("interrupted: finished items are kept; run the same command again to resume", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def resolve_device(device: str) -> str:
+    """`auto` becomes cuda when torch sees a GPU; anything else is checked, not guessed."""
+    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise JobFileError(f"--device {device!r} is not one of auto, cpu, cuda, cuda:N")
+    if device == "cpu":
+        return device
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        raise JobFileError(f"--device {device}: torch sees no CUDA GPU here; use --device cpu or install a CUDA build of torch")
+    return device
+
+
+def _prepare(job_file: Path, workdir: Path, device: str) -> tuple[Path, dict]:
+    job = jobfile.load_job(job_file)
+    job_dir = jobfile.job_dir_for(job, workdir)
+    return job_dir, jobfile.resolve_job(job, job_dir, resolve_device(device))
+
+
+def _run(job_file: Path, workdir: Path, device: str, force: tuple[str, ...]) -> None:
+    job_dir, resolved = _prepare(job_file, workdir, device)
+    echo(f"job {resolved['name']}: {len(resolved['items'])} images, model {resolved['model']['given']}, "
+         f"{resolved['dtype']} on {resolved['device']}, folder {os.path.relpath(job_dir)}")
+    runs = run_job(job_dir, resolved, echo, force)
+    if not runs:
+        echo(f"nothing to do: all {len(resolved['items'])} images are up to date in {os.path.relpath(job_dir / 'decode')}")
+        return
+    echo("")
+    echo(summary_table(runs))
+    echo(f"images: {os.path.relpath(job_dir / 'decode')}/")
+
+
+@app.command()
+@expected_errors
+def run(
+    job_file: Path = typer.Argument(..., help="The job's TOML file."),
+    workdir: Path = WORKDIR,
+    device: str = DEVICE,
+    force: list[str] = typer.Option([], "--force", help="Remake this stage for every item (repeatable)."),
+) -> None:
+    """Run the job's stale stages in order; resumes an interrupted run.
+
+    Example: orchestrate run job.toml --workdir workdir
+    """
+    for stage in force:
+        if stage not in STAGES:
+            raise JobFileError(f"--force {stage!r} is not a stage; use one of {', '.join(STAGES)}")
+    _run(job_file, workdir, device, tuple(force))
+
+
+@app.command()
+@expected_errors
+def stage(
+    name: str = typer.Argument(..., help="encode | denoise | decode"),
+    job_file: Path = typer.Argument(..., help="The job's TOML file."),
+    workdir: Path = WORKDIR,
+    device: str = DEVICE,
+) -> None:
+    """Rerun one stage for every item (forced), for debugging; later stages go stale.
+
+    Example: orchestrate stage denoise job.toml
+    """
+    if name not in STAGES:
+        raise JobFileError(f"stage {name!r} does not exist; use one of {', '.join(STAGES)}")
+    job_dir, resolved = _prepare(job_file, workdir, device)
+    states = plan_job(job_dir, resolved)
+    upstream = STAGES[: STAGES.index(name)]
+    missing = [f"{s} {u.unit.key}" for s in upstream for u in states[s] if u.state != "done"]
+    if missing:
+        raise ArtifactError(f"{name}: {missing[0]} is not up to date ({len(missing)} upstream units); run `orchestrate run {job_file}` first")
+    from orchestrator.runner import run_stage
+    from stages.contract import RESOLVED_JOB, exclusive_lock, publish_json
+
+    with exclusive_lock(job_dir / "run.lock", f"job {job_dir.name}"):
+        publish_json(job_dir / RESOLVED_JOB, resolved)
+        result = run_stage(name, job_dir, True, echo)
+    echo(summary_table([result]))
+
+
+@app.command()
+@expected_errors
+def status(
+    job_file: Path = typer.Argument(..., help="The job's TOML file."),
+    workdir: Path = WORKDIR,
+    device: str = DEVICE,
+) -> None:
+    """Per stage and item: done, to do, or stale and why. Runs nothing.
+
+    Example: orchestrate status job.toml
+    """
+    job_dir, resolved = _prepare(job_file, workdir, device)
+    states = plan_job(job_dir, resolved)
+    for name in STAGES:
+        for line in describe_stage(name, states[name], limit=10_000):
+            echo(line)
+
+
+@app.command()
+@expected_errors
+def demo(workdir: Path = WORKDIR, device: str = DEVICE) -> None:
+    """Build a tiny random-weight PixArt model offline and run a small job on it.
+
+    The images are noise-like (random weights); the demo shows the whole pipeline working.
+    Example: orchestrate demo
+    """
+    from orchestrator.tiny import save_tiny_model
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    model = workdir / "demo-model"
+    if not (model / "model_index.json").exists():
+        echo(f"building a tiny random-weight model in {os.path.relpath(model)}")
+        save_tiny_model(model)
+    job_file = workdir / "demo.toml"
+    job_file.write_text(DEMO_JOB)
+    echo(f"job file: {os.path.relpath(job_file)}")
+    _run(job_file, workdir, device, ())
+
+
+DEMO_JOB = """\
+# Written by `orchestrate demo`: a small queue on the tiny random-weight model.
+[job]
+name = "demo"
+model = "demo-model"   # relative to this file
+
+[defaults]
+num_inference_steps = 8
+width = 256
+height = 256
+use_resolution_binning = false
+
+[[generation]]
+prompt = "pirate ship trapped in a cosmic maelstrom nebula"
+seed = 1152753
+count = 2
+
+[[generation]]
+prompt = "a small cactus with a happy face in the sahara desert"
+negative_prompt = "blurry"
+seed = 7
+width = 384
+height = 256
+guidance_scale = 5.0
+"""
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,316 @@
+"""The job file: TOML -> frozen dataclasses -> the resolved job the stages read.
+
+Every check on user input happens here, before anything is written or any model is loaded. Each
+error is a `JobFileError` whose message names the table, the key, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+import re
+import secrets
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from stages.contract import FORMAT_VERSION, JobFileError, canonical_json, slugify
+
+DTYPES = ("float16", "bfloat16", "float32")
+MAX_ITEMS = 10_000  # a queue larger than this is almost certainly a typo in `count`
+MAX_SIDE = 4096  # the largest 1024-bin is 2048 px; 4096 leaves room for the unbinned case
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit integer
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """The `[job]` table."""
+
+    model: str
+    name: str | None = None
+    dtype: str | None = None  # None: float16 on CUDA, float32 on CPU
+    clean_caption: bool = True  # as in PixArtAlphaPipeline.__call__
+    max_sequence_length: int = 120  # PixArt-alpha's T5 length (Section 3.1 of the paper)
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """One `[[generation]]` entry, after `[defaults]` are applied. Defaults are diffusers' own."""
+
+    prompt: str
+    negative_prompt: str = ""
+    width: int | None = None  # None: the model's sample_size x VAE scale factor
+    height: int | None = None
+    guidance_scale: float = 4.5
+    num_inference_steps: int = 20
+    use_resolution_binning: bool = True
+    seed: int | None = None  # None: drawn once, then kept in job.resolved.json
+    count: int = 1
+
+
+@dataclass(frozen=True)
+class Job:
+    settings: JobSettings
+    generations: tuple[GenerationParams, ...]
+    source: Path
+
+
+_TABLES = {"job": JobSettings, "defaults": GenerationParams, "generation": GenerationParams}
+
+
+def _suggest(key: str, valid) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+
+
+def _check_type(where: str, key: str, value, annotation: str):
+    """Return `value` if it fits the field's annotation (ints are fine for floats), else raise."""
+    base = annotation.replace(" | None", "")
+    ok = {
+        "str": isinstance(value, str),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+    }[base]
+    if not ok:
+        raise JobFileError(f"{where}: '{key}' must be {'a' if base != 'int' else 'an'} {base}, not {type(value).__name__} {value!r}")
+    return float(value) if base == "float" else value
+
+
+def _read_table(where: str, table, cls, exclude=()) -> dict:
+    if not isinstance(table, dict):
+        raise JobFileError(f"{where} must be a table, not {type(table).__name__}")
+    valid = {f.name: f.type for f in fields(cls) if f.name not in exclude}
+    out = {}
+    for key, value in table.items():
+        if key not in valid:
+            raise JobFileError(f"{where}: unknown key '{key}'{_suggest(key, valid)}")
+        out[key] = _check_type(where, key, value, valid[key])
+    return out
+
+
+def _check_range(where: str, gen: GenerationParams) -> None:
+    def bad(key, value, rule):
+        raise JobFileError(f"{where}: '{key}' = {value!r} is out of range; it must be {rule}")
+
+    if not 1 <= gen.num_inference_steps <= 1000:
+        bad("num_inference_steps", gen.num_inference_steps, "between 1 and 1000 (the scheduler's training steps)")
+    if not math.isfinite(gen.guidance_scale) or not 0 <= gen.guidance_scale <= 100:
+        bad("guidance_scale", gen.guidance_scale, "a finite number from 0 to 100 (<= 1 turns guidance off)")
+    if not 1 <= gen.count <= MAX_ITEMS:
+        bad("count", gen.count, f"between 1 and {MAX_ITEMS}")
+    if gen.seed is not None and not 0 <= gen.seed <= MAX_SEED:
+        bad("seed", gen.seed, f"between 0 and {MAX_SEED}")
+    for key in ("width", "height"):
+        value = getattr(gen, key)
+        if value is not None and not 16 <= value <= MAX_SIDE:
+            bad(key, value, f"between 16 and {MAX_SIDE} pixels")
+        if value is not None and not gen.use_resolution_binning and value % 16:
+            raise JobFileError(
+                f"{where}: '{key}' = {value} cannot be made without resolution binning: it must be a multiple of 16 "
+                f"(VAE factor 8 x patch 2); use {value - value % 16 or 16} or {value - value % 16 + 16}, or set use_resolution_binning = true"
+            )
+
+
+def load_job(path: Path) -> Job:
+    """Parse and check a job file. Raises JobFileError with a one-line message on any problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise JobFileError(f"job file {path} not found; check the path") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise JobFileError(f"job file {path} cannot be read ({exc}); save it as UTF-8 text") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise JobFileError(f"{path.name}: not valid TOML ({exc}); fix the syntax at that line") from None
+    for key in data:
+        if key not in _TABLES:
+            raise JobFileError(f"{path.name}: unknown table '[{key}]'{_suggest(key, _TABLES)}")
+    if "job" not in data:
+        raise JobFileError(f"{path.name}: missing [job] table; add [job] with model = \"PixArt-alpha/PixArt-XL-2-1024-MS\"")
+    settings_values = _read_table(f"{path.name} [job]", data["job"], JobSettings)
+    if "model" not in settings_values or not settings_values["model"].strip():
+        raise JobFileError(f"{path.name} [job]: 'model' is required: a hub id or a local diffusers folder")
+    settings = JobSettings(**settings_values)
+    if settings.dtype is not None and settings.dtype not in DTYPES:
+        raise JobFileError(f"{path.name} [job]: 'dtype' = {settings.dtype!r} is not one of {', '.join(DTYPES)}")
+    if not 1 <= settings.max_sequence_length <= 512:
+        raise JobFileError(f"{path.name} [job]: 'max_sequence_length' = {settings.max_sequence_length} must be between 1 and 512 (T5's limit)")
+    name = settings.name if settings.name is not None else path.stem
+    if not _NAME.match(name) or name in (".", ".."):
+        raise JobFileError(
+            f"{path.name} [job]: name {name!r} is not a safe folder name; use letters, digits, '.', '_' and '-' (set name = \"...\")"
+        )
+    settings = JobSettings(**{**asdict(settings), "name": name})
+    defaults = _read_table(f"{path.name} [defaults]", data.get("defaults", {}), GenerationParams, exclude=("prompt",))
+    entries = data.get("generation", [])
+    if not isinstance(entries, list) or not entries:
+        raise JobFileError(f"{path.name}: the queue is empty; add at least one [[generation]] with a prompt")
+    generations = []
+    total = 0
+    for n, entry in enumerate(entries, 1):
+        where = f"{path.name} [[generation]] #{n}"
+        values = {**defaults, **_read_table(where, entry, GenerationParams)}
+        if "prompt" not in values:
+            raise JobFileError(f"{where}: 'prompt' is required (use prompt = \"\" for an empty prompt)")
+        gen = GenerationParams(**values)
+        _check_range(where, gen)
+        total += gen.count
+        if total > MAX_ITEMS:
+            raise JobFileError(f"{where}: the queue would hold {total} images, more than {MAX_ITEMS}; lower 'count' or split the job")
+        generations.append(gen)
+    return Job(settings, tuple(generations), path.resolve())
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+def _hash_files(root: Path, patterns) -> str:
+    """sha256 over the listed config files, plus the names and sizes of weight files.
+    Weights are not read (the T5 alone is 19 GB); see the README's note on what this catches."""
+    digest = hashlib.sha256()
+    for pattern in patterns:
+        for file in sorted(root.glob(pattern)):
+            rel = file.relative_to(root).as_posix()
+            if file.suffix == ".safetensors":
+                digest.update(f"{rel}:{file.stat().st_size}\n".encode())
+            elif file.is_file():
+                digest.update(f"{rel}\n".encode() + file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def component_hashes(model_path: Path) -> dict:
+    """Per-stage hash of the parts of the model folder that decide each stage's output."""
+    return {
+        "encode": _hash_files(model_path, ["text_encoder/*", "tokenizer/*"]),
+        "denoise": _hash_files(model_path, ["transformer/*", "scheduler/*", "vae/config.json"]),
+        "decode": _hash_files(model_path, ["vae/*"]),
+    }
+
+
+_HUB_PATTERNS = ["model_index.json", "*/config.json", "*/*.safetensors", "*/*.safetensors.index.json", "scheduler/*.json", "tokenizer/*"]
+
+
+def resolve_model(given: str, job_dir: Path) -> Path:
+    """A local folder (relative to the job file) or a hub id resolved to a local snapshot."""
+    candidate = (job_dir / Path(given).expanduser()).resolve()
+    looks_like_path = given.startswith((".", "/", "~")) or candidate.exists() or given.count("/") != 1
+    if looks_like_path:
+        if not candidate.is_dir():
+            raise JobFileError(f"model folder {candidate} does not exist; fix 'model' in [job] (a local path is relative to the job file)")
+    else:
+        candidate = _download(given, candidate)
+    if not (candidate / "model_index.json").exists():
+        raise JobFileError(f"model {given!r} at {candidate} has no model_index.json; point 'model' at a diffusers folder (save_pretrained layout)")
+    for part in ("text_encoder", "tokenizer", "transformer", "vae", "scheduler"):
+        if not (candidate / part).is_dir():
+            raise JobFileError(f"model {given!r} at {candidate} has no {part}/ folder; use a complete PixArt-alpha diffusers folder")
+    pickles = [p.relative_to(candidate).as_posix() for p in candidate.glob("*/*.bin")]
+    weights = list(candidate.glob("*/*.safetensors"))
+    if pickles and not weights:
+        raise JobFileError(f"model {given!r} has only pickle weights ({pickles[0]}, ...); we load safetensors only: convert it first")
+    return candidate
+
+
+def _download(repo_id: str, local: Path) -> Path:
+    """Snapshot of a hub repo, safetensors and configs only (never pickles). Honors HF_HUB_OFFLINE."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS))
+    except LocalEntryNotFoundError:
+        raise JobFileError(
+            f"model {repo_id!r} is not a local folder ({local} does not exist), not in the Hugging Face cache, and the hub "
+            f"cannot be reached (offline mode or no network); download it once with `hf download {repo_id}` or fix 'model' in [job]"
+        ) from None
+    except RepositoryNotFoundError:
+        raise JobFileError(f"model {repo_id!r} is not a repository on the Hugging Face hub; check the id in [job] 'model'") from None
+    except Exception as exc:  # network errors come in many classes
+        raise JobFileError(f"model {repo_id!r} could not be fetched ({type(exc).__name__}: {exc}); check the network or use a local folder") from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise JobFileError(f"{path} cannot be read as JSON ({exc}); the model folder is damaged") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolution: the file the stages read
+
+
+def resolve_job(job: Job, job_dir: Path, device: str, runtime: dict | None = None) -> dict:
+    """The fully resolved job: defaults filled, seeds drawn (or reused), paths absolute."""
+    job_dir = Path(job_dir)
+    model_path = resolve_model(job.settings.model, job.source.parent)
+    transformer_config = _read_json(model_path / "transformer" / "config.json")
+    vae_config = _read_json(model_path / "vae" / "config.json")
+    default_side = transformer_config["sample_size"] * 2 ** (len(vae_config["block_out_channels"]) - 1)
+    dtype = job.settings.dtype or ("float32" if device == "cpu" else "float16")
+    previous = _previous_seeds(job_dir)
+    drawn = {}
+    items = []
+    for n, gen in enumerate(job.generations, 1):
+        width = gen.width or default_side
+        height = gen.height or default_side
+        if not gen.use_resolution_binning and (width % 16 or height % 16):
+            raise JobFileError(
+                f"[[generation]] #{n}: the model's default size {width}x{height} is not a multiple of 16; set width and height"
+            )
+        seed = gen.seed
+        if seed is None:
+            entry_key = canonical_json({k: v for k, v in asdict(gen).items() if k != "seed"})
+            seed = previous.get(entry_key)
+            if seed is None:
+                seed = secrets.randbelow(2**31)  # recorded below, so a rerun reuses it
+            drawn[entry_key] = seed
+        for i in range(gen.count):
+            index = len(items)
+            item_id = f"{index:04d}-{slugify(gen.prompt)}"
+            items.append({
+                "id": item_id,
+                "generation": n,
+                "prompt": gen.prompt,
+                "negative_prompt": gen.negative_prompt,
+                "seed": seed + i,
+                "width": width,
+                "height": height,
+                "guidance_scale": gen.guidance_scale,
+                "num_inference_steps": gen.num_inference_steps,
+                "use_resolution_binning": gen.use_resolution_binning,
+                "image": f"decode/{item_id}.png",
+            })
+    return {
+        "format": FORMAT_VERSION,
+        "name": job.settings.name,
+        "job_file": str(job.source),
+        "model": {"given": job.settings.model, "path": str(model_path), "component_hashes": component_hashes(model_path)},
+        "dtype": dtype,
+        "device": device,
+        "clean_caption": job.settings.clean_caption,
+        "max_sequence_length": job.settings.max_sequence_length,
+        "drawn_seeds": drawn,
+        "runtime": runtime or {},
+        "items": items,
+    }
+
+
+def _previous_seeds(job_dir: Path) -> dict:
+    """Seeds drawn by an earlier run of this job, keyed by the generation entry they belong to."""
+    try:
+        return json.loads((job_dir / "job.resolved.json").read_text()).get("drawn_seeds", {})
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return {}
+
+
+def job_dir_for(job: Job, workdir: Path) -> Path:
+    return Path(workdir).resolve() / job.settings.name
+

@@ -1,0 +1,52 @@
+"""What is stale and why: per item and stage, predicted before anything runs.
+
+The per-unit test is `stages.contract.unit_status`, the same function each stage uses to pick its
+work. Here it is applied to all stages at once, and a unit whose upstream will rerun is reported
+stale because of it (the stage itself re-checks against the real upstream records when it runs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from stages.contract import STAGES, Unit, plan_units, read_record, unit_status
+
+
+@dataclass(frozen=True)
+class UnitState:
+    unit: Unit
+    state: str  # "done", "to do" (never made) or "stale" (made, but out of date)
+    reason: str
+
+
+def plan_job(job_dir: Path, job: dict) -> dict[str, list[UnitState]]:
+    """Every unit of every stage with its predicted state and reason."""
+    units = plan_units(job)
+    pending: set[tuple[str, str]] = set()
+    states: dict[str, list[UnitState]] = {}
+    for stage in STAGES:
+        states[stage] = []
+        for unit in units[stage]:
+            has_record = read_record(unit.record_path(job_dir))[0] is not None
+            waiting = [f"{up} reruns" for up, key in unit.inputs if (up, key) in pending]
+            if waiting:
+                ok, why = False, ", ".join(waiting)
+            else:
+                ok, why = unit_status(job_dir, unit)
+            if not ok:
+                pending.add((stage, unit.key))
+            state = "done" if ok else ("stale" if has_record else "to do")
+            states[stage].append(UnitState(unit, state, why))
+    return states
+
+
+def describe_stage(stage: str, states: list[UnitState], limit: int = 8) -> list[str]:
+    """`encode: 12 up to date, 3 to do` and one line per unit to make, with its reason."""
+    todo = [s for s in states if s.state != "done"]
+    lines = [f"{stage}: {len(states) - len(todo)} up to date, {len(todo)} to do"]
+    for s in todo[:limit]:
+        lines.append(f"  {stage} {s.unit.key}: {s.state} ({s.reason})")
+    if len(todo) > limit:
+        lines.append(f"  ... and {len(todo) - limit} more")
+    return lines

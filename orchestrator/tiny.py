@@ -1,0 +1,140 @@
+"""Build a tiny PixArt-alpha diffusers folder with random weights, offline.
+
+Used by `orchestrate demo` (a first run on a machine with no real weights) and by the tests. The
+architecture follows diffusers' `get_dummy_components` for PixArt: a 2-layer transformer with
+sample_size 128 (so the 1024 aspect-ratio bins and the micro-conditions are exercised), a narrow
+4-block VAE (scale factor 8, as in the real one), a 2-layer T5 and a SentencePiece tokenizer
+trained here on a few sentences. The scheduler config is the real PixArt-XL-2-1024-MS one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+REFERENCE_CONFIGS = Path(__file__).parent / "reference_configs"
+
+_SENTENCES = [
+    "pirate ship trapped in a cosmic maelstrom nebula",
+    "a small cactus with a happy face in the sahara desert",
+    "an astronaut riding a green horse on the moon",
+    "a cute cat riding a horse at sunset",
+    "a watercolor painting of a lighthouse by the sea",
+    "portrait of an old fisherman, oil painting, dramatic light",
+    "a red apple on a wooden table, studio photo",
+    "city skyline at night with neon lights and rain",
+    "a forest of giant mushrooms under a purple sky",
+    "an owl reading a book in a cozy library",
+]
+
+
+def _train_tokenizer_vocab(vocab_size: int = 80) -> list[tuple[str, float]]:
+    """Train a SentencePiece unigram model in memory and return its (piece, score) list."""
+    import sentencepiece as spm
+
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_SENTENCES * 20),
+        model_writer=buffer,
+        vocab_size=vocab_size,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        pad_piece="<pad>",
+        eos_piece="</s>",
+        unk_piece="<unk>",
+        minloglevel=2,
+    )
+    processor = spm.SentencePieceProcessor(model_proto=buffer.getvalue())
+    return [(processor.id_to_piece(i), processor.get_score(i)) for i in range(processor.get_piece_size())]
+
+
+def build_tiny_tokenizer():
+    """A T5Tokenizer over a freshly trained vocabulary (transformers 5 ignores a bare vocab_file)."""
+    from transformers import T5Tokenizer
+
+    tokenizer = T5Tokenizer(vocab=_train_tokenizer_vocab(), extra_ids=100)
+    ids = tokenizer("a cute cat riding a horse").input_ids
+    if all(i == tokenizer.unk_token_id for i in ids[:-1]):  # the transformers 5 trap, see PIXART-NOTES.md
+        raise RuntimeError(f"tiny tokenizer maps every word to <unk>: {ids}")
+    return tokenizer
+
+
+def build_tiny_components(seed: int = 0) -> dict:
+    """Random-weight tokenizer, T5 encoder, transformer, VAE and the real scheduler."""
+    import torch
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",
+            dense_act_fn="gelu_new",
+            is_gated_act=True,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+    transformer = PixArtTransformer2DModel(
+        sample_size=128,  # 128 selects the 1024 bins and enables the micro-conditions
+        num_layers=2,
+        patch_size=2,
+        attention_head_dim=12,
+        num_attention_heads=2,  # 2 x 12 = 24, divisible by 3 for the micro-condition embedders
+        caption_channels=32,  # = T5 d_model
+        in_channels=4,
+        cross_attention_dim=24,
+        out_channels=8,
+        attention_bias=True,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 8, 16, 16),  # 4 blocks: scale factor 8, as the real VAE
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=256,
+        scaling_factor=0.18215,
+    )
+    scheduler = DPMSolverMultistepScheduler.from_pretrained(
+        REFERENCE_CONFIGS / "PixArt-XL-2-1024-MS" / "scheduler"
+    )
+    return {
+        "tokenizer": tokenizer,
+        "text_encoder": text_encoder.eval(),
+        "transformer": transformer.eval(),
+        "vae": vae.eval(),
+        "scheduler": scheduler,
+    }
+
+
+def save_tiny_model(path: Path, seed: int = 0) -> Path:
+    """Write a complete tiny diffusers folder (safetensors weights) to `path` and return it."""
+    from diffusers import PixArtAlphaPipeline
+
+    path = Path(path)
+    pipe = PixArtAlphaPipeline(**build_tiny_components(seed))
+    pipe.save_pretrained(path, safe_serialization=True)
+    (path / "TINY_MODEL.json").write_text(json.dumps({"built_by": "orchestrator.tiny", "seed": seed}) + "\n")
+    return path

@@ -1,0 +1,496 @@
+"""The contract between stages: the resolved job, work units, records, hashing and atomic writes.
+
+This is the only code the three stage processes share, and the orchestrator uses the same functions
+to say what is up to date, so the two can never disagree. It holds no model code and imports no
+torch at module level (the orchestrator's `status` stays fast).
+
+An item of a stage is up to date when its record exists with the current format version and a
+valid checksum, its params equal the current resolved ones, its input hashes equal the upstream
+records' output hashes, and every output exists with the recorded hash (STYLE.md, "Up to date").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FORMAT_VERSION = 1
+STAGES = ("encode", "denoise", "decode")
+RESOLVED_JOB = "job.resolved.json"
+TMP_PREFIX = ".tmp-"
+# Exit codes shared by stages and orchestrator: 2 is an expected, explained failure (bad input,
+# bad artifact); 3 is a resource failure (out of memory, disk full) that keeps finished items.
+EXIT_USER_ERROR = 2
+EXIT_RESOURCE_ERROR = 3
+EXIT_INTERRUPTED = 130
+
+
+class JobFileError(Exception):
+    """The job file or the job's model cannot be used as given."""
+
+
+class ArtifactError(Exception):
+    """An upstream artifact or record is missing, corrupt or does not match."""
+
+
+class ResourceError(Exception):
+    """A stage ran out of memory or disk; finished items are kept."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Hashing and atomic writes
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    """Content hash of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def canonical_json(obj) -> str:
+    """Stable JSON text: sorted keys, no spaces; what params and checksums are computed over."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def short_hash(obj) -> str:
+    return sha256_bytes(canonical_json(obj).encode())[:16]
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(path: Path, write) -> None:
+    """Write `path` atomically: `write(tmp_path)` fills a temporary file in the same folder, which
+    is flushed to disk and renamed into place. On any failure the temporary file is removed, so a
+    reader sees either the old file, the complete new one, or none."""
+    path = Path(path)
+    tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{path.name}")
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException as exc:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+            raise ResourceError(f"could not write {path}: {exc.strerror or exc}; free disk space or fix the folder, then run again") from exc
+        raise
+
+
+def publish_bytes(path: Path, data: bytes) -> None:
+    publish(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def publish_json(path: Path, obj) -> None:
+    publish_bytes(path, (json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode())
+
+
+def remove_temp_files(directory: Path) -> list[Path]:
+    """Delete half-written files left by an interrupted writer (call under the stage lock)."""
+    removed = []
+    for tmp in Path(directory).glob(f"{TMP_PREFIX}*"):
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_path: Path, what: str):
+    """Hold an flock on `lock_path` (written with our pid) or fail naming the holder's pid.
+    The kernel drops the lock when its process dies, so a lock left by a killed run is taken over."""
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise JobFileError(
+                f"{what} is already running (pid {holder}, lock {lock_path}); wait for it to finish "
+                f"or stop it, then run again"
+            ) from None
+        previous = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        if previous and previous != str(os.getpid()):
+            logging.getLogger(__name__).info("taking over the lock left by pid %s (no longer running)", previous)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# The resolved job
+
+
+def read_job(job_dir: Path) -> dict:
+    """Read `<job_dir>/job.resolved.json`, the only input a stage takes besides artifacts."""
+    path = Path(job_dir) / RESOLVED_JOB
+    try:
+        job = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise JobFileError(f"{path} not found; run `orchestrate run JOB.toml` first to resolve the job") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise JobFileError(f"{path} is not valid JSON ({exc}); run `orchestrate run JOB.toml` to rewrite it") from None
+    if job.get("format") != FORMAT_VERSION:
+        raise JobFileError(
+            f"{path} has format {job.get('format')!r}, this code reads {FORMAT_VERSION}; rerun `orchestrate run JOB.toml`"
+        )
+    return job
+
+
+def slugify(text: str, max_len: int = 40) -> str:
+    """A file-name-safe slug of a prompt: lowercase ASCII words joined by '-'."""
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:max_len].strip("-")
+    return slug or "empty"
+
+
+def uses_guidance(item: dict) -> bool:
+    """Classifier-free guidance is on above 1, as in the diffusers pipeline."""
+    return item["guidance_scale"] > 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Work units: what each stage makes, from which inputs, with which params
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One artifact a stage makes: `key` names its files, `params` decide it, `inputs` feed it."""
+
+    stage: str
+    key: str
+    params: dict
+    inputs: tuple = ()  # (upstream stage, upstream key) pairs
+    items: tuple = ()  # ids of the items that use it
+    outputs: tuple = field(default=())  # file names, relative to the stage folder
+
+    def record_path(self, job_dir: Path) -> Path:
+        return Path(job_dir) / self.stage / f"{self.key}.json"
+
+
+def encode_params(job: dict, item: dict) -> dict:
+    return {
+        "model": job["model"]["component_hashes"]["encode"],
+        "dtype": job["dtype"],
+        "prompt": item["prompt"],
+        # Without guidance the pipeline never encodes the negative prompt.
+        "negative_prompt": item["negative_prompt"] if uses_guidance(item) else None,
+        "clean_caption": job["clean_caption"],
+        "max_sequence_length": job["max_sequence_length"],
+    }
+
+
+def encode_key(params: dict) -> str:
+    return f"{slugify(params['prompt'], 24)}-{short_hash(params)}"
+
+
+def plan_units(job: dict) -> dict[str, list[Unit]]:
+    """All units of all stages, in job order. Items with equal encode params share one unit."""
+    encode: dict[str, Unit] = {}
+    denoise, decode = [], []
+    for item in job["items"]:
+        e_params = encode_params(job, item)
+        e_key = encode_key(e_params)
+        if e_key in encode:
+            prev = encode[e_key]
+            encode[e_key] = Unit("encode", e_key, prev.params, items=prev.items + (item["id"],), outputs=prev.outputs)
+        else:
+            encode[e_key] = Unit("encode", e_key, e_params, items=(item["id"],), outputs=(f"{e_key}.safetensors",))
+        d_params = {
+            "model": job["model"]["component_hashes"]["denoise"],
+            "dtype": job["dtype"],
+            **{k: item[k] for k in DENOISE_ITEM_KEYS},
+        }
+        denoise.append(
+            Unit("denoise", item["id"], d_params, inputs=(("encode", e_key),), items=(item["id"],),
+                 outputs=(f"{item['id']}.safetensors",))
+        )
+        c_params = {
+            "model": job["model"]["component_hashes"]["decode"],
+            "dtype": job["dtype"],
+            "decode": job.get("decode", {}),
+            # PNG text metadata carries these, so they decide the file's bytes too.
+            "metadata": {k: item[k] for k in ("prompt", "negative_prompt", *DENOISE_ITEM_KEYS)} | {"model": job["model"]["given"]},
+        }
+        decode.append(
+            Unit("decode", item["id"], c_params, inputs=(("denoise", item["id"]),), items=(item["id"],),
+                 outputs=(f"{item['id']}.png",))
+        )
+    return {"encode": list(encode.values()), "denoise": denoise, "decode": decode}
+
+
+DENOISE_ITEM_KEYS = ("seed", "width", "height", "guidance_scale", "num_inference_steps", "use_resolution_binning")
+
+
+# ---------------------------------------------------------------------------------------------
+# Records
+
+
+def record_checksum(record: dict) -> str:
+    return sha256_bytes(canonical_json({k: v for k, v in record.items() if k != "checksum"}).encode())
+
+
+def write_record(path: Path, record: dict) -> None:
+    """Publish a record (sorted keys, self-checksum) after its outputs; it marks the unit done."""
+    record = dict(record, format=FORMAT_VERSION)
+    record["checksum"] = record_checksum(record)
+    publish_json(path, record)
+
+
+def read_record(path: Path) -> tuple[dict | None, str]:
+    """(record, "") when valid, else (None, why it is not usable)."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None, "no record"
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return None, "record is corrupt (not JSON)"
+    if not isinstance(record, dict) or record.get("checksum") != record_checksum(record):
+        return None, "record is corrupt (checksum mismatch)"
+    if record.get("format") != FORMAT_VERSION:
+        return None, f"record format {record.get('format')} != {FORMAT_VERSION}"
+    return record, ""
+
+
+def _diff_params(old: dict, new: dict) -> str:
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    parts = []
+    for key in changed[:3]:
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) or isinstance(b, dict) or len(repr(a)) + len(repr(b)) > 60:
+            parts.append(f"{key} changed")
+        else:
+            parts.append(f"{key} {a!r} -> {b!r}")
+    return ", ".join(parts) + (" ..." if len(changed) > 3 else "")
+
+
+def upstream_output_hash(job_dir: Path, stage: str, key: str) -> tuple[str | None, str]:
+    """The sha256 the upstream record lists for its artifact, or (None, why not)."""
+    record, why = read_record(Path(job_dir) / stage / f"{key}.json")
+    if record is None:
+        return None, f"{stage} {key}: {why}"
+    outputs = record.get("outputs", {})
+    if len(outputs) != 1:
+        return None, f"{stage} {key}: record lists {len(outputs)} outputs"
+    return next(iter(outputs.values()))["sha256"], ""
+
+
+def unit_status(job_dir: Path, unit: Unit, check_outputs: bool = True) -> tuple[bool, str]:
+    """(up to date, reason). Compares content hashes, never mtimes."""
+    job_dir = Path(job_dir)
+    record, why = read_record(unit.record_path(job_dir))
+    if record is None:
+        return False, why
+    if record.get("params") != unit.params:
+        return False, _diff_params(record.get("params") or {}, unit.params)
+    recorded_inputs = record.get("inputs", {})
+    for stage, key in unit.inputs:
+        expected, why = upstream_output_hash(job_dir, stage, key)
+        name = f"{stage}/{key}.safetensors"
+        if expected is None or recorded_inputs.get(name) != expected:
+            return False, f"input {name} changed"
+    if set(record.get("outputs", {})) != set(unit.outputs):
+        return False, "outputs differ from the expected files"
+    if check_outputs:
+        for name, meta in record["outputs"].items():
+            path = job_dir / unit.stage / name
+            if not path.exists():
+                return False, f"{name} is missing"
+            if sha256_file(path) != meta["sha256"]:
+                return False, f"{name} is corrupt (sha256 mismatch)"
+    return True, "up to date"
+
+
+def verified_input(job_dir: Path, stage_name: str, unit: Unit, upstream: str, key: str) -> tuple[Path, str]:
+    """Path and hash of an upstream artifact after checking it against its record, or ArtifactError."""
+    job_dir = Path(job_dir)
+    expected, why = upstream_output_hash(job_dir, upstream, key)
+    path = job_dir / upstream / f"{key}.safetensors"
+    fix = f"run `orchestrate run {job_dir / 'job.toml'}` (or `orchestrate run` on your job file) to rebuild {upstream}"
+    if expected is None:
+        raise ArtifactError(f"{stage_name}: missing {upstream} artifact for item {unit.key} ({why}); {fix}")
+    if not path.exists():
+        raise ArtifactError(f"{stage_name}: {upstream} artifact {path} for item {unit.key} is missing; {fix}")
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ArtifactError(f"{stage_name}: {upstream} artifact {path} for item {unit.key} does not match its record; {fix}")
+    return path, actual
+
+
+def output_entry(path: Path, shape=None, dtype=None) -> dict:
+    entry = {"sha256": sha256_file(path), "bytes": Path(path).stat().st_size}
+    if shape is not None:
+        entry["shape"] = list(shape)
+    if dtype is not None:
+        entry["dtype"] = str(dtype).replace("torch.", "")
+    return entry
+
+
+# ---------------------------------------------------------------------------------------------
+# Process helpers for stage entry points
+
+
+def versions() -> dict:
+    import diffusers
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+
+
+def setup_logging(job_dir: Path, stage: str) -> logging.Logger:
+    """Log to stderr and to `<stage>/stage.log` (appended, so earlier attempts stay readable)."""
+    stage_dir = Path(job_dir) / stage
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(logging.DEBUG)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    for handler, level in ((logging.StreamHandler(sys.stderr), logging.INFO), (logging.FileHandler(stage_dir / "stage.log"), logging.DEBUG)):
+        handler.setFormatter(fmt)
+        handler.setLevel(level)
+        root.addHandler(handler)
+    for noisy in ("diffusers", "transformers", "accelerate", "httpx", "urllib3", "filelock", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return logging.getLogger(f"stages.{stage}")
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+
+
+def reset_peak_memory(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device) -> dict:
+    """Peak memory so far: CUDA allocator peaks on a GPU, plus the process's peak RSS always."""
+    import resource
+
+    import torch
+
+    peaks = {"host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device.type == "cuda":
+        peaks["device_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+        peaks["device_max_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+    return peaks
+
+
+def format_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
+class Clock:
+    """Wall-clock seconds since creation, for records and summaries."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def seconds(self) -> float:
+        return round(time.perf_counter() - self.start, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared entry point: argument parsing, locking, unit selection, error reporting
+
+
+def select_units(job_dir: Path, job: dict, stage: str, force: bool, log: logging.Logger) -> tuple[list[Unit], int]:
+    """The units of `stage` to make now (all when forced), and how many were up to date."""
+    units = plan_units(job)[stage]
+    todo = []
+    for unit in units:
+        ok, why = (False, "forced") if force else unit_status(job_dir, unit)
+        if not ok:
+            log.debug("%s: %s to do (%s)", stage, unit.key, why)
+            todo.append(unit)
+    log.info("%s: %d to do, %d up to date", stage, len(todo), len(units) - len(todo))
+    return todo, len(units) - len(todo)
+
+
+def stage_main(stage: str, make_units, argv: list[str] | None = None) -> int:
+    """Run one stage process: `make_units(job, job_dir, todo, log)` loads the model and makes the
+    units, publishing each artifact and then its record; this wrapper does everything else."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=f"Run the {stage} stage of a resolved job.")
+    parser.add_argument("job_dir", type=Path, help="the job's folder, e.g. workdir/beach")
+    parser.add_argument("--force", action="store_true", help="remake every unit, even those up to date")
+    args = parser.parse_args(argv)
+    job_dir = args.job_dir.resolve()
+    if not (job_dir / RESOLVED_JOB).exists():
+        print(f"error: {job_dir / RESOLVED_JOB} not found; run `orchestrate run JOB.toml` to resolve the job first", file=sys.stderr)
+        return EXIT_USER_ERROR
+    log = setup_logging(job_dir, stage)
+    clock = Clock()
+    try:
+        job = read_job(job_dir)
+        with exclusive_lock(job_dir / stage / ".lock", f"stage {stage} of {job_dir.name}"):
+            for tmp in remove_temp_files(job_dir / stage):
+                log.info("%s: removed half-written %s", stage, tmp.name)
+            todo, fresh = select_units(job_dir, job, stage, args.force, log)
+            summary = {"stage": stage, "units_done": 0, "units_up_to_date": fresh}
+            if todo:
+                summary.update(make_units(job, job_dir, todo, log) or {})
+                summary["units_done"] = len(todo)
+            else:
+                log.info("%s: all %d up to date, nothing to do", stage, fresh)
+            summary["seconds"] = clock.seconds()
+            publish_json(job_dir / stage / "summary.json", summary)
+            log.info(
+                "%s: done %d, up to date %d, %.1f s (load %.1f s), peak %s",
+                stage, summary["units_done"], fresh, summary["seconds"], summary.get("load_seconds", 0.0),
+                format_bytes(summary.get("peak", {}).get("device_max_allocated_bytes", summary.get("peak", {}).get("host_peak_rss_bytes"))),
+            )
+        return 0
+    except (JobFileError, ArtifactError) as exc:
+        log.error("error: %s", exc)
+        return EXIT_USER_ERROR
+    except ResourceError as exc:
+        log.error("error: %s", exc)
+        return EXIT_RESOURCE_ERROR
+    except KeyboardInterrupt:
+        remove_temp_files(job_dir / stage)
+        log.warning("%s: interrupted; finished items are kept, run the same command again to resume", stage)
+        return EXIT_INTERRUPTED

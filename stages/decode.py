@@ -1,0 +1,117 @@
+"""Decode stage: latents -> PNG images.
+
+Reads:  <job_dir>/job.resolved.json, <job_dir>/denoise/<item>.safetensors and its record (latent
+        shape, VAE scale factor, requested and binned sizes)
+Writes: <job_dir>/decode/<item>.png (generation parameters in PNG text chunks) and <item>.json
+Loads:  AutoencoderKL only.
+
+Example: python -m stages.decode workdir/beach
+
+Matches `PixArtAlphaPipeline.__call__` after the loop: `vae.decode(latents / scaling_factor)`, then,
+with resolution binning, `resize_and_crop_tensor` on the float tensor back to the requested size
+(resizing the PIL image instead is off by up to 51 levels), then `postprocess`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+from stages import contract
+
+
+def load_vae(job: dict, device):
+    import torch
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(
+        job["model"]["path"], subfolder="vae", torch_dtype=contract.torch_dtype(job["dtype"]), use_safetensors=True
+    ).to(device).eval()
+    torch.set_grad_enabled(False)
+    return vae
+
+
+def decode_latents(vae, latents, denoise_record: dict):
+    """PIL image for one item's latents [1, C, h, w], at the requested size."""
+    from diffusers.image_processor import PixArtImageProcessor
+
+    processor = PixArtImageProcessor(vae_scale_factor=denoise_record["vae_scale_factor"])
+    image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]  # [1, 3, H, W]
+    if denoise_record["params"]["use_resolution_binning"]:
+        requested = denoise_record["requested_size"]
+        image = processor.resize_and_crop_tensor(image, requested["width"], requested["height"])
+    return processor.postprocess(image, output_type="pil")[0]
+
+
+def png_bytes(image, metadata: dict) -> bytes:
+    """PNG with one text chunk per generation parameter, plus them all as JSON under 'pixart'."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in sorted(metadata.items()):
+        info.add_text(key, json.dumps(value) if not isinstance(value, str) else value)
+    info.add_text("pixart", contract.canonical_json(metadata))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
+    import torch
+    from safetensors.torch import load_file
+
+    device = torch.device(job["device"])
+    dtype = contract.torch_dtype(job["dtype"])
+    inputs = {}
+    for unit in todo:
+        (upstream, key), = unit.inputs
+        path, digest = contract.verified_input(job_dir, "decode", unit, upstream, key)
+        record, _ = contract.read_record(job_dir / upstream / f"{key}.json")
+        inputs[unit.key] = (path, digest, record)
+    vae_config = json.loads((Path(job["model"]["path"]) / "vae" / "config.json").read_text())
+    scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    for unit in todo:
+        record = inputs[unit.key][2]
+        if record["vae_scale_factor"] != scale:
+            raise contract.ArtifactError(
+                f"decode: item {unit.key} was denoised for a VAE scale factor of {record['vae_scale_factor']}, "
+                f"but {job['model']['path']}/vae has {scale}; rerun denoise with `orchestrate stage denoise JOB.toml`"
+            )
+    clock = contract.Clock()
+    contract.reset_peak_memory(device)
+    vae = load_vae(job, device)
+    load_seconds = clock.seconds()
+    for n, unit in enumerate(todo, 1):
+        started = contract.Clock()
+        in_path, in_hash, denoise_record = inputs[unit.key]
+        latents = load_file(str(in_path))["latents"].to(device=device, dtype=dtype)  # [1, C, h, w]
+        image = decode_latents(vae, latents, denoise_record)
+        out = job_dir / "decode" / f"{unit.key}.png"
+        contract.publish_bytes(out, png_bytes(image, unit.params["metadata"]))
+        contract.write_record(unit.record_path(job_dir), {
+            "stage": "decode",
+            "key": unit.key,
+            "items": [unit.key],
+            "params": unit.params,
+            "inputs": {f"denoise/{in_path.name}": in_hash},
+            "outputs": {out.name: contract.output_entry(out, (image.height, image.width, 3), "uint8")},
+            "tiled": False,
+            "model": {"given": job["model"]["given"], "path": job["model"]["path"], "config_hash": job["model"]["component_hashes"]["decode"]},
+            "versions": contract.versions(),
+            "device": str(device),
+            "dtype": job["dtype"],
+            "seconds": started.seconds(),
+            "peak": contract.peak_memory(device),
+        })
+        log.info("decode: %d/%d %s -> %s %.2f s", n, len(todo), unit.key, out.relative_to(job_dir), started.seconds())
+    return {"load_seconds": load_seconds, "peak": contract.peak_memory(device)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return contract.stage_main("decode", make_units, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
