@@ -106,8 +106,10 @@ def run_stage(stage: str, job_dir: Path, force: bool, echo) -> StageRun:
     return StageRun(stage, clock.seconds(), summary)
 
 
-def run_job(job_dir: Path, resolved: dict, echo, force: tuple[str, ...] = ()) -> list[StageRun]:
-    """Write the resolved job, then run each stage that has work, in order, under the job lock."""
+def run_job(job_dir: Path, resolved: dict, echo, force: tuple[str, ...] = (), launch=None) -> list[StageRun]:
+    """Write the resolved job, then run each stage that has work, in order, under the job lock.
+    `launch(stage, job_dir, force, echo)` runs one stage; by default a `run_stage` subprocess."""
+    launch = launch or run_stage
     job_dir.mkdir(parents=True, exist_ok=True)
     runs = []
     with exclusive_lock(job_dir / "run.lock", f"job {job_dir.name}"):
@@ -123,7 +125,7 @@ def run_job(job_dir: Path, resolved: dict, echo, force: tuple[str, ...] = ()) ->
                     echo(line)
                 if all(s.state == "done" for s in states):
                     continue
-            runs.append(run_stage(stage, job_dir, forced, echo))
+            runs.append(launch(stage, job_dir, forced, echo))
     return runs
 
 

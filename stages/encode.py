@@ -71,8 +71,8 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
             if text not in cache:
                 cache[text] = encode_text(pipe, text, job, device)
             embeds, mask = cache[text]
-            tensors[f"{prefix}prompt_embeds"] = embeds.detach().to("cpu").contiguous()  # [1, seq, dim]
-            tensors[f"{prefix}prompt_attention_mask"] = mask.to("cpu").contiguous()  # [1, seq]
+            tensors[f"{prefix}prompt_embeds"] = embeds.detach().to("cpu").contiguous().clone()  # [1, seq, dim]; own storage
+            tensors[f"{prefix}prompt_attention_mask"] = mask.to("cpu").contiguous().clone()  # [1, seq]
         # 3. Publish the artifact, then its record.
         out = job_dir / "encode" / f"{unit.key}.safetensors"
         contract.publish(out, lambda tmp: save_file(tensors, str(tmp), metadata={"stage": "encode", "key": unit.key}))
