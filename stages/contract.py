@@ -103,6 +103,12 @@ def publish(path: Path, write) -> None:
         raise
 
 
+def safetensors_metadata(stage: str, key: str) -> dict:
+    """ONE str->str entry: safetensors keeps metadata in a hash map whose order varies between
+    processes, so two keys would make byte-different files (and hashes) for equal tensors."""
+    return {"artifact": f"{stage}/{key}"}
+
+
 def publish_bytes(path: Path, data: bytes) -> None:
     publish(path, lambda tmp: Path(tmp).write_bytes(data))
 
@@ -384,6 +390,19 @@ def setup_logging(job_dir: Path, stage: str) -> logging.Logger:
     for noisy in ("diffusers", "transformers", "accelerate", "httpx", "urllib3", "filelock", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return logging.getLogger(f"stages.{stage}")
+
+
+@contextlib.contextmanager
+def loading(stage: str, model_path: str, part: str):
+    """Turn a failed from_pretrained (missing or damaged files) into a one-line JobFileError."""
+    try:
+        yield
+    except (OSError, ValueError) as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise JobFileError(
+            f"{stage}: cannot load {part} from {model_path}/{part} ({first_line}); check that the model folder is complete "
+            f"(config plus .safetensors weights)"
+        ) from exc
 
 
 def torch_dtype(name: str):

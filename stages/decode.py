@@ -26,9 +26,10 @@ def load_vae(job: dict, device):
     import torch
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL.from_pretrained(
-        job["model"]["path"], subfolder="vae", torch_dtype=contract.torch_dtype(job["dtype"]), use_safetensors=True
-    ).to(device).eval()
+    with contract.loading("decode", job["model"]["path"], "vae"):
+        vae = AutoencoderKL.from_pretrained(
+            job["model"]["path"], subfolder="vae", torch_dtype=contract.torch_dtype(job["dtype"]), use_safetensors=True
+        ).to(device).eval()
     torch.set_grad_enabled(False)
     return vae
 

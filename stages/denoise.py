@@ -52,9 +52,10 @@ def load_transformer(job: dict, device):
     from diffusers import PixArtTransformer2DModel
 
     path = job["model"]["path"]
-    transformer = PixArtTransformer2DModel.from_pretrained(
-        path, subfolder="transformer", torch_dtype=contract.torch_dtype(job["dtype"]), use_safetensors=True
-    ).to(device).eval()
+    with contract.loading("denoise", path, "transformer"):
+        transformer = PixArtTransformer2DModel.from_pretrained(
+            path, subfolder="transformer", torch_dtype=contract.torch_dtype(job["dtype"]), use_safetensors=True
+        ).to(device).eval()
     scheduler_config = json.loads((Path(path) / "scheduler" / "scheduler_config.json").read_text())
     scheduler_class = getattr(diffusers, scheduler_config["_class_name"])
     torch.set_grad_enabled(False)
@@ -168,7 +169,7 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
             bar.close()
         latents = latents.to("cpu").contiguous()  # [1, C, h, w]
         out = job_dir / "denoise" / f"{unit.key}.safetensors"
-        contract.publish(out, lambda tmp: save_file({"latents": latents}, str(tmp), metadata={"stage": "denoise", "item": unit.key}))
+        contract.publish(out, lambda tmp: save_file({"latents": latents}, str(tmp), metadata=contract.safetensors_metadata("denoise", unit.key)))
         contract.write_record(unit.record_path(job_dir), {
             "stage": "denoise",
             "key": unit.key,

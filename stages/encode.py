@@ -26,11 +26,13 @@ def load_text_encoder(job: dict, device):
     from transformers import T5EncoderModel, T5Tokenizer
 
     path = job["model"]["path"]
-    tokenizer = T5Tokenizer.from_pretrained(path, subfolder="tokenizer")
+    with contract.loading("encode", path, "tokenizer"):
+        tokenizer = T5Tokenizer.from_pretrained(path, subfolder="tokenizer")
     # from_pretrained (not .to(fp16) afterwards) keeps T5's `wo` in fp32: see PIXART-NOTES.md.
-    text_encoder = T5EncoderModel.from_pretrained(
-        path, subfolder="text_encoder", dtype=contract.torch_dtype(job["dtype"]), use_safetensors=True
-    ).to(device).eval()
+    with contract.loading("encode", path, "text_encoder"):
+        text_encoder = T5EncoderModel.from_pretrained(
+            path, subfolder="text_encoder", dtype=contract.torch_dtype(job["dtype"]), use_safetensors=True
+        ).to(device).eval()
     if all(i == tokenizer.unk_token_id for i in tokenizer("a photo of a cat").input_ids[:-1]):
         raise contract.ArtifactError(f"encode: the tokenizer in {path}/tokenizer maps every word to <unk>; its vocabulary is broken")
     pipe = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=None, transformer=None, scheduler=None)
@@ -75,7 +77,7 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
             tensors[f"{prefix}prompt_attention_mask"] = mask.to("cpu").contiguous().clone()  # [1, seq]
         # 3. Publish the artifact, then its record.
         out = job_dir / "encode" / f"{unit.key}.safetensors"
-        contract.publish(out, lambda tmp: save_file(tensors, str(tmp), metadata={"stage": "encode", "key": unit.key}))
+        contract.publish(out, lambda tmp: save_file(tensors, str(tmp), metadata=contract.safetensors_metadata("encode", unit.key)))
         contract.write_record(unit.record_path(job_dir), {
             "stage": "encode",
             "key": unit.key,
@@ -89,6 +91,7 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
             "device": str(device),
             "dtype": job["dtype"],
             "seconds": started.seconds(),
+            "peak": contract.peak_memory(device),
         })
         log.info("encode: %d/%d %s (%d items) %.2f s", n, len(todo), unit.key, len(unit.items), started.seconds())
     return {"load_seconds": load_seconds, "peak": contract.peak_memory(device)}
