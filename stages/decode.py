@@ -22,7 +22,9 @@ from pathlib import Path
 from stages import contract
 
 
-def load_vae(job: dict, device):
+def load_vae(job: dict, device, tile_size: int | None = None):
+    """The VAE; with `tile_size`, diffusers' tiled decoding over tiles of that many pixels
+    (25% overlap, blended), which bounds activation memory but changes pixels slightly."""
     import torch
     from diffusers import AutoencoderKL
 
@@ -30,6 +32,10 @@ def load_vae(job: dict, device):
         vae = AutoencoderKL.from_pretrained(
             job["model"]["path"], subfolder="vae", torch_dtype=contract.torch_dtype(job["dtype"]), use_safetensors=True
         ).to(device).eval()
+    if tile_size:
+        vae.enable_tiling()
+        vae.tile_sample_min_size = tile_size
+        vae.tile_latent_min_size = tile_size // 2 ** (len(vae.config.block_out_channels) - 1)
     torch.set_grad_enabled(False)
     return vae
 
@@ -80,9 +86,12 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
                 f"decode: item {unit.key} was denoised for a VAE scale factor of {record['vae_scale_factor']}, "
                 f"but {job['model']['path']}/vae has {scale}; rerun denoise with `orchestrate stage denoise JOB.toml`"
             )
+    plan = job.get("runtime", {}).get("stages", {}).get("decode", {})
+    tile_size = plan.get("tile_size") if plan.get("strategy") == "tiled" else None
     clock = contract.Clock()
     contract.reset_peak_memory(device)
-    vae = load_vae(job, device)
+    vae = load_vae(job, device, tile_size)
+    log.info("decode: %d items, %s", len(todo), f"tiled, {tile_size} px tiles" if tile_size else "untiled")
     load_seconds = clock.seconds()
     for n, unit in enumerate(todo, 1):
         started = contract.Clock()
@@ -90,7 +99,8 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
         latents = load_file(str(in_path))["latents"].to(device=device, dtype=dtype)  # [1, C, h, w]
         image = decode_latents(vae, latents, denoise_record)
         out = job_dir / "decode" / f"{unit.key}.png"
-        contract.publish_bytes(out, png_bytes(image, unit.params["metadata"]))
+        metadata = dict(unit.params["metadata"], vae_tiling=f"{tile_size} px" if tile_size else "off")
+        contract.publish_bytes(out, png_bytes(image, metadata))
         contract.write_record(unit.record_path(job_dir), {
             "stage": "decode",
             "key": unit.key,
@@ -98,7 +108,8 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
             "params": unit.params,
             "inputs": {f"denoise/{in_path.name}": in_hash},
             "outputs": {out.name: contract.output_entry(out, (image.height, image.width, 3), "uint8")},
-            "tiled": False,
+            "tiled": bool(tile_size),
+            "strategy": {"strategy": "tiled" if tile_size else "full", "tile_size": tile_size},
             "model": {"given": job["model"]["given"], "path": job["model"]["path"], "config_hash": job["model"]["component_hashes"]["decode"]},
             "versions": contract.versions(),
             "device": str(device),

@@ -45,53 +45,102 @@ def binned_size(sample_size: int, height: int, width: int) -> tuple[int, int]:
     return PixArtImageProcessor.classify_height_width_bin(height, width, ratios=bins)
 
 
-def load_transformer(job: dict, device):
-    """The transformer and a fresh scheduler of the class the model folder names."""
+def load_transformer(job: dict, device, strategy: str = "resident"):
+    """The transformer placed as the plan says, and a factory for fresh schedulers of the class
+    the model folder names. Returns (transformer, new_scheduler, streaming loader or None)."""
     import diffusers
     import torch
     from diffusers import PixArtTransformer2DModel
 
     path = job["model"]["path"]
+    dtype = contract.torch_dtype(job["dtype"])
+    loader = None
     with contract.loading("denoise", path, "transformer"):
-        transformer = PixArtTransformer2DModel.from_pretrained(
-            path, subfolder="transformer", torch_dtype=contract.torch_dtype(job["dtype"]), use_safetensors=True
-        ).to(device).eval()
+        if strategy == "offload" and device.type == "cpu":
+            transformer, loader = _streamed_transformer(Path(path) / "transformer", dtype, device)
+        else:
+            transformer = PixArtTransformer2DModel.from_pretrained(
+                path, subfolder="transformer", torch_dtype=dtype, use_safetensors=True
+            ).eval()
+            if strategy == "offload":
+                # diffusers' group offloading: weights wait in host memory, one block at a time is
+                # on the GPU, and the next block is copied on a side stream while this one computes.
+                transformer.enable_group_offload(
+                    onload_device=device, offload_device=torch.device("cpu"), offload_type="block_level",
+                    num_blocks_per_group=1, use_stream=device.type == "cuda",
+                )
+            else:
+                transformer.to(device)
     scheduler_config = json.loads((Path(path) / "scheduler" / "scheduler_config.json").read_text())
     scheduler_class = getattr(diffusers, scheduler_config["_class_name"])
     torch.set_grad_enabled(False)
-    return transformer, lambda: scheduler_class.from_config(scheduler_config)
+    return transformer, lambda: scheduler_class.from_config(scheduler_config), loader
 
 
-def generate_latents(transformer, scheduler, embeds: dict, item: dict, height: int, width: int, scale: int, device, dtype):
-    """Yield (step, total, latents) after each step; the last yield holds the final latents."""
+def _streamed_transformer(folder: Path, dtype, device):
+    """On the CPU under a memory budget: the transformer's small modules stay resident, and each
+    block's weights are read from safetensors just before it runs and dropped after it."""
+    from accelerate import init_empty_weights
+    from diffusers import PixArtTransformer2DModel
+
+    from stages.weights import BlockLoader, WeightIndex, dtype_rule, stream_blocks
+
+    config = PixArtTransformer2DModel.load_config(folder)
+    with init_empty_weights():  # parameters on meta; buffers (the sin-cos pos_embed) computed for real
+        transformer = PixArtTransformer2DModel.from_config(config)
+    import logging
+
+    quiet = logging.getLogger("diffusers.models.modeling_utils")
+    level, _ = quiet.level, quiet.setLevel(logging.ERROR)  # `.to()` warns about an empty fp32 list
+    transformer = transformer.to(dtype).eval()  # from_pretrained casts buffers to the dtype too
+    quiet.setLevel(level)
+    index = WeightIndex(folder)
+    cast = dtype_rule(dtype, PixArtTransformer2DModel._keep_in_fp32_modules)
+    resident = index.read_keys([k for k in index.files if not k.startswith("transformer_blocks.")], cast)
+    missing, unexpected = transformer.load_state_dict(resident, assign=True, strict=False)
+    if unexpected or any(not k.startswith("transformer_blocks.") for k in missing):
+        raise contract.JobFileError(f"denoise: {folder} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    loader = BlockLoader(index, cast, device)
+    resident_bytes = sum(t.numel() * t.element_size() for t in resident.values())
+    blocks = [(f"transformer_blocks.{i}.", block) for i, block in enumerate(transformer.transformer_blocks)]
+    stream_blocks(blocks, loader, resident_bytes)
+    return transformer, loader
+
+
+def generate_latents(transformer, scheduler, embeds: list[dict], items: list[dict], height: int, width: int, scale: int, device, dtype):
+    """Denoise a batch of items that share size, steps and guidance; each keeps its own generator.
+    Yield (step, total, latents [B, C, h, w]) after each step; the last yield is the result."""
+    import inspect
+
     import torch
     from diffusers.utils.torch_utils import randn_tensor
 
-    guidance = item["guidance_scale"]
+    batch = len(items)
+    guidance = items[0]["guidance_scale"]
     do_cfg = guidance > 1.0
-    prompt_embeds = embeds["prompt_embeds"].to(device=device, dtype=dtype)  # [1, seq, dim]
-    prompt_attention_mask = embeds["prompt_attention_mask"].to(device)  # [1, seq]
-    if do_cfg:
-        prompt_embeds = torch.cat([embeds["negative_prompt_embeds"].to(device=device, dtype=dtype), prompt_embeds])  # [2, seq, dim]
-        prompt_attention_mask = torch.cat([embeds["negative_prompt_attention_mask"].to(device), prompt_attention_mask])
+    prompt_embeds = torch.cat([e["prompt_embeds"] for e in embeds]).to(device=device, dtype=dtype)  # [B, seq, dim]
+    prompt_attention_mask = torch.cat([e["prompt_attention_mask"] for e in embeds]).to(device)  # [B, seq]
+    if do_cfg:  # the pipeline's order: all negatives, then all prompts
+        negative = torch.cat([e["negative_prompt_embeds"] for e in embeds]).to(device=device, dtype=dtype)
+        prompt_embeds = torch.cat([negative, prompt_embeds])  # [2B, seq, dim]
+        prompt_attention_mask = torch.cat([torch.cat([e["negative_prompt_attention_mask"] for e in embeds]).to(device), prompt_attention_mask])
     # 4. Prepare timesteps.
-    steps = item["num_inference_steps"]
+    steps = items[0]["num_inference_steps"]
     scheduler.set_timesteps(steps, device=device)
     timesteps = scheduler.timesteps
     # 5. Prepare latents: one CPU generator per item, so an image never depends on its neighbours.
-    generator = torch.Generator("cpu").manual_seed(item["seed"])
+    generators = [torch.Generator("cpu").manual_seed(item["seed"]) for item in items]
+    generator = generators[0] if batch == 1 else generators
     channels = transformer.config.in_channels
-    latents = randn_tensor((1, channels, height // scale, width // scale), generator=generator, device=device, dtype=dtype)
-    latents = latents * scheduler.init_noise_sigma  # [1, C, h, w]
+    latents = randn_tensor((batch, channels, height // scale, width // scale), generator=generator, device=device, dtype=dtype)
+    latents = latents * scheduler.init_noise_sigma  # [B, C, h, w]
     # 6. Prepare extra step kwargs (DPM-Solver takes the generator) and the micro-conditions.
-    import inspect
-
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     added_cond_kwargs = {"resolution": None, "aspect_ratio": None}
     if transformer.config.sample_size == 128:
-        batch = 2 if do_cfg else 1
-        resolution = torch.tensor([height, width]).repeat(batch, 1).to(dtype=dtype, device=device)
-        aspect_ratio = torch.tensor([float(height / width)]).repeat(batch, 1).to(dtype=dtype, device=device)
+        rows = batch * (2 if do_cfg else 1)
+        resolution = torch.tensor([height, width]).repeat(rows, 1).to(dtype=dtype, device=device)
+        aspect_ratio = torch.tensor([float(height / width)]).repeat(rows, 1).to(dtype=dtype, device=device)
         added_cond_kwargs = {"resolution": resolution, "aspect_ratio": aspect_ratio}
     # 7. Denoising loop.
     if hasattr(scheduler, "set_begin_index"):
@@ -126,71 +175,105 @@ def read_embeddings(path: Path) -> dict:
     return load_file(str(path))
 
 
+def _batches(todo: list, items: dict, sizes: dict, batch_size: int) -> list[list]:
+    """Groups of up to batch_size units whose items share size, steps and guidance (job order
+    within a group; independence makes the order of groups irrelevant to the images)."""
+    def shape_of(unit):
+        item = items[unit.key]
+        return (sizes[unit.key], item["num_inference_steps"], item["guidance_scale"])
+
+    order = {shape: n for n, shape in reversed(list(enumerate(map(shape_of, todo))))}
+    groups: list[list] = []
+    for unit in sorted(todo, key=lambda u: order[shape_of(u)]):
+        item = items[unit.key]
+        shape = (sizes[unit.key], item["num_inference_steps"], item["guidance_scale"])
+        last = groups[-1] if groups else None
+        if last and len(last) < batch_size and last[0][0] == shape:
+            last.append((shape, unit))
+        else:
+            groups.append([(shape, unit)])
+    return [[unit for _, unit in group] for group in groups]
+
+
 def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
     import torch
     from safetensors.torch import save_file
 
     device = torch.device(job["device"])
     dtype = contract.torch_dtype(job["dtype"])
+    plan = job.get("runtime", {}).get("stages", {}).get("denoise", {})
+    strategy, batch_size = plan.get("strategy", "resident"), max(1, plan.get("batch_size") or 1)
     items = {item["id"]: item for item in job["items"]}
     scale = vae_scale_factor(job["model"]["path"])
+    sample_size = json.loads((Path(job["model"]["path"]) / "transformer" / "config.json").read_text())["sample_size"]
     # Check every input before loading the model (diffusers' check_inputs comes first too).
-    inputs = {}
+    inputs, sizes = {}, {}
     for unit in todo:
         (upstream, key), = unit.inputs
         inputs[unit.key] = contract.verified_input(job_dir, "denoise", unit, upstream, key)
+        item = items[unit.key]
+        # 1. Resolution binning: the latents are made at the bin; decode resizes back.
+        sizes[unit.key] = binned_size(sample_size, item["height"], item["width"]) if item["use_resolution_binning"] else (item["height"], item["width"])
     clock = contract.Clock()
     contract.reset_peak_memory(device)
-    transformer, new_scheduler = load_transformer(job, device)
+    transformer, new_scheduler, loader = load_transformer(job, device, strategy)
     load_seconds = clock.seconds()
-    sample_size = transformer.config.sample_size
+    log.info("denoise: %d items, strategy %s, batch size %d", len(todo), strategy, batch_size)
     show_bar = sys.stderr.isatty()
-    for n, unit in enumerate(todo, 1):
-        item = items[unit.key]
+    done = 0
+    for group in _batches(todo, items, sizes, batch_size):
         started = contract.Clock()
-        # 1. Resolution binning: the latents are made at the bin; decode resizes back.
-        height, width = item["height"], item["width"]
-        if item["use_resolution_binning"]:
-            height, width = binned_size(sample_size, height, width)
-        in_path, in_hash = inputs[unit.key]
-        embeds = read_embeddings(in_path)
+        height, width = sizes[group[0].key]
+        group_items = [items[unit.key] for unit in group]
+        embeds = [read_embeddings(inputs[unit.key][0]) for unit in group]
+        name = group[0].key if len(group) == 1 else f"{group[0].key} +{len(group) - 1}"
         bar = None
         if show_bar:
             from tqdm import tqdm
 
-            bar = tqdm(total=item["num_inference_steps"], desc=f"denoise {n}/{len(todo)} {unit.key}", leave=False)
+            bar = tqdm(total=group_items[0]["num_inference_steps"], desc=f"denoise {done + 1}/{len(todo)} {name}", leave=False)
         latents = None
-        for step, total, latents in generate_latents(transformer, new_scheduler(), embeds, item, height, width, scale, device, dtype):
+        for step, total, latents in generate_latents(transformer, new_scheduler(), embeds, group_items, height, width, scale, device, dtype):
             if bar is not None:
                 bar.update()
             elif step == total or step % max(1, total // 4) == 0:
-                log.info("denoise: %s step %d/%d", unit.key, step, total)
+                log.info("denoise: %s step %d/%d", name, step, total)
         if bar is not None:
             bar.close()
-        latents = latents.to("cpu").contiguous()  # [1, C, h, w]
-        out = job_dir / "denoise" / f"{unit.key}.safetensors"
-        contract.publish(out, lambda tmp: save_file({"latents": latents}, str(tmp), metadata=contract.safetensors_metadata("denoise", unit.key)))
-        contract.write_record(unit.record_path(job_dir), {
-            "stage": "denoise",
-            "key": unit.key,
-            "items": [unit.key],
-            "params": unit.params,
-            "inputs": {f"encode/{in_path.name}": in_hash},
-            "outputs": {out.name: contract.output_entry(out, latents.shape, latents.dtype)},
-            "requested_size": {"height": item["height"], "width": item["width"]},
-            "binned_size": {"height": height, "width": width},
-            "latent_shape": list(latents.shape),
-            "vae_scale_factor": scale,
-            "seed": item["seed"],
-            "model": {"given": job["model"]["given"], "path": job["model"]["path"], "config_hash": job["model"]["component_hashes"]["denoise"]},
-            "versions": contract.versions(),
-            "device": str(device),
-            "dtype": job["dtype"],
-            "seconds": started.seconds(),
-            "peak": contract.peak_memory(device),
-        })
-        log.info("denoise: %d/%d %s %dx%d %.2f s", n, len(todo), unit.key, width, height, started.seconds())
-    return {"load_seconds": load_seconds, "peak": contract.peak_memory(device)}
+        latents = latents.to("cpu")
+        for b, unit in enumerate(group):
+            item = items[unit.key]
+            one = latents[b : b + 1].contiguous().clone()  # [1, C, h, w]
+            in_path, in_hash = inputs[unit.key]
+            out = job_dir / "denoise" / f"{unit.key}.safetensors"
+            contract.publish(out, lambda tmp: save_file({"latents": one}, str(tmp), metadata=contract.safetensors_metadata("denoise", unit.key)))
+            contract.write_record(unit.record_path(job_dir), {
+                "stage": "denoise",
+                "key": unit.key,
+                "items": [unit.key],
+                "params": unit.params,
+                "inputs": {f"encode/{in_path.name}": in_hash},
+                "outputs": {out.name: contract.output_entry(out, one.shape, one.dtype)},
+                "requested_size": {"height": item["height"], "width": item["width"]},
+                "binned_size": {"height": height, "width": width},
+                "latent_shape": list(one.shape),
+                "vae_scale_factor": scale,
+                "seed": item["seed"],
+                "strategy": {"strategy": strategy, "batch_size": batch_size, "batched_with": len(group)},
+                "model": {"given": job["model"]["given"], "path": job["model"]["path"], "config_hash": job["model"]["component_hashes"]["denoise"]},
+                "versions": contract.versions(),
+                "device": str(device),
+                "dtype": job["dtype"],
+                "seconds": round(started.seconds() / len(group), 3),
+                "peak": contract.peak_memory(device),
+            })
+        done += len(group)
+        log.info("denoise: %d/%d %s %dx%d %.2f s", done, len(todo), name, width, height, started.seconds())
+    summary = {"load_seconds": load_seconds, "peak": contract.peak_memory(device), "strategy": strategy, "batch_size": batch_size}
+    if loader is not None:
+        loader.close()
+        summary.update(weight_bytes_moved=loader.bytes_moved, peak_resident_weight_bytes=loader.peak_resident)
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,26 +52,97 @@ def encode_text(pipe, text: str, job: dict, device) -> tuple:
     return embeds, mask
 
 
+def stream_encode(job: dict, device, texts: list[str], loader_state: dict) -> dict:
+    """T5 layer-major over a batch of texts: one block at a time is read from the safetensors files
+    and moved to the device, and every text passes through it (batch 1 each, so the math equals the
+    resident path bit for bit) before the next block replaces it. The embedding lookup runs on the
+    host. Returns {text: (embeds [1, seq, dim], mask [1, seq])}."""
+    import torch
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+    from transformers.masking_utils import create_bidirectional_mask
+
+    from stages.weights import BlockLoader, WeightIndex, dtype_rule
+
+    path = Path(job["model"]["path"])
+    dtype = contract.torch_dtype(job["dtype"])
+    if "loader" not in loader_state:  # built once per process, reused for every batch
+        with contract.loading("encode", str(path), "tokenizer"):
+            tokenizer = T5Tokenizer.from_pretrained(path, subfolder="tokenizer")
+        with contract.loading("encode", str(path), "text_encoder"):
+            config = T5Config.from_pretrained(path / "text_encoder")
+            index = WeightIndex(path / "text_encoder")
+        with torch.device("meta"):  # not accelerate's init_empty_weights: it unties T5's embedding
+            model = T5EncoderModel(config).eval()
+        cast = dtype_rule(dtype, T5EncoderModel._keep_in_fp32_modules)
+        embedding_key = "shared.weight" if "shared.weight" in index.files else "encoder.embed_tokens.weight"
+        embedding = index.read(embedding_key, cast)[""]  # [vocab, dim], stays on the host
+        from diffusers import PixArtAlphaPipeline
+
+        captions = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=None, vae=None, transformer=None, scheduler=None)
+        loader_state.update(loader=BlockLoader(index, cast, device), model=model, embedding=embedding, captions=captions, tokenizer=tokenizer)
+    loader, encoder = loader_state["loader"], loader_state["model"].encoder
+    tokenizer, captions, embedding = loader_state["tokenizer"], loader_state["captions"], loader_state["embedding"]
+    torch.set_grad_enabled(False)
+    # Tokenize exactly as PixArtAlphaPipeline.encode_prompt does.
+    hidden, masks, attention, bias = [], [], [], []
+    for text in texts:
+        cleaned = captions._text_preprocessing(text, clean_caption=job["clean_caption"])
+        inputs = tokenizer(cleaned, padding="max_length", max_length=job["max_sequence_length"], truncation=True,
+                           add_special_tokens=True, return_tensors="pt")
+        h = torch.nn.functional.embedding(inputs.input_ids, embedding).to(device)  # [1, seq, dim]
+        masks.append(inputs.attention_mask)  # [1, seq]
+        attention.append(create_bidirectional_mask(config=encoder.config, inputs_embeds=h, attention_mask=inputs.attention_mask.to(device)))
+        hidden.append(h)
+        bias.append(None)  # relative position bias, made by block 0 and shared by the others
+    blocks = list(encoder.block)
+    for i, block in enumerate(blocks):
+        if i + 1 < len(blocks):
+            loader.prefetch(f"encoder.block.{i + 1}.")
+        nbytes = loader.materialise(block, f"encoder.block.{i}.")
+        for t in range(len(texts)):
+            hidden[t], bias[t], _ = block(hidden[t], attention[t], bias[t], None, None, None, cache=None)
+        loader.release(block, nbytes)
+    nbytes = loader.materialise(encoder.final_layer_norm, "encoder.final_layer_norm.")
+    out = {text: (encoder.final_layer_norm(h).to(dtype), m) for text, h, m in zip(texts, hidden, masks)}
+    loader.release(encoder.final_layer_norm, nbytes)
+    loader_state["passes"] = loader_state.get("passes", 0) + 1
+    return out
+
+
+def _texts(unit) -> list[str]:
+    return [t for t in (unit.params["prompt"], unit.params["negative_prompt"]) if t is not None]
+
+
 def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
     import torch
     from safetensors.torch import save_file
 
     device = torch.device(job["device"])
+    plan = job.get("runtime", {}).get("stages", {}).get("encode", {})
+    strategy, batch_size = plan.get("strategy", "resident"), max(1, plan.get("batch_size") or 1)
     clock = contract.Clock()
     contract.reset_peak_memory(device)
-    # 1. Load the tokenizer and the text encoder.
-    pipe = load_text_encoder(job, device)
+    # 1. Load the tokenizer and the text encoder (streamed: only its skeleton, on meta).
+    pipe, stream_state = (load_text_encoder(job, device), None) if strategy == "resident" else (None, {})
     load_seconds = clock.seconds()
     cache: dict[str, tuple] = {}  # text -> (embeds, mask); a text shared by many items is encoded once
+    pending = list(dict.fromkeys(t for unit in todo for t in _texts(unit)))  # unique texts, job order
+    log.info("encode: %d texts for %d artifacts, strategy %s%s", len(pending), len(todo), strategy,
+             f", {batch_size} texts per pass over the weights" if strategy == "stream" else "")
     for n, unit in enumerate(todo, 1):
         started = contract.Clock()
         # 2. Encode the prompt and, with guidance, the negative prompt (pipeline step 3).
+        missing = [t for t in _texts(unit) if t not in cache]
+        if missing and strategy == "stream":
+            batch = (missing + [t for t in pending if t not in cache and t not in missing])[:max(batch_size, len(missing))]
+            cache.update(stream_encode(job, device, batch, stream_state))
+        for text in missing:
+            if text not in cache:
+                cache[text] = encode_text(pipe, text, job, device)
         tensors = {}
         for prefix, text in (("", unit.params["prompt"]), ("negative_", unit.params["negative_prompt"])):
             if text is None:
                 continue
-            if text not in cache:
-                cache[text] = encode_text(pipe, text, job, device)
             embeds, mask = cache[text]
             tensors[f"{prefix}prompt_embeds"] = embeds.detach().to("cpu").contiguous().clone()  # [1, seq, dim]; own storage
             tensors[f"{prefix}prompt_attention_mask"] = mask.to("cpu").contiguous().clone()  # [1, seq]
@@ -86,6 +157,7 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
             "inputs": {},
             "outputs": {out.name: contract.output_entry(out)},
             "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in tensors.items()},
+            "strategy": {"strategy": strategy, "batch_size": batch_size},
             "model": {"given": job["model"]["given"], "path": job["model"]["path"], "config_hash": job["model"]["component_hashes"]["encode"]},
             "versions": contract.versions(),
             "device": str(device),
@@ -94,7 +166,17 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
             "peak": contract.peak_memory(device),
         })
         log.info("encode: %d/%d %s (%d items) %.2f s", n, len(todo), unit.key, len(unit.items), started.seconds())
-    return {"load_seconds": load_seconds, "peak": contract.peak_memory(device)}
+    summary = {"load_seconds": load_seconds, "peak": contract.peak_memory(device), "strategy": strategy, "batch_size": batch_size}
+    if pipe is not None:
+        summary.update(weight_passes=1, weight_bytes_moved=sum(p.numel() * p.element_size() for p in pipe.text_encoder.parameters()))
+    if stream_state:
+        loader = stream_state["loader"]
+        loader.close()
+        summary.update(weight_passes=stream_state.get("passes", 0), weight_bytes_moved=loader.bytes_moved,
+                       peak_resident_weight_bytes=loader.peak_resident)
+        log.info("encode: %d pass(es) over the T5 weights, %s moved, at most %s of weights resident",
+                 summary["weight_passes"], contract.format_bytes(loader.bytes_moved), contract.format_bytes(loader.peak_resident))
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,11 +50,11 @@ def made(runs) -> dict:
 # Record keys are a contract with users and later stages: change them deliberately, here.
 RECORD_KEYS = {
     "encode": {"checksum", "device", "dtype", "format", "inputs", "items", "key", "model", "outputs", "params", "peak",
-               "seconds", "stage", "tensors", "versions"},
+               "seconds", "stage", "strategy", "tensors", "versions"},
     "denoise": {"binned_size", "checksum", "device", "dtype", "format", "inputs", "items", "key", "latent_shape", "model",
-                "outputs", "params", "peak", "requested_size", "seconds", "seed", "stage", "versions", "vae_scale_factor"},
+                "outputs", "params", "peak", "requested_size", "seconds", "seed", "stage", "strategy", "versions", "vae_scale_factor"},
     "decode": {"checksum", "device", "dtype", "format", "inputs", "items", "key", "model", "outputs", "params", "peak",
-               "seconds", "stage", "tiled", "versions"},
+               "seconds", "stage", "strategy", "tiled", "versions"},
 }
 
 

@@ -1,0 +1,134 @@
+"""Read a model's safetensors weights one module at a time, for the streaming strategies.
+
+The encode stage streams T5 blocks (layer-major: every text passes a block while it is resident) and
+the denoise stage streams transformer blocks on the CPU under a host-memory budget. Both need the
+same three things, kept here so the two stage files stay self-contained otherwise: a key -> file
+index over (possibly sharded) safetensors, the dtype rules of `from_pretrained`, and a loader that
+reads the next block in a background thread while the current one computes.
+
+Weights never exist whole in memory: a block is read, cast, used and dropped (moved to `meta`).
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+
+class WeightIndex:
+    """Which safetensors file holds each key of a model folder (sharded or not)."""
+
+    def __init__(self, folder: Path) -> None:
+        from safetensors import safe_open
+
+        folder = Path(folder)
+        indexes = sorted(folder.glob("*.safetensors.index.json"))
+        self.files: dict[str, Path] = {}
+        if indexes:
+            for key, name in json.loads(indexes[0].read_text())["weight_map"].items():
+                self.files[key] = folder / name
+        else:
+            for file in sorted(folder.glob("*.safetensors")):
+                with safe_open(file, framework="pt") as f:
+                    self.files.update({key: file for key in f.keys()})
+        if not self.files:
+            raise FileNotFoundError(f"no .safetensors weights in {folder}")
+
+    def keys(self, prefix: str) -> list[str]:
+        return [k for k in self.files if k.startswith(prefix)]
+
+    def read(self, prefix: str, cast) -> dict:
+        """{key without prefix: tensor} for every key under `prefix`, each passed through `cast`."""
+        return {key[len(prefix):]: tensor for key, tensor in self.read_keys(self.keys(prefix), cast).items()}
+
+    def read_keys(self, keys: list[str], cast) -> dict:
+        """{key: tensor} for the given keys, grouped by file, each passed through `cast`."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for key in keys:
+            by_file.setdefault(self.files[key], []).append(key)
+        out = {}
+        for file, file_keys in by_file.items():
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for key in file_keys:
+                    out[key] = cast(key, f.get_tensor(key))
+        return out
+
+
+def dtype_rule(dtype, keep_fp32: list[str] | None):
+    """Cast like `from_pretrained(dtype=...)`: floating tensors to `dtype`, except modules named
+    in the model's `_keep_in_fp32_modules`, which transformers keeps in fp32 under float16 only
+    (T5's `wo`; see PIXART-NOTES.md)."""
+    import torch
+
+    keep = tuple(keep_fp32 or ())
+
+    def cast(key: str, tensor):
+        if not tensor.is_floating_point():
+            return tensor
+        if dtype == torch.float16 and any(part in keep for part in key.split(".")):
+            return tensor.to(torch.float32)
+        return tensor.to(dtype)
+
+    return cast
+
+
+class BlockLoader:
+    """Loads module weights by key prefix onto a device, reading the next one ahead in a thread.
+    Counts the bytes it moves and the most weight bytes resident at once."""
+
+    def __init__(self, index: WeightIndex, cast, device) -> None:
+        self.index, self.cast, self.device = index, cast, device
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.pending: dict[str, Future] = {}
+        self.bytes_moved = 0
+        self.resident = 0
+        self.peak_resident = 0
+
+    def prefetch(self, prefix: str) -> None:
+        if prefix not in self.pending:
+            self.pending[prefix] = self.pool.submit(self.index.read, prefix, self.cast)
+
+    def materialise(self, module, prefix: str, resident_extra: int = 0) -> int:
+        """Give `module` (on meta) its real weights; returns their size in bytes."""
+        self.prefetch(prefix)
+        state = self.pending.pop(prefix).result()
+        nbytes = sum(t.numel() * t.element_size() for t in state.values())
+        module.load_state_dict({k: v.to(self.device) for k, v in state.items()}, assign=True, strict=True)
+        self.bytes_moved += nbytes
+        self.resident += nbytes
+        # On the CPU the block read ahead sits in the same memory, so it counts (blocks are equal-sized).
+        ahead = len(self.pending) * nbytes if str(self.device) == "cpu" else 0
+        self.peak_resident = max(self.peak_resident, self.resident + resident_extra + ahead)
+        return nbytes
+
+    def release(self, module, nbytes: int) -> None:
+        module.to("meta")
+        self.resident -= nbytes
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def stream_blocks(blocks: list[tuple[str, object]], loader: BlockLoader, resident_bytes: int = 0) -> None:
+    """Hooks that load each block's weights just before its forward and drop them after, reading
+    the next block (cyclically, for the next denoising step) while this one computes."""
+    order = [prefix for prefix, _ in blocks]
+    sizes: dict[int, int] = {}
+
+    def before(i):
+        def hook(module, args, kwargs=None):
+            loader.prefetch(order[(i + 1) % len(order)])
+            sizes[i] = loader.materialise(module, order[i], resident_bytes)
+        return hook
+
+    def after(i):
+        def hook(module, args, output):
+            loader.release(module, sizes.pop(i))
+        return hook
+
+    for i, (_, module) in enumerate(blocks):
+        module.register_forward_pre_hook(before(i))
+        module.register_forward_hook(after(i))
