@@ -63,22 +63,31 @@ def build_tiny_tokenizer():
     return tokenizer
 
 
-def build_tiny_components(seed: int = 0) -> dict:
+# Widths and depths: "tiny" runs a 1024x1024 image in about a second on a CPU; "medium" has weights
+# large enough (T5 ~130 MB, transformer ~60 MB in fp32) to test memory budgets and estimates.
+SIZES = {
+    "tiny": {"t5_dim": 32, "t5_kv": 8, "t5_ff": 64, "t5_layers": 2, "t5_heads": 4, "layers": 2, "heads": 2, "head_dim": 12},
+    "medium": {"t5_dim": 512, "t5_kv": 64, "t5_ff": 2048, "t5_layers": 8, "t5_heads": 8, "layers": 8, "heads": 6, "head_dim": 64},
+}
+
+
+def build_tiny_components(seed: int = 0, size: str = "tiny") -> dict:
     """Random-weight tokenizer, T5 encoder, transformer, VAE and the real scheduler."""
     import torch
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
+    dims = SIZES[size]
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(seed)
     text_encoder = T5EncoderModel(
         T5Config(
             vocab_size=len(tokenizer),
-            d_model=32,
-            d_kv=8,
-            d_ff=64,
-            num_layers=2,
-            num_heads=4,
+            d_model=dims["t5_dim"],
+            d_kv=dims["t5_kv"],
+            d_ff=dims["t5_ff"],
+            num_layers=dims["t5_layers"],
+            num_heads=dims["t5_heads"],
             relative_attention_num_buckets=8,
             feed_forward_proj="gated-gelu",
             dense_act_fn="gelu_new",
@@ -90,13 +99,13 @@ def build_tiny_components(seed: int = 0) -> dict:
     )
     transformer = PixArtTransformer2DModel(
         sample_size=128,  # 128 selects the 1024 bins and enables the micro-conditions
-        num_layers=2,
+        num_layers=dims["layers"],
         patch_size=2,
-        attention_head_dim=12,
-        num_attention_heads=2,  # 2 x 12 = 24, divisible by 3 for the micro-condition embedders
-        caption_channels=32,  # = T5 d_model
+        attention_head_dim=dims["head_dim"],
+        num_attention_heads=dims["heads"],  # heads x head_dim divisible by 3 for the micro-conditions
+        caption_channels=dims["t5_dim"],  # = T5 d_model
         in_channels=4,
-        cross_attention_dim=24,
+        cross_attention_dim=dims["heads"] * dims["head_dim"],
         out_channels=8,
         attention_bias=True,
         activation_fn="gelu-approximate",
@@ -129,12 +138,12 @@ def build_tiny_components(seed: int = 0) -> dict:
     }
 
 
-def save_tiny_model(path: Path, seed: int = 0) -> Path:
-    """Write a complete tiny diffusers folder (safetensors weights) to `path` and return it."""
+def save_tiny_model(path: Path, seed: int = 0, size: str = "tiny") -> Path:
+    """Write a complete small diffusers folder (safetensors weights) to `path` and return it."""
     from diffusers import PixArtAlphaPipeline
 
     path = Path(path)
-    pipe = PixArtAlphaPipeline(**build_tiny_components(seed))
+    pipe = PixArtAlphaPipeline(**build_tiny_components(seed, size))
     pipe.save_pretrained(path, safe_serialization=True)
-    (path / "TINY_MODEL.json").write_text(json.dumps({"built_by": "orchestrator.tiny", "seed": seed}) + "\n")
+    (path / "TINY_MODEL.json").write_text(json.dumps({"built_by": "orchestrator.tiny", "seed": seed, "size": size}) + "\n")
     return path

@@ -98,9 +98,19 @@ def publish(path: Path, write) -> None:
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-        if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
-            raise ResourceError(f"could not write {path}: {exc.strerror or exc}; free disk space or fix the folder, then run again") from exc
+        reason = _write_error_reason(exc)
+        if reason:
+            raise ResourceError(f"could not write {path}: {reason}; free disk space or fix the folder, then run again") from exc
         raise
+
+
+def _write_error_reason(exc: BaseException) -> str | None:
+    """What the OS said when a write failed, or None for other errors. safetensors' Rust writer
+    reports a full disk as SafetensorError("... I/O error: No space left on device (os error 28)")."""
+    if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+        return exc.strerror or str(exc)
+    match = re.search(r"I/O error: (.+)|IoError\((.+)\)", str(exc)) if type(exc).__name__ == "SafetensorError" else None
+    return (match.group(1) or match.group(2)) if match else None
 
 
 def safetensors_metadata(stage: str, key: str) -> dict:
@@ -135,14 +145,15 @@ def exclusive_lock(lock_path: Path, what: str):
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            raise JobFileError(
-                f"{what} is already running (pid {holder}, lock {lock_path}); wait for it to finish "
-                f"or stop it, then run again"
-            ) from None
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)  # without touching the file: the holder's pid stays readable
+        raise JobFileError(
+            f"{what} is already running (pid {holder}, lock {lock_path}); wait for it to finish "
+            f"or stop it, then run again"
+        ) from None
+    try:
         previous = os.pread(fd, 64, 0).decode(errors="replace").strip()
         if previous and previous != str(os.getpid()):
             logging.getLogger(__name__).info("taking over the lock left by pid %s (no longer running)", previous)
@@ -221,6 +232,14 @@ def encode_key(params: dict) -> str:
     return f"{slugify(params['prompt'], 24)}-{short_hash(params)}"
 
 
+def decode_strategy(job: dict) -> dict:
+    """The planned decode strategy's pixel-relevant fields (docs/memory.md): a tiled decode differs
+    slightly from an untiled one, so switching re-decodes; peak_bytes is left out, since a new
+    estimate alone must not."""
+    planned = (job.get("runtime") or {}).get("stages", {}).get("decode", {})
+    return {"strategy": planned.get("strategy", "full"), "tile_size": planned.get("tile_size")}
+
+
 def plan_units(job: dict) -> dict[str, list[Unit]]:
     """All units of all stages, in job order. Items with equal encode params share one unit."""
     encode: dict[str, Unit] = {}
@@ -245,7 +264,7 @@ def plan_units(job: dict) -> dict[str, list[Unit]]:
         c_params = {
             "model": job["model"]["component_hashes"]["decode"],
             "dtype": job["dtype"],
-            "decode": job.get("decode", {}),
+            "decode": decode_strategy(job),
             # PNG text metadata carries these, so they decide the file's bytes too.
             "metadata": {k: item[k] for k in ("prompt", "negative_prompt", *DENOISE_ITEM_KEYS)} | {"model": job["model"]["given"]},
         }
@@ -405,30 +424,88 @@ def loading(stage: str, model_path: str, part: str):
         ) from exc
 
 
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """torch.OutOfMemoryError (CUDA), MemoryError (host), or a backend's RuntimeError saying so (MPS, ROCm)."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+@contextlib.contextmanager
+def oom_guard(job: dict, *units: Unit):
+    """Turn running out of memory while making `units` into a ResourceError naming the stage, the
+    items, the memory budget and what to change. Units published before stay done (exit 3, resume)."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as exc:
+        if not _is_out_of_memory(exc):
+            raise
+        stage, items = units[0].stage, [item for unit in units for item in unit.items]
+        budget = (job.get("runtime") or {}).get("budget_bytes")
+        said = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise ResourceError(
+            f"{stage}: out of memory on item{'s' if len(items) > 1 else ''} {', '.join(items)} "
+            f"(budget {format_bytes(budget) if budget is not None else 'no budget set'}; {said}); lower --max-vram so "
+            f"the plan switches {stage} to a lighter strategy, or enable tiling; finished items are kept, run again to resume"
+        ) from exc
+
+
 def torch_dtype(name: str):
     import torch
 
     return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
 
 
-def reset_peak_memory(device) -> None:
+def reset_peak_memory(device) -> int:
+    """Start measuring a stage's model work: reset the CUDA and host peaks (call it after the
+    imports, just before loading weights). Returns the host RSS at this point."""
     import torch
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_rss()
+    return current_rss()
 
 
 def peak_memory(device) -> dict:
     """Peak memory so far: CUDA allocator peaks on a GPU, plus the process's peak RSS always."""
-    import resource
-
     import torch
 
-    peaks = {"host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    peaks = {"host_peak_rss_bytes": peak_rss()}
     if device.type == "cuda":
         peaks["device_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
         peaks["device_max_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
     return peaks
+
+
+def reset_peak_rss() -> None:
+    """Restart the kernel's peak-RSS counter (VmHWM), so the peak measures this stage's work and
+    not the import of torch and friends. Linux only; elsewhere the peak is the process's."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss() -> int:
+    """Peak resident set size since the last reset_peak_rss (VmHWM), else since process start."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss() -> int:
+    """Resident set size now (Linux /proc), to tell a stage's own memory from the interpreter's."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def format_bytes(n: int | None) -> str:

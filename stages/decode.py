@@ -67,6 +67,8 @@ def png_bytes(image, metadata: dict) -> bytes:
 
 def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
     import torch
+    from diffusers import AutoencoderKL  # noqa: F401  imported before the memory baseline
+    from diffusers.image_processor import PixArtImageProcessor  # noqa: F401
     from safetensors.torch import load_file
 
     device = torch.device(job["device"])
@@ -89,15 +91,16 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
     plan = job.get("runtime", {}).get("stages", {}).get("decode", {})
     tile_size = plan.get("tile_size") if plan.get("strategy") == "tiled" else None
     clock = contract.Clock()
-    contract.reset_peak_memory(device)
+    host_rss_at_start = contract.reset_peak_memory(device)
     vae = load_vae(job, device, tile_size)
     log.info("decode: %d items, %s", len(todo), f"tiled, {tile_size} px tiles" if tile_size else "untiled")
     load_seconds = clock.seconds()
     for n, unit in enumerate(todo, 1):
         started = contract.Clock()
         in_path, in_hash, denoise_record = inputs[unit.key]
-        latents = load_file(str(in_path))["latents"].to(device=device, dtype=dtype)  # [1, C, h, w]
-        image = decode_latents(vae, latents, denoise_record)
+        with contract.oom_guard(job, unit):
+            latents = load_file(str(in_path))["latents"].to(device=device, dtype=dtype)  # [1, C, h, w]
+            image = decode_latents(vae, latents, denoise_record)
         out = job_dir / "decode" / f"{unit.key}.png"
         metadata = dict(unit.params["metadata"], vae_tiling=f"{tile_size} px" if tile_size else "off")
         contract.publish_bytes(out, png_bytes(image, metadata))
@@ -118,7 +121,7 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
             "peak": contract.peak_memory(device),
         })
         log.info("decode: %d/%d %s -> %s %.2f s", n, len(todo), unit.key, out.relative_to(job_dir), started.seconds())
-    return {"load_seconds": load_seconds, "peak": contract.peak_memory(device)}
+    return {"load_seconds": load_seconds, "peak": contract.peak_memory(device), "host_rss_at_start_bytes": host_rss_at_start}
 
 
 def main(argv: list[str] | None = None) -> int:

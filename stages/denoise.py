@@ -197,6 +197,7 @@ def _batches(todo: list, items: dict, sizes: dict, batch_size: int) -> list[list
 
 def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
     import torch
+    from diffusers import PixArtTransformer2DModel  # noqa: F401  imported before the memory baseline
     from safetensors.torch import save_file
 
     device = torch.device(job["device"])
@@ -215,7 +216,7 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
         # 1. Resolution binning: the latents are made at the bin; decode resizes back.
         sizes[unit.key] = binned_size(sample_size, item["height"], item["width"]) if item["use_resolution_binning"] else (item["height"], item["width"])
     clock = contract.Clock()
-    contract.reset_peak_memory(device)
+    host_rss_at_start = contract.reset_peak_memory(device)
     transformer, new_scheduler, loader = load_transformer(job, device, strategy)
     load_seconds = clock.seconds()
     log.info("denoise: %d items, strategy %s, batch size %d", len(todo), strategy, batch_size)
@@ -233,11 +234,12 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
 
             bar = tqdm(total=group_items[0]["num_inference_steps"], desc=f"denoise {done + 1}/{len(todo)} {name}", leave=False)
         latents = None
-        for step, total, latents in generate_latents(transformer, new_scheduler(), embeds, group_items, height, width, scale, device, dtype):
-            if bar is not None:
-                bar.update()
-            elif step == total or step % max(1, total // 4) == 0:
-                log.info("denoise: %s step %d/%d", name, step, total)
+        with contract.oom_guard(job, *group):
+            for step, total, latents in generate_latents(transformer, new_scheduler(), embeds, group_items, height, width, scale, device, dtype):
+                if bar is not None:
+                    bar.update()
+                elif step == total or step % max(1, total // 4) == 0:
+                    log.info("denoise: %s step %d/%d", name, step, total)
         if bar is not None:
             bar.close()
         latents = latents.to("cpu")
@@ -269,7 +271,7 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
             })
         done += len(group)
         log.info("denoise: %d/%d %s %dx%d %.2f s", done, len(todo), name, width, height, started.seconds())
-    summary = {"load_seconds": load_seconds, "peak": contract.peak_memory(device), "strategy": strategy, "batch_size": batch_size}
+    summary = {"load_seconds": load_seconds, "peak": contract.peak_memory(device), "host_rss_at_start_bytes": host_rss_at_start, "strategy": strategy, "batch_size": batch_size}
     if loader is not None:
         loader.close()
         summary.update(weight_bytes_moved=loader.bytes_moved, peak_resident_weight_bytes=loader.peak_resident)

@@ -115,13 +115,15 @@ def _texts(unit) -> list[str]:
 
 def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
     import torch
+    from diffusers import PixArtAlphaPipeline  # noqa: F401  imported before the memory baseline
+    from transformers import T5EncoderModel, T5Tokenizer  # noqa: F401
     from safetensors.torch import save_file
 
     device = torch.device(job["device"])
     plan = job.get("runtime", {}).get("stages", {}).get("encode", {})
     strategy, batch_size = plan.get("strategy", "resident"), max(1, plan.get("batch_size") or 1)
     clock = contract.Clock()
-    contract.reset_peak_memory(device)
+    host_rss_at_start = contract.reset_peak_memory(device)
     # 1. Load the tokenizer and the text encoder (streamed: only its skeleton, on meta).
     pipe, stream_state = (load_text_encoder(job, device), None) if strategy == "resident" else (None, {})
     load_seconds = clock.seconds()
@@ -133,12 +135,13 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
         started = contract.Clock()
         # 2. Encode the prompt and, with guidance, the negative prompt (pipeline step 3).
         missing = [t for t in _texts(unit) if t not in cache]
-        if missing and strategy == "stream":
-            batch = (missing + [t for t in pending if t not in cache and t not in missing])[:max(batch_size, len(missing))]
-            cache.update(stream_encode(job, device, batch, stream_state))
-        for text in missing:
-            if text not in cache:
-                cache[text] = encode_text(pipe, text, job, device)
+        with contract.oom_guard(job, unit):
+            if missing and strategy == "stream":
+                batch = (missing + [t for t in pending if t not in cache and t not in missing])[:max(batch_size, len(missing))]
+                cache.update(stream_encode(job, device, batch, stream_state))
+            for text in missing:
+                if text not in cache:
+                    cache[text] = encode_text(pipe, text, job, device)
         tensors = {}
         for prefix, text in (("", unit.params["prompt"]), ("negative_", unit.params["negative_prompt"])):
             if text is None:
@@ -166,7 +169,7 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
             "peak": contract.peak_memory(device),
         })
         log.info("encode: %d/%d %s (%d items) %.2f s", n, len(todo), unit.key, len(unit.items), started.seconds())
-    summary = {"load_seconds": load_seconds, "peak": contract.peak_memory(device), "strategy": strategy, "batch_size": batch_size}
+    summary = {"load_seconds": load_seconds, "peak": contract.peak_memory(device), "host_rss_at_start_bytes": host_rss_at_start, "strategy": strategy, "batch_size": batch_size}
     if pipe is not None:
         summary.update(weight_passes=1, weight_bytes_moved=sum(p.numel() * p.element_size() for p in pipe.text_encoder.parameters()))
     if stream_state:
