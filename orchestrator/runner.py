@@ -22,11 +22,14 @@ from stages.contract import (
     EXIT_RESOURCE_ERROR,
     RESOLVED_JOB,
     STAGES,
+    TMP_PREFIX,
     Clock,
+    JobFileError,
     exclusive_lock,
     format_bytes,
     publish_json,
     read_job,
+    remove_temp_files,
 )
 
 PROJECT_ROOT = Path(stages.__file__).resolve().parent.parent
@@ -72,13 +75,42 @@ def _last_error(job_dir: Path, stage: str) -> str:
     return ""
 
 
-def run_stage(stage: str, job_dir: Path, force: bool, echo) -> StageRun:
-    """Run one stage process to completion; raise StageFailedError if it fails."""
-    command = stage_command(stage, job_dir, force)
-    echo(f"> {_shown(command)}")
+def start_stage(stage: str, job_dir: Path, force: bool, wait: bool = False) -> subprocess.Popen:
+    """Start a stage process; with `wait` it only imports its libraries until `go_stage`."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])))
+    command = stage_command(stage, job_dir, force) + (["--wait"] if wait else [])
+    return subprocess.Popen(command, env=env, stdin=subprocess.PIPE if wait else None, text=True)
+
+
+def go_stage(process: subprocess.Popen, go: bool) -> None:
+    """Release (go=True) or dismiss (go=False: it exits without touching anything) a waiting stage."""
+    try:
+        if go:
+            process.stdin.write("go\n")
+        process.stdin.close()
+    except (BrokenPipeError, OSError):
+        pass
+    if not go:
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def run_stage(stage: str, job_dir: Path, force: bool, echo, process: subprocess.Popen | None = None) -> StageRun:
+    """Run one stage process to completion (or release one started with `wait`); raise
+    StageFailedError if it fails."""
+    echo(f"> {_shown(stage_command(stage, job_dir, force))}")
     clock = Clock()
-    process = subprocess.Popen(command, env=env)
+    if process is None:
+        process = start_stage(stage, job_dir, force)
+    else:
+        go_stage(process, True)
+    return finish_stage(stage, job_dir, process, clock)
+
+
+def finish_stage(stage: str, job_dir: Path, process: subprocess.Popen, clock: Clock) -> StageRun:
     try:
         code = process.wait()
     except KeyboardInterrupt:
@@ -108,8 +140,17 @@ def run_stage(stage: str, job_dir: Path, force: bool, echo) -> StageRun:
 
 def run_job(job_dir: Path, resolved: dict, echo, force: tuple[str, ...] = (), launch=None) -> list[StageRun]:
     """Write the resolved job, then run each stage that has work, in order, under the job lock.
-    `launch(stage, job_dir, force, echo)` runs one stage; by default a `run_stage` subprocess."""
-    launch = launch or run_stage
+    `launch(stage, job_dir, force, echo)` runs one stage; by default a `run_stage` subprocess,
+    with the next stage's process started ahead (`--wait`) so its imports overlap this one."""
+    warm: dict[str, subprocess.Popen] = {}
+    try:
+        return _run_stages(job_dir, resolved, echo, force, launch, warm)
+    finally:
+        for process in warm.values():  # a stage started ahead but not needed: dismiss it
+            go_stage(process, False)
+
+
+def _run_stages(job_dir: Path, resolved: dict, echo, force: tuple[str, ...], launch, warm: dict) -> list[StageRun]:
     job_dir.mkdir(parents=True, exist_ok=True)
     runs = []
     with exclusive_lock(job_dir / "run.lock", f"job {job_dir.name}"):
@@ -124,9 +165,61 @@ def run_job(job_dir: Path, resolved: dict, echo, force: tuple[str, ...] = (), la
                 for line in describe_stage(stage, states):
                     echo(line)
                 if all(s.state == "done" for s in states):
+                    _remove_leftovers(job_dir, stage, echo)
                     continue
-            runs.append(launch(stage, job_dir, forced, echo))
+            if launch is not None:
+                runs.append(launch(stage, job_dir, forced, echo))
+            else:
+                echo(f"> {_shown(stage_command(stage, job_dir, forced))}")
+                clock = Clock()
+                process = warm.pop(stage, None)
+                if process is None:
+                    process = start_stage(stage, job_dir, forced)
+                else:
+                    go_stage(process, True)
+                later = STAGES[STAGES.index(stage) + 1:]
+                if later:  # it will most likely have work once this stage has made new artifacts
+                    warm[later[0]] = start_stage(later[0], job_dir, later[0] in force, wait=True)
+                runs.append(finish_stage(stage, job_dir, process, clock))
+            over = budget_overrun(runs[-1].summary, job.get("runtime", {}))
+            if over:
+                echo(f"warning: {stage} {over}")
     return runs
+
+
+def measured_peak(summary: dict, device_type: str) -> int | None:
+    """What the budget limits: CUDA reserved memory on a GPU (allocated would hide the caching
+    allocator's slack); on the CPU, the host memory the stage's model work added."""
+    peak = summary.get("peak", {})
+    if device_type == "cuda":
+        return peak.get("device_max_reserved_bytes")
+    if "host_peak_rss_bytes" in peak and "host_rss_at_start_bytes" in summary:
+        return peak["host_peak_rss_bytes"] - summary["host_rss_at_start_bytes"]
+    return None
+
+
+def budget_overrun(summary: dict, runtime: dict) -> str:
+    """A sentence when the stage's measured peak went over the budget, else "": never silent."""
+    budget = runtime.get("budget_bytes")
+    measured = measured_peak(summary, runtime.get("device_type", "cpu"))
+    if budget is None or measured is None or measured <= budget:
+        return ""
+    return (f"measured peak {format_bytes(measured)} exceeded the budget {format_bytes(budget)}; "
+            f"lower --max-vram/--max-ram to pick a leaner strategy")
+
+
+def _remove_leftovers(job_dir: Path, stage: str, echo) -> None:
+    """A stage with nothing to do never starts, so delete what a killed run of it left half-written
+    (e.g. its summary) here, under its lock; a stage run by hand holds the lock and cleans up itself."""
+    stage_dir = job_dir / stage
+    if not any(stage_dir.glob(f"{TMP_PREFIX}*")):
+        return
+    try:
+        with exclusive_lock(stage_dir / ".lock", f"stage {stage} of {job_dir.name}"):
+            for tmp in remove_temp_files(stage_dir):
+                echo(f"{stage}: removed half-written {tmp.name}")
+    except JobFileError:
+        pass
 
 
 def summary_table(runs: list[StageRun]) -> str:

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -446,7 +447,8 @@ def oom_guard(job: dict, *units: Unit):
         raise ResourceError(
             f"{stage}: out of memory on item{'s' if len(items) > 1 else ''} {', '.join(items)} "
             f"(budget {format_bytes(budget) if budget is not None else 'no budget set'}; {said}); lower --max-vram so "
-            f"the plan switches {stage} to a lighter strategy, or enable tiling; finished items are kept, run again to resume"
+            f"the plan switches {stage} to a lighter strategy, or enable tiling (leave out --no-tiling); finished items are kept, "
+            f"run again to resume"
         ) from exc
 
 
@@ -545,15 +547,35 @@ def select_units(job_dir: Path, job: dict, stage: str, force: bool, log: logging
     return todo, len(units) - len(todo)
 
 
-def stage_main(stage: str, make_units, argv: list[str] | None = None) -> int:
+def wait_for_go(imports: tuple[str, ...]) -> bool:
+    """Import the stage's libraries, then block until stdin says `go` (True) or closes (False).
+    The orchestrator starts the next stage this way while the current one works, so the next
+    process's start-up (seconds of imports) overlaps it; nothing is loaded or written before `go`,
+    and torch never touches the GPU before it, so one model at a time still holds."""
+    import importlib
+
+    try:
+        for name in imports:
+            importlib.import_module(name)
+        return sys.stdin.readline().strip() == "go"
+    except KeyboardInterrupt:
+        return False
+
+
+def stage_main(stage: str, make_units, argv: list[str] | None = None, imports: tuple[str, ...] = ()) -> int:
     """Run one stage process: `make_units(job, job_dir, todo, log)` loads the model and makes the
-    units, publishing each artifact and then its record; this wrapper does everything else."""
+    units, publishing each artifact and then its record; this wrapper does everything else.
+    `imports` are the modules to load ahead under `--wait`."""
     import argparse
 
     parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=f"Run the {stage} stage of a resolved job.")
     parser.add_argument("job_dir", type=Path, help="the job's folder, e.g. workdir/beach")
     parser.add_argument("--force", action="store_true", help="remake every unit, even those up to date")
+    parser.add_argument("--wait", action="store_true", help="import libraries, then wait for a line `go` on stdin "
+                        "before reading or writing anything (used by orchestrate to overlap start-up with the previous stage)")
     args = parser.parse_args(argv)
+    if args.wait and not wait_for_go(("torch", "diffusers", "transformers", *imports)):
+        return 0
     job_dir = args.job_dir.resolve()
     if not (job_dir / RESOLVED_JOB).exists():
         print(f"error: {job_dir / RESOLVED_JOB} not found; run `orchestrate run JOB.toml` to resolve the job first", file=sys.stderr)
@@ -587,6 +609,12 @@ def stage_main(stage: str, make_units, argv: list[str] | None = None) -> int:
         log.error("error: %s", exc)
         return EXIT_RESOURCE_ERROR
     except KeyboardInterrupt:
-        remove_temp_files(job_dir / stage)
-        log.warning("%s: interrupted; finished items are kept, run the same command again to resume", stage)
+        # Ctrl-C reaches us twice (from the terminal and forwarded by the orchestrator): the second
+        # must not cut this cleanup short.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            remove_temp_files(job_dir / stage)
+            log.warning("%s: interrupted; finished items are kept, run the same command again to resume", stage)
+        finally:
+            signal.signal(signal.SIGINT, previous)
         return EXIT_INTERRUPTED

@@ -125,7 +125,7 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return contract.stage_main("decode", make_units, argv)
+    return contract.stage_main("decode", make_units, argv, imports=("diffusers.models.autoencoders.autoencoder_kl", "diffusers.image_processor", "safetensors.torch", "PIL.PngImagePlugin"))
 
 
 if __name__ == "__main__":

@@ -279,7 +279,7 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return contract.stage_main("denoise", make_units, argv)
+    return contract.stage_main("denoise", make_units, argv, imports=("diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha", "diffusers.models.transformers.pixart_transformer_2d", "safetensors.torch"))
 
 
 if __name__ == "__main__":

@@ -183,7 +183,7 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return contract.stage_main("encode", make_units, argv)
+    return contract.stage_main("encode", make_units, argv, imports=("diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha", "transformers.models.t5.modeling_t5", "safetensors.torch"))
 
 
 if __name__ == "__main__":
