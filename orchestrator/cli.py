@@ -11,7 +11,7 @@ import typer
 from orchestrator import job as jobfile
 from orchestrator.plan import describe_stage, plan_job
 from orchestrator.runner import StageFailedError, run_job, summary_table
-from stages.contract import STAGES, ArtifactError, JobFileError, ResourceError
+from stages.contract import STAGES, ArtifactError, JobFileError, ResourceError, format_bytes
 
 app = typer.Typer(
     add_completion=False,
@@ -22,6 +22,9 @@ app = typer.Typer(
 
 WORKDIR = typer.Option(Path("workdir"), "--workdir", help="Where job folders are made: <workdir>/<job name>/.")
 DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (auto: cuda if available).")
+MAX_VRAM = typer.Option(None, "--max-vram", help="Device memory budget, e.g. 2GiB (CUDA default: free memory minus a margin).")
+MAX_RAM = typer.Option(None, "--max-ram", help="Host memory budget, e.g. 8GiB; on --device cpu it is the budget.")
+NO_TILING = typer.Option(False, "--no-tiling", help="Fail instead of tiling a decode that fits only tiled.")
 
 
 def echo(message: str) -> None:
@@ -68,16 +71,25 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def _prepare(job_file: Path, workdir: Path, device: str) -> tuple[Path, dict]:
+def _prepare(job_file: Path, workdir: Path, device: str, memory: tuple = (None, None, True)) -> tuple[Path, dict]:
+    """The job dir and resolved job; `memory` (--max-vram, --max-ram, tiling allowed) plans its runtime section."""
     job = jobfile.load_job(job_file)
     job_dir = jobfile.job_dir_for(job, workdir)
-    return job_dir, jobfile.resolve_job(job, job_dir, resolve_device(device))
+    resolved = jobfile.resolve_job(job, job_dir, resolve_device(device))
+    from orchestrator.memory import runtime_for_job
+
+    resolved["runtime"] = runtime_for_job(resolved, *memory)  # docs/memory.md
+    return job_dir, resolved
 
 
-def _run(job_file: Path, workdir: Path, device: str, force: tuple[str, ...]) -> None:
-    job_dir, resolved = _prepare(job_file, workdir, device)
+def _run(job_file: Path, workdir: Path, device: str, force: tuple[str, ...], memory: tuple = (None, None, True)) -> None:
+    job_dir, resolved = _prepare(job_file, workdir, device, memory)
     echo(f"job {resolved['name']}: {len(resolved['items'])} images, model {resolved['model']['given']}, "
          f"{resolved['dtype']} on {resolved['device']}, folder {os.path.relpath(job_dir)}")
+    if resolved["runtime"]:
+        from orchestrator.memory import describe_runtime
+
+        echo(describe_runtime(resolved["runtime"]))
     runs = run_job(job_dir, resolved, echo, force)
     if not runs:
         echo(f"nothing to do: all {len(resolved['items'])} images are up to date in {os.path.relpath(job_dir / 'decode')}")
@@ -94,15 +106,18 @@ def run(
     workdir: Path = WORKDIR,
     device: str = DEVICE,
     force: list[str] = typer.Option([], "--force", help="Remake this stage for every item (repeatable)."),
+    max_vram: str = MAX_VRAM,
+    max_ram: str = MAX_RAM,
+    no_tiling: bool = NO_TILING,
 ) -> None:
     """Run the job's stale stages in order; resumes an interrupted run.
 
-    Example: orchestrate run job.toml --workdir workdir
+    Example: orchestrate run job.toml --workdir workdir --max-vram 2GiB
     """
     for stage in force:
         if stage not in STAGES:
             raise JobFileError(f"--force {stage!r} is not a stage; use one of {', '.join(STAGES)}")
-    _run(job_file, workdir, device, tuple(force))
+    _run(job_file, workdir, device, tuple(force), (max_vram, max_ram, not no_tiling))
 
 
 @app.command()
@@ -112,6 +127,9 @@ def stage(
     job_file: Path = typer.Argument(..., help="The job's TOML file."),
     workdir: Path = WORKDIR,
     device: str = DEVICE,
+    max_vram: str = MAX_VRAM,
+    max_ram: str = MAX_RAM,
+    no_tiling: bool = NO_TILING,
 ) -> None:
     """Rerun one stage for every item (forced), for debugging; later stages go stale.
 
@@ -119,7 +137,7 @@ def stage(
     """
     if name not in STAGES:
         raise JobFileError(f"stage {name!r} does not exist; use one of {', '.join(STAGES)}")
-    job_dir, resolved = _prepare(job_file, workdir, device)
+    job_dir, resolved = _prepare(job_file, workdir, device, (max_vram, max_ram, not no_tiling))
     states = plan_job(job_dir, resolved)
     upstream = STAGES[: STAGES.index(name)]
     missing = [f"{s} {u.unit.key}" for s in upstream for u in states[s] if u.state != "done"]
@@ -140,16 +158,58 @@ def status(
     job_file: Path = typer.Argument(..., help="The job's TOML file."),
     workdir: Path = WORKDIR,
     device: str = DEVICE,
+    max_vram: str = MAX_VRAM,
+    max_ram: str = MAX_RAM,
+    no_tiling: bool = NO_TILING,
 ) -> None:
-    """Per stage and item: done, to do, or stale and why. Runs nothing.
+    """Per stage and item: done, to do, or stale and why. Runs nothing. Give the memory flags of
+    `run`: the decode strategy they plan (tiled or not) is part of decode's params.
 
     Example: orchestrate status job.toml
     """
-    job_dir, resolved = _prepare(job_file, workdir, device)
+    job_dir, resolved = _prepare(job_file, workdir, device, (max_vram, max_ram, not no_tiling))
     states = plan_job(job_dir, resolved)
     for name in STAGES:
         for line in describe_stage(name, states[name], limit=10_000):
             echo(line)
+
+
+@app.command("plan")
+@expected_errors
+def plan_memory(
+    job_file: Path = typer.Argument(..., help="The job's TOML file."),
+    workdir: Path = WORKDIR,
+    device: str = DEVICE,
+    max_vram: str = MAX_VRAM,
+    max_ram: str = MAX_RAM,
+    no_tiling: bool = NO_TILING,
+    json_output: bool = typer.Option(False, "--json", help="Print the plan as JSON instead of a table."),
+) -> None:
+    """Per stage: the strategy, batch size and estimated peak memory under the budget, from the
+    model's configs alone (no weights are read). Runs and writes nothing.
+
+    Example: orchestrate plan job.toml --max-vram 2GiB
+    """
+    import json
+    import re
+
+    from orchestrator import memory
+
+    job = jobfile.load_job(job_file)
+    # Planning needs no GPU: with --max-vram, plan for CUDA on a machine without one too.
+    target = device if max_vram is not None and re.fullmatch(r"cuda(:\d+)?", device) else resolve_device(device)
+    resolved = jobfile.resolve_job(job, jobfile.job_dir_for(job, workdir), target, require_weights=False)
+    budget_bytes, host_budget_bytes = memory.budgets(resolved["device"], max_vram, max_ram)
+    chosen = memory.choose_for_job(resolved, budget_bytes, not no_tiling)
+    failed = any(isinstance(c, memory.NoFit) for c in chosen.values())
+    if json_output and not failed:
+        echo(json.dumps(memory.plan_json(chosen, resolved["device"], budget_bytes, host_budget_bytes), indent=2))
+    elif not json_output:
+        echo(f"memory plan for {resolved['name']}: {len(resolved['items'])} images, {resolved['dtype']} on {resolved['device']}, "
+             f"budget {format_bytes(budget_bytes) if budget_bytes is not None else 'unlimited'}")
+        echo(memory.format_plan(chosen, budget_bytes))
+    if failed:
+        raise JobFileError(memory.no_fit_message(chosen, budget_bytes, not no_tiling))
 
 
 @app.command()

@@ -76,18 +76,33 @@ def _check_type(where: str, key: str, value, annotation: str):
         "bool": isinstance(value, bool),
     }[base]
     if not ok:
-        raise JobFileError(f"{where}: '{key}' must be {'a' if base != 'int' else 'an'} {base}, not {type(value).__name__} {value!r}")
+        raise JobFileError(
+            f"{where}: '{key}' must be {'a' if base != 'int' else 'an'} {base}, not {type(value).__name__} {value!r}; "
+            f"write e.g. {key} = {_EXAMPLES.get(key, _EXAMPLES[base])}"
+        )
     return float(value) if base == "float" else value
+
+
+# What a correct value looks like in TOML, for the fix in type errors: per key, else per type.
+_EXAMPLES = {"width": "1024", "height": "1024", "seed": "42", "num_inference_steps": "20", "count": "1",
+             "max_sequence_length": "120", "guidance_scale": "4.5", "dtype": '"float16"', "name": '"my-job"',
+             "model": '"PixArt-alpha/PixArt-XL-2-1024-MS"', "prompt": '"a red apple"',
+             "str": '"text"', "int": "1", "float": "1.0", "bool": "true"}
+
+
+def _shown(key: str) -> str:
+    """A key from the file as it can be printed on one line (escapes newlines and the like)."""
+    return repr(key)[1:-1]
 
 
 def _read_table(where: str, table, cls, exclude=()) -> dict:
     if not isinstance(table, dict):
-        raise JobFileError(f"{where} must be a table, not {type(table).__name__}")
+        raise JobFileError(f"{where} must be a table (a [header] followed by key = value lines), not {type(table).__name__}")
     valid = {f.name: f.type for f in fields(cls) if f.name not in exclude}
     out = {}
     for key, value in table.items():
         if key not in valid:
-            raise JobFileError(f"{where}: unknown key '{key}'{_suggest(key, valid)}")
+            raise JobFileError(f"{where}: unknown key '{_shown(key)}'{_suggest(key, valid)}")
         out[key] = _check_type(where, key, value, valid[key])
     return out
 
@@ -130,7 +145,7 @@ def load_job(path: Path) -> Job:
         raise JobFileError(f"{path.name}: not valid TOML ({exc}); fix the syntax at that line") from None
     for key in data:
         if key not in _TABLES:
-            raise JobFileError(f"{path.name}: unknown table '[{key}]'{_suggest(key, _TABLES)}")
+            raise JobFileError(f"{path.name}: unknown table '[{_shown(key)}]'{_suggest(key, _TABLES)}")
     if "job" not in data:
         raise JobFileError(f"{path.name}: missing [job] table; add [job] with model = \"PixArt-alpha/PixArt-XL-2-1024-MS\"")
     settings_values = _read_table(f"{path.name} [job]", data["job"], JobSettings)
@@ -149,6 +164,8 @@ def load_job(path: Path) -> Job:
     settings = JobSettings(**{**asdict(settings), "name": name})
     defaults = _read_table(f"{path.name} [defaults]", data.get("defaults", {}), GenerationParams, exclude=("prompt",))
     entries = data.get("generation", [])
+    if isinstance(entries, dict):
+        raise JobFileError(f"{path.name}: write [[generation]] (double brackets), not [generation]; each [[generation]] adds one prompt to the queue")
     if not isinstance(entries, list) or not entries:
         raise JobFileError(f"{path.name}: the queue is empty; add at least one [[generation]] with a prompt")
     generations = []
@@ -172,16 +189,32 @@ def load_job(path: Path) -> Job:
 
 
 def _hash_files(root: Path, patterns) -> str:
-    """sha256 over the listed config files, plus the names and sizes of weight files.
-    Weights are not read (the T5 alone is 19 GB); see the README's note on what this catches."""
+    """sha256 over the listed config files, plus the names, sizes and sampled content of weight
+    files (the T5 alone is 19 GB); see the README's note on what this catches."""
     digest = hashlib.sha256()
     for pattern in patterns:
         for file in sorted(root.glob(pattern)):
             rel = file.relative_to(root).as_posix()
             if file.suffix == ".safetensors":
-                digest.update(f"{rel}:{file.stat().st_size}\n".encode())
+                digest.update(f"{rel}:{file.stat().st_size}:{_sample_weights(file)}\n".encode())
             elif file.is_file():
                 digest.update(f"{rel}\n".encode() + file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+_SAMPLES, _SAMPLE_BYTES = 16, 1 << 16
+
+
+def _sample_weights(file: Path) -> str:
+    """sha256 of 16 chunks of 64 KiB spread evenly over a weight file, header included: other
+    weights of the same shapes (a fine-tune, a re-download of another revision) change it, for
+    1 MiB read per file instead of the whole file."""
+    size = file.stat().st_size
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for n in range(_SAMPLES):
+            f.seek(max(0, (size - _SAMPLE_BYTES) * n // (_SAMPLES - 1)))
+            digest.update(f.read(_SAMPLE_BYTES))
     return digest.hexdigest()[:16]
 
 
@@ -197,8 +230,9 @@ def component_hashes(model_path: Path) -> dict:
 _HUB_PATTERNS = ["model_index.json", "*/config.json", "*/*.safetensors", "*/*.safetensors.index.json", "scheduler/*.json", "tokenizer/*"]
 
 
-def resolve_model(given: str, job_dir: Path) -> Path:
-    """A local folder (relative to the job file) or a hub id resolved to a local snapshot."""
+def resolve_model(given: str, job_dir: Path, require_weights: bool = True) -> Path:
+    """A local folder (relative to the job file) or a hub id resolved to a local snapshot.
+    `require_weights=False` accepts a folder of configs only (`orchestrate plan` reads no weights)."""
     candidate = (job_dir / Path(given).expanduser()).resolve()
     looks_like_path = given.startswith((".", "/", "~")) or candidate.exists() or given.count("/") != 1
     if looks_like_path:
@@ -211,10 +245,14 @@ def resolve_model(given: str, job_dir: Path) -> Path:
     for part in ("text_encoder", "tokenizer", "transformer", "vae", "scheduler"):
         if not (candidate / part).is_dir():
             raise JobFileError(f"model {given!r} at {candidate} has no {part}/ folder; use a complete PixArt-alpha diffusers folder")
-    pickles = [p.relative_to(candidate).as_posix() for p in candidate.glob("*/*.bin")]
-    weights = list(candidate.glob("*/*.safetensors"))
-    if pickles and not weights:
-        raise JobFileError(f"model {given!r} has only pickle weights ({pickles[0]}, ...); we load safetensors only: convert it first")
+    for part in ("text_encoder", "transformer", "vae") if require_weights else ():  # each must have safetensors
+        if not any((candidate / part).glob("*.safetensors")):
+            pickles = sorted(p.name for p in (candidate / part).iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+            found = f"only pickle weights ({pickles[0]})" if pickles else "no .safetensors weights"
+            raise JobFileError(
+                f"model {given!r}: {part}/ has {found}; weights are loaded from safetensors only (never pickle): "
+                f"convert it with save_pretrained(..., safe_serialization=True)"
+            )
     return candidate
 
 
@@ -247,13 +285,18 @@ def _read_json(path: Path) -> dict:
 # Resolution: the file the stages read
 
 
-def resolve_job(job: Job, job_dir: Path, device: str, runtime: dict | None = None) -> dict:
+def resolve_job(job: Job, job_dir: Path, device: str, runtime: dict | None = None, require_weights: bool = True) -> dict:
     """The fully resolved job: defaults filled, seeds drawn (or reused), paths absolute."""
     job_dir = Path(job_dir)
-    model_path = resolve_model(job.settings.model, job.source.parent)
+    model_path = resolve_model(job.settings.model, job.source.parent, require_weights)
     transformer_config = _read_json(model_path / "transformer" / "config.json")
     vae_config = _read_json(model_path / "vae" / "config.json")
     default_side = transformer_config["sample_size"] * 2 ** (len(vae_config["block_out_channels"]) - 1)
+    if transformer_config.get("sample_size") not in (32, 64, 128) and any(g.use_resolution_binning for g in job.generations):
+        raise JobFileError(
+            f"model {job.settings.model!r}: resolution binning needs a transformer sample_size of 32, 64 or 128, not "
+            f"{transformer_config.get('sample_size')}; set use_resolution_binning = false in [defaults]"
+        )
     dtype = job.settings.dtype or ("float32" if device == "cpu" else "float16")
     previous = _previous_seeds(job_dir)
     drawn = {}

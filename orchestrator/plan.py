@@ -46,7 +46,9 @@ def describe_stage(stage: str, states: list[UnitState], limit: int = 8) -> list[
     todo = [s for s in states if s.state != "done"]
     lines = [f"{stage}: {len(states) - len(todo)} up to date, {len(todo)} to do"]
     for s in todo[:limit]:
-        lines.append(f"  {stage} {s.unit.key}: {s.state} ({s.reason})")
+        # An encode unit is keyed by its text; name the items that use it, so problems read by item.
+        items = "" if s.unit.items == (s.unit.key,) else f" (item{'s' if len(s.unit.items) > 1 else ''} {', '.join(s.unit.items)})"
+        lines.append(f"  {stage} {s.unit.key}{items}: {s.state} ({s.reason})")
     if len(todo) > limit:
         lines.append(f"  ... and {len(todo) - limit} more")
     return lines

@@ -79,7 +79,9 @@ def start_stage(stage: str, job_dir: Path, force: bool, wait: bool = False) -> s
     """Start a stage process; with `wait` it only imports its libraries until `go_stage`."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])))
     command = stage_command(stage, job_dir, force) + (["--wait"] if wait else [])
-    return subprocess.Popen(command, env=env, stdin=subprocess.PIPE if wait else None, text=True)
+    # A waiting process gets its own session, so a Ctrl-C in the terminal (sent to our process group)
+    # cannot hit it mid-import; the orchestrator dismisses it or forwards the SIGINT once it runs.
+    return subprocess.Popen(command, env=env, stdin=subprocess.PIPE if wait else None, text=True, start_new_session=wait)
 
 
 def go_stage(process: subprocess.Popen, go: bool) -> None:
@@ -110,17 +112,22 @@ def run_stage(stage: str, job_dir: Path, force: bool, echo, process: subprocess.
     return finish_stage(stage, job_dir, process, clock)
 
 
+def _interrupt(process: subprocess.Popen) -> None:
+    """Forward Ctrl-C (a stage started ahead runs in its own session, and a signal may have been
+    sent to us alone) and give the stage time to clean up; kill it if it does not stop."""
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def finish_stage(stage: str, job_dir: Path, process: subprocess.Popen, clock: Clock) -> StageRun:
     try:
         code = process.wait()
     except KeyboardInterrupt:
-        # The terminal sends SIGINT to the whole group; forward it for a signal sent to us alone.
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        _interrupt(process)
         raise
     if code != 0:
         log = job_dir / stage / "stage.log"
@@ -143,14 +150,18 @@ def run_job(job_dir: Path, resolved: dict, echo, force: tuple[str, ...] = (), la
     `launch(stage, job_dir, force, echo)` runs one stage; by default a `run_stage` subprocess,
     with the next stage's process started ahead (`--wait`) so its imports overlap this one."""
     warm: dict[str, subprocess.Popen] = {}
+    active: list[subprocess.Popen] = []
     try:
-        return _run_stages(job_dir, resolved, echo, force, launch, warm)
+        return _run_stages(job_dir, resolved, echo, force, launch, warm, active)
     finally:
         for process in warm.values():  # a stage started ahead but not needed: dismiss it
             go_stage(process, False)
+        for process in active:  # interrupted between starting a stage and waiting for it
+            if process.poll() is None:
+                _interrupt(process)
 
 
-def _run_stages(job_dir: Path, resolved: dict, echo, force: tuple[str, ...], launch, warm: dict) -> list[StageRun]:
+def _run_stages(job_dir: Path, resolved: dict, echo, force: tuple[str, ...], launch, warm: dict, active: list) -> list[StageRun]:
     job_dir.mkdir(parents=True, exist_ok=True)
     runs = []
     with exclusive_lock(job_dir / "run.lock", f"job {job_dir.name}"):
@@ -177,6 +188,7 @@ def _run_stages(job_dir: Path, resolved: dict, echo, force: tuple[str, ...], lau
                     process = start_stage(stage, job_dir, forced)
                 else:
                     go_stage(process, True)
+                active[:] = [process]
                 later = STAGES[STAGES.index(stage) + 1:]
                 if later:  # it will most likely have work once this stage has made new artifacts
                     warm[later[0]] = start_stage(later[0], job_dir, later[0] in force, wait=True)

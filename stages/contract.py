@@ -444,8 +444,9 @@ def oom_guard(job: dict, *units: Unit):
         stage, items = units[0].stage, [item for unit in units for item in unit.items]
         budget = (job.get("runtime") or {}).get("budget_bytes")
         said = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        named = ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
         raise ResourceError(
-            f"{stage}: out of memory on item{'s' if len(items) > 1 else ''} {', '.join(items)} "
+            f"{stage}: out of memory on item{'s' if len(items) > 1 else ''} {named} "
             f"(budget {format_bytes(budget) if budget is not None else 'no budget set'}; {said}); lower --max-vram so "
             f"the plan switches {stage} to a lighter strategy, or enable tiling (leave out --no-tiling); finished items are kept, "
             f"run again to resume"

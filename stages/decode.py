@@ -92,7 +92,8 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
     tile_size = plan.get("tile_size") if plan.get("strategy") == "tiled" else None
     clock = contract.Clock()
     host_rss_at_start = contract.reset_peak_memory(device)
-    vae = load_vae(job, device, tile_size)
+    with contract.oom_guard(job, *todo):  # loading can run out of memory too
+        vae = load_vae(job, device, tile_size)
     log.info("decode: %d items, %s", len(todo), f"tiled, {tile_size} px tiles" if tile_size else "untiled")
     load_seconds = clock.seconds()
     for n, unit in enumerate(todo, 1):

@@ -72,7 +72,12 @@ def load_transformer(job: dict, device, strategy: str = "resident"):
             else:
                 transformer.to(device)
     scheduler_config = json.loads((Path(path) / "scheduler" / "scheduler_config.json").read_text())
-    scheduler_class = getattr(diffusers, scheduler_config["_class_name"])
+    scheduler_class = getattr(diffusers, str(scheduler_config.get("_class_name")), None)
+    if scheduler_class is None or not hasattr(scheduler_class, "from_config"):
+        raise contract.JobFileError(
+            f"denoise: {path}/scheduler/scheduler_config.json names an unknown scheduler {scheduler_config.get('_class_name')!r}; "
+            f"use a diffusers scheduler class such as DPMSolverMultistepScheduler"
+        )
     torch.set_grad_enabled(False)
     return transformer, lambda: scheduler_class.from_config(scheduler_config), loader
 
@@ -217,7 +222,8 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
         sizes[unit.key] = binned_size(sample_size, item["height"], item["width"]) if item["use_resolution_binning"] else (item["height"], item["width"])
     clock = contract.Clock()
     host_rss_at_start = contract.reset_peak_memory(device)
-    transformer, new_scheduler, loader = load_transformer(job, device, strategy)
+    with contract.oom_guard(job, *todo):  # loading can run out of memory too
+        transformer, new_scheduler, loader = load_transformer(job, device, strategy)
     load_seconds = clock.seconds()
     log.info("denoise: %d items, strategy %s, batch size %d", len(todo), strategy, batch_size)
     show_bar = sys.stderr.isatty()

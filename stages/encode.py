@@ -103,7 +103,8 @@ def stream_encode(job: dict, device, texts: list[str], loader_state: dict) -> di
             hidden[t], bias[t], _ = block(hidden[t], attention[t], bias[t], None, None, None, cache=None)
         loader.release(block, nbytes)
     nbytes = loader.materialise(encoder.final_layer_norm, "encoder.final_layer_norm.")
-    out = {text: (encoder.final_layer_norm(h).to(dtype), m) for text, h, m in zip(texts, hidden, masks)}
+    # Embeddings go to the host at once: device memory holds one batch, however long the queue.
+    out = {text: (encoder.final_layer_norm(h).to(dtype).to("cpu"), m) for text, h, m in zip(texts, hidden, masks)}
     loader.release(encoder.final_layer_norm, nbytes)
     loader_state["passes"] = loader_state.get("passes", 0) + 1
     return out
@@ -125,7 +126,8 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
     clock = contract.Clock()
     host_rss_at_start = contract.reset_peak_memory(device)
     # 1. Load the tokenizer and the text encoder (streamed: only its skeleton, on meta).
-    pipe, stream_state = (load_text_encoder(job, device), None) if strategy == "resident" else (None, {})
+    with contract.oom_guard(job, *todo):  # loading can run out of memory too
+        pipe, stream_state = (load_text_encoder(job, device), None) if strategy == "resident" else (None, {})
     load_seconds = clock.seconds()
     cache: dict[str, tuple] = {}  # text -> (embeds, mask); a text shared by many items is encoded once
     pending = list(dict.fromkeys(t for unit in todo for t in _texts(unit)))  # unique texts, job order
@@ -141,7 +143,8 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
                 cache.update(stream_encode(job, device, batch, stream_state))
             for text in missing:
                 if text not in cache:
-                    cache[text] = encode_text(pipe, text, job, device)
+                    embeds, mask = encode_text(pipe, text, job, device)
+                    cache[text] = (embeds.to("cpu"), mask.to("cpu"))  # on the host: device memory stays flat
         tensors = {}
         for prefix, text in (("", unit.params["prompt"]), ("negative_", unit.params["negative_prompt"])):
             if text is None:

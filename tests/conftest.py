@@ -57,11 +57,12 @@ def inprocess_stage(stage: str, job_dir: Path, force: bool, echo) -> StageRun:
     return StageRun(stage, clock.seconds(), json.loads((job_dir / stage / "summary.json").read_text()))
 
 
-def run_inprocess(job_file: Path, workdir: Path, force=(), device="cpu") -> tuple[Path, list[StageRun], list[str]]:
-    """`orchestrate run` with in-process stages: (job_dir, stage runs, printed lines)."""
+def run_inprocess(job_file: Path, workdir: Path, force=(), device="cpu", runtime=None) -> tuple[Path, list[StageRun], list[str]]:
+    """`orchestrate run` with in-process stages: (job_dir, stage runs, printed lines).
+    `runtime` is the memory plan (docs/memory.md) to write into the resolved job."""
     job = jobfile.load_job(job_file)
     job_dir = jobfile.job_dir_for(job, workdir)
-    resolved = jobfile.resolve_job(job, job_dir, device)
+    resolved = jobfile.resolve_job(job, job_dir, device, runtime=runtime)
     lines: list[str] = []
     runs = run_job(job_dir, resolved, lines.append, tuple(force), launch=inprocess_stage)
     return job_dir, runs, lines
@@ -76,3 +77,36 @@ def load_png(path: Path) -> np.ndarray:
 
 def resolved_items(job_dir: Path) -> list[dict]:
     return json.loads((job_dir / "job.resolved.json").read_text())["items"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers for the reliability tests (test_faults, test_reliability, test_jobfile)
+
+
+def toml_string(text: str) -> str:
+    """`text` as a TOML basic string: quotes, backslashes and control characters escaped."""
+    escaped = []
+    for char in text:
+        if char in '"\\':
+            escaped.append("\\" + char)
+        elif ord(char) < 0x20 or ord(char) == 0x7F:
+            escaped.append(f"\\u{ord(char):04x}")
+        else:
+            escaped.append(char)
+    return '"' + "".join(escaped) + '"'
+
+
+def tree_state(root: Path) -> dict[str, tuple]:
+    """Every file under `root` -> (inode, mtime_ns, size): a rewrite or a new file shows up."""
+    root = Path(root)
+    if not root.exists():
+        return {}
+    return {p.relative_to(root).as_posix(): (p.stat().st_ino, p.stat().st_mtime_ns, p.stat().st_size)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def artifact_bytes(job_dir: Path) -> dict[str, bytes]:
+    """The bytes of every stage artifact (embeddings, latents, PNGs) of a job, by relative path."""
+    return {p.relative_to(job_dir).as_posix(): p.read_bytes()
+            for stage in ("encode", "denoise", "decode") for p in sorted((Path(job_dir) / stage).glob("*"))
+            if p.suffix in (".safetensors", ".png") and not p.name.startswith(".tmp-")}

@@ -26,10 +26,14 @@ def weight_bytes(folder) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
-def run(job_file, job_dir, runtime) -> dict:
-    """`orchestrate run` with real stage processes (clean peak-RSS numbers); summaries by stage."""
-    resolved = jobfile.resolve_job(jobfile.load_job(job_file), job_dir, "cpu", runtime=runtime)
-    return {r.stage: r.summary for r in run_job(job_dir, resolved, lambda line: None)}
+def run(job_file, job_dir, max_ram: str | None) -> tuple[dict, dict]:
+    """`orchestrate run --device cpu [--max-ram X]` with real stage processes (clean peak-RSS
+    numbers), planned as the CLI plans it; (summaries by stage, the runtime plan)."""
+    from orchestrator.memory import runtime_for_job
+
+    resolved = jobfile.resolve_job(jobfile.load_job(job_file), job_dir, "cpu")
+    resolved["runtime"] = runtime_for_job(resolved, None, max_ram)
+    return {r.stage: r.summary for r in run_job(job_dir, resolved, lambda line: None)}, resolved["runtime"]
 
 
 def added_host_memory(summary: dict) -> int:
@@ -57,13 +61,10 @@ def test_medium_model_runs_under_a_budget_below_its_weights(medium_model, tmp_pa
         prompt = "an owl reading a book"
         seed = 2
     """)
-    plain = run(job_file, tmp_path / "plain" / "budget", runtime={})
-    runtime = {"device_type": "cpu", "budget_bytes": BUDGET, "host_budget_bytes": BUDGET, "stages": {
-        "encode": {"strategy": "stream", "batch_size": 8},
-        "denoise": {"strategy": "offload", "batch_size": 1},
-        "decode": {"strategy": "full", "tile_size": None, "batch_size": 1},
-    }}
-    budget = run(job_file, tmp_path / "budgeted" / "budget", runtime=runtime)
+    plain, _ = run(job_file, tmp_path / "plain" / "budget", None)
+    budget, plan = run(job_file, tmp_path / "budgeted" / "budget", "64MiB")
+    assert plan["budget_bytes"] == BUDGET
+    assert {s: plan["stages"][s]["strategy"] for s in plan["stages"]} == {"encode": "stream", "denoise": "offload", "decode": "full"}
 
     # The measurement sees the weights: unbudgeted, each stage adds more than its weights.
     assert added_host_memory(plain["encode"]) > weight_bytes(medium_model / "text_encoder")
@@ -73,7 +74,10 @@ def test_medium_model_runs_under_a_budget_below_its_weights(medium_model, tmp_pa
         assert budget[stage]["strategy"] in ("stream", "offload")
         assert 0 < budget[stage]["peak_resident_weight_bytes"] < BUDGET, stage
         assert added_host_memory(budget[stage]) < BUDGET, (stage, added_host_memory(budget[stage]) / MiB)
-    # One pass over the T5 weights for the whole queue (3 texts, batch 8).
+    # The planner's estimate of what the stage holds is close to the weights it really held.
+    for stage in ("encode", "denoise"):
+        assert budget[stage]["peak_resident_weight_bytes"] <= plan["stages"][stage]["peak_bytes"], stage
+    # One pass over the T5 weights for the whole queue (3 texts, all in one batch).
     assert budget["encode"]["weight_passes"] == 1
     assert budget["encode"]["weight_bytes_moved"] <= weight_bytes(medium_model / "text_encoder")
 

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The GPU benchmark in one command (bench/gpu_bench.py does the work; see bench/README.md).
+#   bash bench/gpu.sh            on a machine with a CUDA GPU: build the full-size random model, run
+#                                4 prompts at 1024x1024 under budgets 1/2/6 GiB and none, plus the
+#                                diffusers baselines; tables to $OUT (else bench/results/)
+#   bash bench/gpu.sh --smoke    the same code on the CPU with a tiny model, in about a minute
+# Extra arguments go to bench/gpu_bench.py (--out DIR, --work DIR, --time-limit S, --jobs N).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# The interpreter: $PYTHON, else this checkout's venv, else the machine's python3.
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+    if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+
+# A machine without diffusers (the lent GPU machines) installs the carried wheels from .whl/
+# (bench/fetch_wheels.sh downloads them) into /tmp/site, once per machine.
+if ! "$PY" -c "import diffusers, ftfy, bs4" 2>/dev/null; then
+    if ls .whl/*.whl >/dev/null 2>&1; then
+        echo "installing carried wheels from .whl/ into /tmp/site"
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    else
+        echo "error: $PY cannot import diffusers, ftfy and bs4, and .whl/ holds no wheels; run bench/fetch_wheels.sh first" >&2
+        exit 2
+    fi
+fi
+
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+exec "$PY" bench/gpu_bench.py "$@"

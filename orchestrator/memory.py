@@ -1,0 +1,255 @@
+"""Memory planning: per stage, the fastest strategy whose estimated peak fits the budget.
+
+`orchestrate plan` prints the plan; `orchestrate run` writes it into job.resolved.json's `runtime`
+section, which the stages obey (docs/memory.md). The estimates, and what each strategy holds on the
+device at its peak, are in orchestrator/estimate.py. Order of preference, fastest first: resident
+before stream (encode) or offload (denoise), untiled before tiled 512 px before tiled 256 px; then
+the largest batch that fits (encode: texts held together; denoise: 1, 2 or 4 items of one size on
+CUDA, always 1 on the CPU, where batching would break bit parity with the one-process pipeline).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchestrator.estimate import Estimate, ModelConfigs, estimate_decode, estimate_denoise, estimate_encode
+from stages.contract import JobFileError, format_bytes, uses_guidance
+
+KIB, MIB, GIB = 1024, 1024**2, 1024**3
+# Not in peak_bytes, since max_memory_allocated does not see it: the CUDA context of each stage
+# process (kernels, cuBLAS/cuDNN handles; ~0.3-0.6 GiB with lazy module loading). default_budget
+# takes it off the free memory, and so should a user choosing --max-vram for a small card.
+CUDA_CONTEXT_BYTES = 512 * MIB
+# default_budget also keeps this share of the free memory back for allocator fragmentation.
+CUDA_SAFETY_FRACTION = 0.05
+DENOISE_BATCH_SIZES = (1, 2, 4)
+TILE_SIZES = (512, 256)  # tried in this order when the untiled decode does not fit
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": KIB, "m": 1000**2, "mb": 1000**2, "mib": MIB,
+          "g": 1000**3, "gb": 1000**3, "gib": GIB, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    """'2GiB', '1.5GB', '512MiB' or '2048' (bytes) -> bytes; JobFileError on anything else."""
+    match = _SIZE.match(str(text))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS or unit in ("ki", "mi", "gi", "ti"):
+        raise JobFileError(f"memory size {text!r} is not understood; write e.g. 2GiB, 1.5GB, 512MiB or a number of bytes")
+    value = int(float(match.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise JobFileError(f"memory size {text!r} must be more than 0 bytes")
+    return value
+
+
+def default_budget(device: str) -> int | None:
+    """The budget when none is given: on CUDA the free memory minus a stage's CUDA context and a
+    5% fragmentation reserve; on the CPU None (unlimited), so the defaults stay the fastest and
+    bit-exact; give --max-ram to plan for host RAM."""
+    if not device.startswith("cuda"):
+        return None
+    free = _cuda_free_bytes(int(device.partition(":")[2] or 0))
+    return max(int(free * (1 - CUDA_SAFETY_FRACTION)) - CUDA_CONTEXT_BYTES, 0)
+
+
+def _cuda_free_bytes(index: int) -> int:
+    """Free device memory, asked in a child process: a CUDA context made here would stay alive
+    (and take ~0.5 GiB) in the orchestrator while the stages run."""
+    import subprocess
+    import sys
+
+    code = f"import torch; print(torch.cuda.mem_get_info({index})[0])"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        said = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise JobFileError(f"cannot read the free memory of cuda:{index} ({said}); give --max-vram")
+    return int(result.stdout.strip())
+
+
+@dataclass(frozen=True)
+class NoFit:
+    """No strategy of a stage fits; `smallest` is the least peak any of them needs."""
+
+    stage: str
+    smallest: Estimate
+
+
+
+# ---------------------------------------------------------------------------------------------
+# What the job asks of each stage
+
+
+def _texts(items: list[dict]) -> list[str]:
+    """The distinct texts encode runs through T5: prompts, and negative prompts with guidance."""
+    texts = {}
+    for item in items:
+        texts[item["prompt"]] = None
+        if uses_guidance(item):
+            texts[item["negative_prompt"]] = None
+    return list(texts)
+
+
+def _latent_size(item: dict, sample_size: int) -> tuple[int, int]:
+    if not item["use_resolution_binning"]:
+        return item["height"], item["width"]
+    from stages.denoise import binned_size
+
+    return binned_size(sample_size, item["height"], item["width"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing
+
+
+def choose_strategies(model_path: Path, dtype: str, device_type: str, items: list[dict], max_sequence_length: int,
+                      budget_bytes: int | None, allow_tiling: bool = True) -> dict:
+    """Per stage the fastest Estimate that fits the budget, or a NoFit: resident before stream or
+    offload, untiled before tiled 512 before tiled 256, then the largest batch that fits."""
+    device_type = device_type.partition(":")[0]
+    model = ModelConfigs.read(Path(model_path))
+    sample_size = json.loads(model.denoise)["sample_size"]
+    texts = len(_texts(items))
+    binned = [(item, *_latent_size(item, sample_size)) for item in items]
+    denoise_shapes = sorted({(h, w, uses_guidance(item)) for item, h, w in binned})
+    decode_shapes = sorted({(h, w, (item["height"], item["width"]) if item["use_resolution_binning"] else None)
+                            for item, h, w in binned}, key=repr)
+    groups: dict[tuple, int] = {}
+    for item, h, w in binned:
+        key = (h, w, item["num_inference_steps"], item["guidance_scale"])
+        groups[key] = groups.get(key, 0) + 1
+
+    def fits(estimate: Estimate) -> bool:
+        return budget_bytes is None or estimate.peak_bytes <= budget_bytes
+
+    # Encode: the first strategy that fits one text, then as many texts as fit (all without a budget).
+    encode = []
+    for strategy in ("resident", "stream"):
+        low, high = (texts, texts) if budget_bytes is None else (1, texts)
+        while low < high:  # the largest batch that fits; peaks grow with it
+            mid = (low + high + 1) // 2
+            if fits(estimate_encode(model, dtype, device_type, strategy, mid, max_sequence_length)):
+                low = mid
+            else:
+                high = mid - 1
+        encode.append(estimate_encode(model, dtype, device_type, strategy, low, max_sequence_length))
+    # Denoise: batch 1 on the CPU (bit parity with the one-process pipeline) and without a budget.
+    largest_group = max(groups.values())
+    sizes = [b for b in DENOISE_BATCH_SIZES if b <= largest_group] if device_type == "cuda" and budget_bytes is not None else [1]
+    denoise = [estimate_denoise(model, dtype, device_type, "resident", b, denoise_shapes, max_sequence_length) for b in reversed(sizes)]
+    denoise.append(estimate_denoise(model, dtype, device_type, "offload", 1, denoise_shapes, max_sequence_length))
+    # Decode: tiled only when the untiled decode does not fit, and never with --no-tiling.
+    decode = [estimate_decode(model, dtype, device_type, None, decode_shapes)]
+    if allow_tiling and not fits(decode[0]):
+        decode += [estimate_decode(model, dtype, device_type, tile, decode_shapes) for tile in TILE_SIZES]
+    chosen = {}
+    for stage, candidates in (("encode", encode), ("denoise", denoise), ("decode", decode)):
+        fitting = [c for c in candidates if fits(c)]
+        chosen[stage] = fitting[0] if fitting else NoFit(stage, min(candidates, key=lambda c: c.peak_bytes))
+    return chosen
+
+
+def no_fit_message(chosen: dict, budget_bytes: int, allow_tiling: bool) -> str:
+    failed = [c for c in chosen.values() if isinstance(c, NoFit)]
+    first = failed[0]
+    need = max(c.smallest.peak_bytes if isinstance(c, NoFit) else c.peak_bytes for c in chosen.values())
+    hint = " (tiling is off: drop --no-tiling to let decode tile)" if first.stage == "decode" and not allow_tiling else ""
+    return (f"{first.stage}: no strategy fits the budget of {format_bytes(budget_bytes)}; its smallest, "
+            f"{_describe(first.smallest)}, needs {format_bytes(first.smallest.peak_bytes)}{hint}; the smallest workable "
+            f"budget for this job is {format_bytes(need)} ({need} bytes): raise --max-vram/--max-ram to at least that")
+
+
+def runtime_section(chosen: dict, device_type: str, budget_bytes: int | None, host_budget_bytes: int | None) -> dict:
+    """The `runtime` section of job.resolved.json (docs/memory.md)."""
+    return {
+        "device_type": device_type.partition(":")[0],
+        "budget_bytes": budget_bytes,
+        "host_budget_bytes": host_budget_bytes,
+        "stages": {stage: estimate.runtime_entry() for stage, estimate in chosen.items()},
+    }
+
+
+def plan_json(chosen: dict, device_type: str, budget_bytes: int | None, host_budget_bytes: int | None) -> dict:
+    """What `orchestrate plan --json` prints: the runtime section, each stage with its peak's parts."""
+    plan = runtime_section(chosen, device_type, budget_bytes, host_budget_bytes)
+    for stage, estimate in chosen.items():
+        plan["stages"][stage].update(weights_bytes=estimate.weights_bytes, activation_bytes=estimate.activation_bytes,
+                                     workspace_bytes=estimate.workspace_bytes)
+    return plan
+
+
+def plan_memory(model_path, dtype: str, device_type: str, items: list[dict], max_sequence_length: int,
+                budget_bytes: int | None, host_budget_bytes: int | None, allow_tiling: bool = True) -> dict:
+    """The runtime section for this job and budget; JobFileError naming the stage and the smallest
+    workable budget when a stage fits under none of its strategies."""
+    chosen = choose_strategies(model_path, dtype, device_type, items, max_sequence_length, budget_bytes, allow_tiling)
+    if any(isinstance(c, NoFit) for c in chosen.values()):
+        raise JobFileError(no_fit_message(chosen, budget_bytes, allow_tiling))
+    return runtime_section(chosen, device_type, budget_bytes, host_budget_bytes)
+
+
+def budgets(device: str, max_vram: str | None, max_ram: str | None) -> tuple[int | None, int | None]:
+    """(budget_bytes, host_budget_bytes) from the CLI flags: on CUDA --max-vram or the default; on
+    the CPU --max-ram, else --max-vram, else unlimited."""
+    vram = parse_size(max_vram) if max_vram is not None else None
+    ram = parse_size(max_ram) if max_ram is not None else None
+    if device.startswith("cuda"):
+        return (vram if vram is not None else default_budget(device)), ram
+    return (ram if ram is not None else vram), ram
+
+
+def choose_for_job(resolved: dict, budget_bytes: int | None, allow_tiling: bool = True) -> dict:
+    """choose_strategies for a resolved job (job.resolved.json's content)."""
+    return choose_strategies(resolved["model"]["path"], resolved["dtype"], resolved["device"], resolved["items"],
+                             resolved["max_sequence_length"], budget_bytes, allow_tiling)
+
+
+def runtime_for_job(resolved: dict, max_vram: str | None, max_ram: str | None, allow_tiling: bool = True) -> dict:
+    """The runtime section `orchestrate run` writes. Without a budget (the CPU without --max-ram or
+    --max-vram) it is empty, which means the defaults, and nothing is estimated: `run` and `status`
+    then stay fast and never import torch for planning."""
+    budget_bytes, host_budget_bytes = budgets(resolved["device"], max_vram, max_ram)
+    if budget_bytes is None:
+        return {}
+    return plan_memory(resolved["model"]["path"], resolved["dtype"], resolved["device"], resolved["items"],
+                       resolved["max_sequence_length"], budget_bytes, host_budget_bytes, allow_tiling)
+
+
+# ---------------------------------------------------------------------------------------------
+# Printing
+
+
+def _strategy_name(estimate: Estimate) -> str:
+    return f"tiled {estimate.tile_size} px" if estimate.tile_size else estimate.strategy
+
+
+def _describe(estimate: Estimate) -> str:
+    return f"{_strategy_name(estimate)}, batch {estimate.batch_size}"
+
+
+def format_plan(chosen: dict, budget_bytes: int | None) -> str:
+    """The `orchestrate plan` table: per stage the strategy, batch and the peak's parts."""
+    header = ("stage", "strategy", "batch", "weights", "activations", "workspace", "peak", "fits")
+    rows = [header]
+    for stage, estimate in chosen.items():
+        fits = "yes"
+        if isinstance(estimate, NoFit):
+            estimate, fits = estimate.smallest, "NO: nothing fits"
+        rows.append((stage, _strategy_name(estimate), str(estimate.batch_size), format_bytes(estimate.weights_bytes),
+                     format_bytes(estimate.activation_bytes), format_bytes(estimate.workspace_bytes),
+                     format_bytes(estimate.peak_bytes), fits))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+
+
+def describe_runtime(runtime: dict) -> str:
+    """One line for `orchestrate run`: the budget and each stage's strategy."""
+    if not runtime.get("stages"):
+        return "memory: no budget; every stage resident, untiled"
+    parts = []
+    for stage, entry in runtime["stages"].items():
+        name = f"tiled {entry['tile_size']} px" if entry.get("tile_size") else entry["strategy"]
+        parts.append(f"{stage} {name} (batch {entry['batch_size']}, ~{format_bytes(entry['peak_bytes'])})")
+    return f"memory: budget {format_bytes(runtime['budget_bytes'])}: " + ", ".join(parts)
