@@ -220,7 +220,7 @@ def demo(workdir: Path = WORKDIR, device: str = DEVICE) -> None:
     The images are noise-like (random weights); the demo shows the whole pipeline working.
     Example: orchestrate demo
     """
-    from orchestrator.tiny import save_tiny_model
+    from orchestrator.tiny import DEMO_JOB, save_tiny_model
 
     workdir.mkdir(parents=True, exist_ok=True)
     model = workdir / "demo-model"
@@ -233,31 +233,6 @@ def demo(workdir: Path = WORKDIR, device: str = DEVICE) -> None:
     _run(job_file, workdir, device, ())
 
 
-DEMO_JOB = """\
-# Written by `orchestrate demo`: a small queue on the tiny random-weight model.
-[job]
-name = "demo"
-model = "demo-model"   # relative to this file
-
-[defaults]
-num_inference_steps = 8
-width = 256
-height = 256
-use_resolution_binning = false
-
-[[generation]]
-prompt = "pirate ship trapped in a cosmic maelstrom nebula"
-seed = 1152753
-count = 2
-
-[[generation]]
-prompt = "a small cactus with a happy face in the sahara desert"
-negative_prompt = "blurry"
-seed = 7
-width = 384
-height = 256
-guidance_scale = 5.0
-"""
 
 
 def main() -> None:

@@ -147,3 +147,31 @@ def save_tiny_model(path: Path, seed: int = 0, size: str = "tiny") -> Path:
     pipe.save_pretrained(path, safe_serialization=True)
     (path / "TINY_MODEL.json").write_text(json.dumps({"built_by": "orchestrator.tiny", "seed": seed, "size": size}) + "\n")
     return path
+
+
+# The job `orchestrate demo` writes next to the tiny model and runs.
+DEMO_JOB = """\
+# Written by `orchestrate demo`: a small queue on the tiny random-weight model.
+[job]
+name = "demo"
+model = "demo-model"   # relative to this file
+
+[defaults]
+num_inference_steps = 8
+width = 256
+height = 256
+use_resolution_binning = false
+
+[[generation]]
+prompt = "pirate ship trapped in a cosmic maelstrom nebula"
+seed = 1152753
+count = 2
+
+[[generation]]
+prompt = "a small cactus with a happy face in the sahara desert"
+negative_prompt = "blurry"
+seed = 7
+width = 384
+height = 256
+guidance_scale = 5.0
+"""

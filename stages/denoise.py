@@ -57,7 +57,11 @@ def load_transformer(job: dict, device, strategy: str = "resident"):
     loader = None
     with contract.loading("denoise", path, "transformer"):
         if strategy == "offload" and device.type == "cpu":
-            transformer, loader = _streamed_transformer(Path(path) / "transformer", dtype, device)
+            # On the CPU under a memory budget: the small modules stay resident, and each block's
+            # weights are read from safetensors just before it runs and dropped after it.
+            from stages.weights import streamed_model
+
+            transformer, loader = streamed_model(PixArtTransformer2DModel, Path(path) / "transformer", "transformer_blocks", dtype, device)
         else:
             transformer = PixArtTransformer2DModel.from_pretrained(
                 path, subfolder="transformer", torch_dtype=dtype, use_safetensors=True
@@ -80,36 +84,6 @@ def load_transformer(job: dict, device, strategy: str = "resident"):
         )
     torch.set_grad_enabled(False)
     return transformer, lambda: scheduler_class.from_config(scheduler_config), loader
-
-
-def _streamed_transformer(folder: Path, dtype, device):
-    """On the CPU under a memory budget: the transformer's small modules stay resident, and each
-    block's weights are read from safetensors just before it runs and dropped after it."""
-    from accelerate import init_empty_weights
-    from diffusers import PixArtTransformer2DModel
-
-    from stages.weights import BlockLoader, WeightIndex, dtype_rule, stream_blocks
-
-    config = PixArtTransformer2DModel.load_config(folder)
-    with init_empty_weights():  # parameters on meta; buffers (the sin-cos pos_embed) computed for real
-        transformer = PixArtTransformer2DModel.from_config(config)
-    import logging
-
-    quiet = logging.getLogger("diffusers.models.modeling_utils")
-    level, _ = quiet.level, quiet.setLevel(logging.ERROR)  # `.to()` warns about an empty fp32 list
-    transformer = transformer.to(dtype).eval()  # from_pretrained casts buffers to the dtype too
-    quiet.setLevel(level)
-    index = WeightIndex(folder)
-    cast = dtype_rule(dtype, PixArtTransformer2DModel._keep_in_fp32_modules)
-    resident = index.read_keys([k for k in index.files if not k.startswith("transformer_blocks.")], cast)
-    missing, unexpected = transformer.load_state_dict(resident, assign=True, strict=False)
-    if unexpected or any(not k.startswith("transformer_blocks.") for k in missing):
-        raise contract.JobFileError(f"denoise: {folder} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    loader = BlockLoader(index, cast, device)
-    resident_bytes = sum(t.numel() * t.element_size() for t in resident.values())
-    blocks = [(f"transformer_blocks.{i}.", block) for i, block in enumerate(transformer.transformer_blocks)]
-    stream_blocks(blocks, loader, resident_bytes)
-    return transformer, loader
 
 
 def generate_latents(transformer, scheduler, embeds: list[dict], items: list[dict], height: int, width: int, scale: int, device, dtype):

@@ -132,3 +132,32 @@ def stream_blocks(blocks: list[tuple[str, object]], loader: BlockLoader, residen
     for i, (_, module) in enumerate(blocks):
         module.register_forward_pre_hook(before(i))
         module.register_forward_hook(after(i))
+
+
+def streamed_model(model_class, folder: Path, blocks_name: str, dtype, device):
+    """A diffusers model whose modules outside `blocks_name` (a ModuleList) are loaded as usual and
+    whose blocks are streamed by `stream_blocks`. Returns (model, its BlockLoader)."""
+    import logging
+
+    from accelerate import init_empty_weights
+
+    config = model_class.load_config(folder)
+    with init_empty_weights():  # parameters on meta; buffers (e.g. a sin-cos pos_embed) computed for real
+        model = model_class.from_config(config)
+    quiet = logging.getLogger("diffusers.models.modeling_utils")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # `.to()` warns about an empty fp32 list
+    model = model.to(dtype).eval()  # from_pretrained casts buffers to the dtype too
+    quiet.setLevel(level)
+    index = WeightIndex(folder)
+    cast = dtype_rule(dtype, model_class._keep_in_fp32_modules)
+    prefix = f"{blocks_name}."
+    resident = index.read_keys([k for k in index.files if not k.startswith(prefix)], cast)
+    missing, unexpected = model.load_state_dict(resident, assign=True, strict=False)
+    if unexpected or any(not k.startswith(prefix) for k in missing):
+        raise ValueError(f"{folder} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    loader = BlockLoader(index, cast, device)
+    resident_bytes = sum(t.numel() * t.element_size() for t in resident.values())
+    blocks = [(f"{prefix}{i}.", block) for i, block in enumerate(getattr(model, blocks_name))]
+    stream_blocks(blocks, loader, resident_bytes)
+    return model, loader
