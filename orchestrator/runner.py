@@ -100,16 +100,11 @@ def go_stage(process: subprocess.Popen, go: bool) -> None:
             process.wait()
 
 
-def run_stage(stage: str, job_dir: Path, force: bool, echo, process: subprocess.Popen | None = None) -> StageRun:
-    """Run one stage process to completion (or release one started with `wait`); raise
-    StageFailedError if it fails."""
+def run_stage(stage: str, job_dir: Path, force: bool, echo) -> StageRun:
+    """Run one stage process to completion; raise StageFailedError if it fails."""
     echo(f"> {_shown(stage_command(stage, job_dir, force))}")
     clock = Clock()
-    if process is None:
-        process = start_stage(stage, job_dir, force)
-    else:
-        go_stage(process, True)
-    return finish_stage(stage, job_dir, process, clock)
+    return finish_stage(stage, job_dir, start_stage(stage, job_dir, force), clock)
 
 
 def _interrupt(process: subprocess.Popen) -> None:
