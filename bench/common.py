@@ -163,3 +163,13 @@ def copy_tree_logs(job_dir: Path, log) -> None:
 
 def remove(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def write_job(path: Path, model: Path, items: list[dict], name: str, written_by: str) -> None:
+    """A job file with one [[generation]] per item (each item's keys as TOML values)."""
+    lines = [f"# Written by {written_by}", "[job]", f'name = "{name}"', f'model = "{model}"', ""]
+    for item in items:
+        lines.append("[[generation]]")
+        lines += [f"{k} = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}" for k, v in item.items()]
+        lines.append("")
+    path.write_text("\n".join(lines))

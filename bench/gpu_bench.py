@@ -71,12 +71,7 @@ def job_items(settings: dict) -> list[dict]:
 
 
 def write_job(path: Path, model: Path, items: list[dict]) -> None:
-    lines = ["# Written by bench/gpu_bench.py", "[job]", 'name = "bench"', f'model = "{model}"', ""]
-    for item in items:
-        lines.append("[[generation]]")
-        lines += [f"{k} = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}" for k, v in item.items()]
-        lines.append("")
-    path.write_text("\n".join(lines))
+    common.write_job(path, model, items, "bench", "bench/gpu_bench.py")
 
 
 # ---------------------------------------------------------------------------------------------

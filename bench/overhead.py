@@ -62,12 +62,7 @@ def job_items(size: int, steps: int) -> list[dict]:
 
 
 def write_job(path: Path, model: Path, items: list[dict]) -> None:
-    lines = ["# Written by bench/overhead.py", "[job]", 'name = "overhead"', f'model = "{model}"', ""]
-    for item in items:
-        lines.append("[[generation]]")
-        lines += [f"{k} = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}" for k, v in item.items()]
-        lines.append("")
-    path.write_text("\n".join(lines))
+    common.write_job(path, model, items, "overhead", "bench/overhead.py")
 
 
 def cpu_seconds_of_children() -> float:
