@@ -24,20 +24,29 @@ def plan_job(job_dir: Path, job: dict) -> dict[str, list[UnitState]]:
     """Every unit of every stage with its predicted state and reason."""
     units = plan_units(job)
     pending: set[tuple[str, str]] = set()
-    states: dict[str, list[UnitState]] = {}
-    for stage in STAGES:
-        states[stage] = []
-        for unit in units[stage]:
-            has_record = read_record(unit.record_path(job_dir))[0] is not None
-            waiting = [f"{up} reruns" for up, key in unit.inputs if (up, key) in pending]
-            if waiting:
-                ok, why = False, ", ".join(waiting)
-            else:
-                ok, why = unit_status(job_dir, unit)
-            if not ok:
-                pending.add((stage, unit.key))
-            state = "done" if ok else ("stale" if has_record else "to do")
-            states[stage].append(UnitState(unit, state, why))
+    return {stage: _states(job_dir, units[stage], pending) for stage in STAGES}
+
+
+def plan_stage(job_dir: Path, job: dict, stage: str) -> list[UnitState]:
+    """One stage's units against the upstream records as they are now (the upstream stages have
+    run), without re-checking the other stages' outputs."""
+    return _states(job_dir, plan_units(job)[stage], set())
+
+
+def _states(job_dir: Path, units: list, pending: set) -> list[UnitState]:
+    """States of one stage's units; a unit fed by a `pending` (stage, key) is stale because of it.
+    Adds this stage's units that are not done to `pending`."""
+    states = []
+    for unit in units:
+        has_record = read_record(unit.record_path(job_dir))[0] is not None
+        waiting = [f"{up} reruns" for up, key in unit.inputs if (up, key) in pending]
+        if waiting:
+            ok, why = False, ", ".join(waiting)
+        else:
+            ok, why = unit_status(job_dir, unit)
+        if not ok:
+            pending.add((unit.stage, unit.key))
+        states.append(UnitState(unit, "done" if ok else ("stale" if has_record else "to do"), why))
     return states
 
 

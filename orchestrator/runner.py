@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import stages
-from orchestrator.plan import describe_stage, plan_job
+from orchestrator.plan import describe_stage, plan_stage
 from stages.contract import (
     EXIT_INTERRUPTED,
     EXIT_RESOURCE_ERROR,
@@ -163,7 +163,7 @@ def _run_stages(job_dir: Path, resolved: dict, echo, force: tuple[str, ...], lau
         publish_json(job_dir / RESOLVED_JOB, resolved)
         job = read_job(job_dir)
         for stage in STAGES:
-            states = plan_job(job_dir, job)[stage]  # re-planned after each stage: real upstream records
+            states = plan_stage(job_dir, job, stage)  # after the stages before it: their real records
             forced = stage in force
             if forced:
                 echo(f"{stage}: forced, remaking all {len(states)}")

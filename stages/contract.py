@@ -395,6 +395,18 @@ def versions() -> dict:
     return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
 
 
+def record_context(job: dict, stage: str, device) -> dict:
+    """The fields every record of a stage shares: model (with this stage's config hash),
+    library versions, device and dtype. Compute once per stage run."""
+    model = job["model"]
+    return {
+        "model": {"given": model["given"], "path": model["path"], "config_hash": model["component_hashes"][stage]},
+        "versions": versions(),
+        "device": str(device),
+        "dtype": job["dtype"],
+    }
+
+
 def setup_logging(job_dir: Path, stage: str) -> logging.Logger:
     """Log to stderr and to `<stage>/stage.log` (appended, so earlier attempts stay readable)."""
     stage_dir = Path(job_dir) / stage

@@ -96,6 +96,7 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
         vae = load_vae(job, device, tile_size)
     log.info("decode: %d items, %s", len(todo), f"tiled, {tile_size} px tiles" if tile_size else "untiled")
     load_seconds = clock.seconds()
+    context = contract.record_context(job, "decode", device)
     for n, unit in enumerate(todo, 1):
         started = contract.Clock()
         in_path, in_hash, denoise_record = inputs[unit.key]
@@ -114,10 +115,7 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
             "outputs": {out.name: contract.output_entry(out, (image.height, image.width, 3), "uint8")},
             "tiled": bool(tile_size),
             "strategy": {"strategy": "tiled" if tile_size else "full", "tile_size": tile_size},
-            "model": {"given": job["model"]["given"], "path": job["model"]["path"], "config_hash": job["model"]["component_hashes"]["decode"]},
-            "versions": contract.versions(),
-            "device": str(device),
-            "dtype": job["dtype"],
+            **context,
             "seconds": started.seconds(),
             "peak": contract.peak_memory(device),
         })

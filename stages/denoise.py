@@ -199,6 +199,7 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
     with contract.oom_guard(job, *todo):  # loading can run out of memory too
         transformer, new_scheduler, loader = load_transformer(job, device, strategy)
     load_seconds = clock.seconds()
+    context = contract.record_context(job, "denoise", device)
     log.info("denoise: %d items, strategy %s, batch size %d", len(todo), strategy, batch_size)
     show_bar = sys.stderr.isatty()
     done = 0
@@ -242,10 +243,7 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
                 "vae_scale_factor": scale,
                 "seed": item["seed"],
                 "strategy": {"strategy": strategy, "batch_size": batch_size, "batched_with": len(group)},
-                "model": {"given": job["model"]["given"], "path": job["model"]["path"], "config_hash": job["model"]["component_hashes"]["denoise"]},
-                "versions": contract.versions(),
-                "device": str(device),
-                "dtype": job["dtype"],
+                **context,
                 "seconds": round(started.seconds() / len(group), 3),
                 "peak": contract.peak_memory(device),
             })

@@ -129,6 +129,7 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
     with contract.oom_guard(job, *todo):  # loading can run out of memory too
         pipe, stream_state = (load_text_encoder(job, device), None) if strategy == "resident" else (None, {})
     load_seconds = clock.seconds()
+    context = contract.record_context(job, "encode", device)
     cache: dict[str, tuple] = {}  # text -> (embeds, mask); a text shared by many items is encoded once
     pending = list(dict.fromkeys(t for unit in todo for t in _texts(unit)))  # unique texts, job order
     log.info("encode: %d texts for %d artifacts, strategy %s%s", len(pending), len(todo), strategy,
@@ -164,10 +165,7 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
             "outputs": {out.name: contract.output_entry(out)},
             "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in tensors.items()},
             "strategy": {"strategy": strategy, "batch_size": batch_size},
-            "model": {"given": job["model"]["given"], "path": job["model"]["path"], "config_hash": job["model"]["component_hashes"]["encode"]},
-            "versions": contract.versions(),
-            "device": str(device),
-            "dtype": job["dtype"],
+            **context,
             "seconds": started.seconds(),
             "peak": contract.peak_memory(device),
         })
