@@ -169,9 +169,9 @@ def _stage_child(stage: str, job_dir: str, fault) -> None:
 class Harness:
     """The reference run, per-stage starting points, the fork server and calibrated durations."""
 
-    def __init__(self, root: Path, model: Path) -> None:
+    def __init__(self, root: Path, model: Path, job: str = FAULT_JOB) -> None:
         self.root = root
-        self.job_file = write_job(root, FAULT_JOB.format(model=model))
+        self.job_file = write_job(root, job.format(model=model))
         self.reference_dir, _, _ = run_inprocess(self.job_file, root / "reference")
         self.reference = artifact_bytes(self.reference_dir)
         self.records = sorted(p.relative_to(self.reference_dir).as_posix()
@@ -328,11 +328,15 @@ def test_kill9_of_a_real_stage_process(harness, tmp_path):
     print(f"fault trial denoise real-process: {check_recovery(harness, job_dir, 'denoise')}")
 
 
-def test_ctrl_c_stops_orchestrate_run_cleanly_and_a_second_run_is_refused(harness, tmp_path):
+def test_ctrl_c_stops_orchestrate_run_cleanly_and_a_second_run_is_refused(tiny_model, tmp_path):
     """Guards point 1 (Ctrl-C) and point 4 (concurrent runs) on a real `orchestrate run`:
     while it runs, a second run on the same job is refused naming its pid; Ctrl-C (SIGINT to the
     process group, as a terminal sends it) then stops the running stage, exit 130 with how to
     resume, no traceback and no temp file; a rerun finishes without redoing finished items."""
+    # Denoise takes seconds here (60 steps), so the Ctrl-C surely lands while it works: with the
+    # 3-step job it finished in ~0.1 s, and the signal sometimes hit decode instead.
+    (tmp_path / "slow").mkdir()
+    harness = Harness(tmp_path / "slow", tiny_model, FAULT_JOB.replace("num_inference_steps = 3", "num_inference_steps = 60"))
     workdir = tmp_path / "work"
     job_dir = workdir / JOB_NAME
     out, err = tmp_path / "out.txt", tmp_path / "err.txt"
