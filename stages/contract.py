@@ -465,6 +465,34 @@ def oom_guard(job: dict, *units: Unit):
         ) from exc
 
 
+# Unary float ops that ATen hands to oneMKL's vector math library (VML) for contiguous float32 and
+# float64 tensors on x86 (aten/src/ATen/cpu/vml.h, `IMPLEMENT_VML_MKL`), plus cosh/sinh/erfinv,
+# which some torch versions route there too. Calling one that is not routed to VML costs nothing.
+VML_OPS = ("abs", "acos", "asin", "atan", "cos", "cosh", "erf", "erfc", "erfinv", "exp", "expm1", "log", "log10",
+           "log1p", "log2", "sin", "sinh", "sqrt", "tan", "tanh", "trunc")
+
+
+def warm_up_math_kernels() -> None:
+    """Resolve oneMKL's VML kernel dispatch for every VML op, in this thread, before any model work.
+
+    oneMKL 2024.2 (statically linked into torch 2.x x86 wheels) picks each VML function's kernel
+    lazily on its first call. When that first call runs on several intra-op threads at once, one
+    thread's chunk can be computed by the low-accuracy kernel although ATen asks for VML_HA
+    (pytorch/pytorch#188792; fixed upstream by the same warm-up, pytorch/pytorch#188791). The first
+    sizable VML call of a PixArt stage is the transformer's sin-cos position table, computed once
+    at construction (float64 sin/cos over 4096 x dim/4 values) and kept as a buffer, so about one
+    fresh denoise process in ten ran with a slightly different table and gave different latents for
+    every item. A 1-element call never goes parallel (ATen's grain is 2048), so after this every
+    later call, threaded or not, uses the dispatch MKL resolves here. Outputs of later calls are
+    bitwise what an unaffected process computes; it takes about a millisecond."""
+    import torch
+
+    for dtype in (torch.float32, torch.float64):
+        x = torch.full((1,), 0.5, dtype=dtype)
+        for name in VML_OPS:
+            getattr(torch, name)(x)
+
+
 def torch_dtype(name: str):
     import torch
 
@@ -570,6 +598,7 @@ def wait_for_go(imports: tuple[str, ...]) -> bool:
     try:
         for name in imports:
             importlib.import_module(name)
+        warm_up_math_kernels()  # while we wait anyway; see its docstring
         return sys.stdin.readline().strip() == "go"
     except KeyboardInterrupt:
         return False
@@ -603,6 +632,7 @@ def stage_main(stage: str, make_units, argv: list[str] | None = None, imports: t
             todo, fresh = select_units(job_dir, job, stage, args.force, log)
             summary = {"stage": stage, "units_done": 0, "units_up_to_date": fresh}
             if todo:
+                warm_up_math_kernels()  # before any model is built: the same bits in every fresh process
                 summary.update(make_units(job, job_dir, todo, log) or {})
                 summary["units_done"] = len(todo)
             else:

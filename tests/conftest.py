@@ -33,6 +33,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _warm_math_kernels():
+    """The reference pipelines computed in this process get the stages' VML warm-up too
+    (stages/contract.py warm_up_math_kernels), so a reference is never the odd one out."""
+    from stages.contract import warm_up_math_kernels
+
+    warm_up_math_kernels()
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A complete tiny diffusers folder with random weights (see orchestrator/tiny.py)."""
