@@ -130,17 +130,33 @@ def stage(
     max_vram: str = MAX_VRAM,
     max_ram: str = MAX_RAM,
     no_tiling: bool = NO_TILING,
+    units: str = typer.Option(None, "--units", help="Only these units, comma-separated (item ids; encode also takes its keys)."),
 ) -> None:
-    """Rerun one stage for every item (forced), for debugging; later stages go stale.
+    """Rerun one stage for every item (forced), or only for --units, for debugging; later stages go stale.
 
-    Example: orchestrate stage denoise job.toml
+    Example: orchestrate stage denoise job.toml --units 0003-a-red-apple
     """
     if name not in STAGES:
         raise JobFileError(f"stage {name!r} does not exist; use one of {', '.join(STAGES)}")
     job_dir, resolved = _prepare(job_file, workdir, device, (max_vram, max_ram, not no_tiling))
     states = plan_job(job_dir, resolved)
+    wanted = [u.strip() for u in units.split(",") if u.strip()] if units is not None else None
+    if wanted is not None:
+        from stages.contract import pick_units
+
+        if not wanted:
+            raise JobFileError("--units is empty; give unit keys separated by commas, e.g. --units 0003-a-red-apple")
+        chosen = pick_units([s.unit for s in states[name]], name, wanted)
+        units_by_key = {(st, u.unit.key): u.unit for st in STAGES for u in states[st]}
+        needed, frontier = set(), [inp for unit in chosen for inp in unit.inputs]
+        while frontier:  # every upstream unit the chosen ones depend on, transitively
+            key = frontier.pop()
+            if key not in needed:
+                needed.add(key)
+                frontier.extend(units_by_key[key].inputs)
     upstream = STAGES[: STAGES.index(name)]
-    missing = [f"{s} {u.unit.key}" for s in upstream for u in states[s] if u.state != "done"]
+    missing = [f"{s} {u.unit.key}" for s in upstream for u in states[s]
+               if u.state != "done" and (wanted is None or (s, u.unit.key) in needed)]
     if missing:
         raise ArtifactError(f"{name}: {missing[0]} is not up to date ({len(missing)} upstream units); run `orchestrate run {job_file}` first")
     from orchestrator.runner import run_stage
@@ -148,7 +164,7 @@ def stage(
 
     with exclusive_lock(job_dir / "run.lock", f"job {job_dir.name}"):
         publish_json(job_dir / RESOLVED_JOB, resolved)
-        result = run_stage(name, job_dir, True, echo)
+        result = run_stage(name, job_dir, True, echo, [u.key for u in chosen] if wanted is not None else None)
     echo(summary_table([result]))
 
 

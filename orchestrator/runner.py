@@ -50,8 +50,10 @@ class StageRun:
     summary: dict
 
 
-def stage_command(stage: str, job_dir: Path, force: bool = False) -> list[str]:
-    return [sys.executable, "-m", f"stages.{stage}", str(job_dir)] + (["--force"] if force else [])
+def stage_command(stage: str, job_dir: Path, force: bool = False, units: list[str] | None = None) -> list[str]:
+    """`python -m stages.<stage> <job_dir> [--force] [--units KEY,...]`."""
+    command = [sys.executable, "-m", f"stages.{stage}", str(job_dir)] + (["--force"] if force else [])
+    return command + (["--units", ",".join(units)] if units else [])
 
 
 def _shown(command: list[str]) -> str:
@@ -75,10 +77,10 @@ def _last_error(job_dir: Path, stage: str) -> str:
     return ""
 
 
-def start_stage(stage: str, job_dir: Path, force: bool, wait: bool = False) -> subprocess.Popen:
+def start_stage(stage: str, job_dir: Path, force: bool, wait: bool = False, units: list[str] | None = None) -> subprocess.Popen:
     """Start a stage process; with `wait` it only imports its libraries until `go_stage`."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])))
-    command = stage_command(stage, job_dir, force) + (["--wait"] if wait else [])
+    command = stage_command(stage, job_dir, force, units) + (["--wait"] if wait else [])
     # A waiting process gets its own session, so a Ctrl-C in the terminal (sent to our process group)
     # cannot hit it mid-import; the orchestrator dismisses it or forwards the SIGINT once it runs.
     return subprocess.Popen(command, env=env, stdin=subprocess.PIPE if wait else None, text=True, start_new_session=wait)
@@ -100,11 +102,11 @@ def go_stage(process: subprocess.Popen, go: bool) -> None:
             process.wait()
 
 
-def run_stage(stage: str, job_dir: Path, force: bool, echo) -> StageRun:
+def run_stage(stage: str, job_dir: Path, force: bool, echo, units: list[str] | None = None) -> StageRun:
     """Run one stage process to completion; raise StageFailedError if it fails."""
-    echo(f"> {_shown(stage_command(stage, job_dir, force))}")
+    echo(f"> {_shown(stage_command(stage, job_dir, force, units))}")
     clock = Clock()
-    return finish_stage(stage, job_dir, start_stage(stage, job_dir, force), clock)
+    return finish_stage(stage, job_dir, start_stage(stage, job_dir, force, units=units), clock)
 
 
 def _interrupt(process: subprocess.Popen) -> None:

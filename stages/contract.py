@@ -575,9 +575,31 @@ class Clock:
 # The shared entry point: argument parsing, locking, unit selection, error reporting
 
 
-def select_units(job_dir: Path, job: dict, stage: str, force: bool, log: logging.Logger) -> tuple[list[Unit], int]:
-    """The units of `stage` to make now (all when forced), and how many were up to date."""
-    units = plan_units(job)[stage]
+def pick_units(units: list[Unit], stage: str, wanted: list[str] | None) -> list[Unit]:
+    """The units named in `wanted` (`--units`), in job order; all when None. A name is a unit key,
+    or for encode (keyed by text) also the id of an item it serves. Unknown names: JobFileError."""
+    if wanted is None:
+        return units
+    by_name = {unit.key: unit for unit in units}
+    for unit in units:
+        for item in unit.items:
+            by_name.setdefault(item, unit)
+    unknown = [name for name in wanted if name not in by_name]
+    if unknown:
+        example = ", ".join(unit.key for unit in units[:2])
+        raise JobFileError(
+            f"{stage}: --units names {len(unknown)} unknown unit{'s' if len(unknown) > 1 else ''} ({', '.join(unknown[:3])}"
+            f"{' ...' if len(unknown) > 3 else ''}); use keys from `orchestrate status`, e.g. {example}"
+        )
+    chosen = {by_name[name].key for name in wanted}
+    return [unit for unit in units if unit.key in chosen]
+
+
+def select_units(job_dir: Path, job: dict, stage: str, force: bool, log: logging.Logger,
+                 wanted: list[str] | None = None) -> tuple[list[Unit], int]:
+    """The units of `stage` to make now (all when forced), and how many were up to date; with
+    `wanted` (`--units`), only among those."""
+    units = pick_units(plan_units(job)[stage], stage, wanted)
     todo = []
     for unit in units:
         ok, why = (False, "forced") if force else unit_status(job_dir, unit)
@@ -604,6 +626,15 @@ def wait_for_go(imports: tuple[str, ...]) -> bool:
         return False
 
 
+def _unit_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        import argparse
+
+        raise argparse.ArgumentTypeError("give at least one unit key, e.g. --units 0003-a-red-apple")
+    return names
+
+
 def stage_main(stage: str, make_units, argv: list[str] | None = None, imports: tuple[str, ...] = ()) -> int:
     """Run one stage process: `make_units(job, job_dir, todo, log)` loads the model and makes the
     units, publishing each artifact and then its record; this wrapper does everything else.
@@ -613,6 +644,8 @@ def stage_main(stage: str, make_units, argv: list[str] | None = None, imports: t
     parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=f"Run the {stage} stage of a resolved job.")
     parser.add_argument("job_dir", type=Path, help="the job's folder, e.g. workdir/beach")
     parser.add_argument("--force", action="store_true", help="remake every unit, even those up to date")
+    parser.add_argument("--units", type=_unit_list, default=None, metavar="KEY,KEY,...",
+                        help="make only these units (item ids; encode also takes its own keys), e.g. 0003-a-red-apple")
     parser.add_argument("--wait", action="store_true", help="import libraries, then wait for a line `go` on stdin "
                         "before reading or writing anything (used by orchestrate to overlap start-up with the previous stage)")
     args = parser.parse_args(argv)
@@ -629,7 +662,7 @@ def stage_main(stage: str, make_units, argv: list[str] | None = None, imports: t
         with exclusive_lock(job_dir / stage / ".lock", f"stage {stage} of {job_dir.name}"):
             for tmp in remove_temp_files(job_dir / stage):
                 log.info("%s: removed half-written %s", stage, tmp.name)
-            todo, fresh = select_units(job_dir, job, stage, args.force, log)
+            todo, fresh = select_units(job_dir, job, stage, args.force, log, args.units)
             summary = {"stage": stage, "units_done": 0, "units_up_to_date": fresh}
             if todo:
                 warm_up_math_kernels()  # before any model is built: the same bits in every fresh process
