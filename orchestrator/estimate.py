@@ -63,8 +63,8 @@ CUBLAS_WORKSPACE_BYTES = 32 * MIB
 # leaner algorithm; this is what we leave for it, not its maximum.
 CUDNN_WORKSPACE_BYTES = 64 * MIB
 # oneDNN (CPU convolutions) reorders inputs, weights and outputs into layouts with channels padded
-# to blocks of 16 (8 on AVX2 machines; 16 is the upper bound) while a convolution runs.
-ONEDNN_CHANNEL_BLOCK = 16
+# to blocks of 16 on AVX-512 machines and of 8 on AVX2 machines while a convolution runs (see
+# onednn_channel_block).
 # Blocks of a streamed (encode) or offloaded (denoise) model held at once: the current one and the
 # next, read ahead while the current one computes. On the CPU the read-ahead sits in the same
 # memory; on CUDA the encode stage reads ahead into host memory (stages/weights.py BlockLoader), so
@@ -149,21 +149,37 @@ def _make_live_bytes():
     return LiveBytes
 
 
+@functools.lru_cache(maxsize=1)
+def onednn_channel_block() -> int:
+    """16 where oneDNN runs AVX-512 kernels, else 8. oneDNN picks its ISA itself, capped by
+    ONEDNN_MAX_CPU_ISA; PyTorch's CPU capability tells what the machine offers."""
+    import os
+
+    import torch
+
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    if cap and not cap.upper().startswith(("AVX512", "AVX10", "ALL")):
+        return 8
+    return 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
+
+
 def _onednn_scratch(x, weight, out) -> int:
     """Most bytes a CPU convolution holds at once besides what was live before it, as oneDNN runs
-    it on AVX-512 (measured with torch.profiler for 1-64 channels): the input reordered (not for a
+    it (measured with torch.profiler for 1-64 channels, on AVX-512 and on AVX2): the input reordered (not for a
     kxk kernel over fewer than 16 channels, which reads the plain layout), the weight reordered and
     the output in the blocked layout; then the blocked and the plain output. Channels are padded
-    to ONEDNN_CHANNEL_BLOCK. A 1x1 kernel over fewer than 8 channels runs as a plain GEMM."""
+    to onednn_channel_block(). A 1x1 kernel over fewer than 8 channels runs as a plain GEMM."""
+    block = onednn_channel_block()
+
     def padded(c: int) -> int:
-        return _rounded(c, ONEDNN_CHANNEL_BLOCK)
+        return _rounded(c, block)
 
     size = x.element_size()
     c_in, c_out, kernel = x.shape[1], out.shape[1], weight.numel() // (weight.shape[0] * weight.shape[1])
     out_bytes = out.numel() * size
     if kernel == 1 and c_in < 8:
         return out_bytes
-    x_bytes = 0 if kernel > 1 and c_in < ONEDNN_CHANNEL_BLOCK else x.numel() // c_in * padded(c_in) * size
+    x_bytes = 0 if kernel > 1 and c_in < block else x.numel() // c_in * padded(c_in) * size
     w_bytes = kernel * padded(c_out) * padded(c_in) * size
     blocked = out_bytes // c_out * padded(c_out)
     return max(x_bytes + w_bytes + blocked, blocked + out_bytes)

@@ -343,8 +343,9 @@ def test_out_of_memory_through_orchestrate_run_exits_3_and_the_rerun_resumes(ref
     `orchestrate run` exit 3 with one line naming stage, item, budget and hint; a rerun resumes."""
     job_dir = reference.copy(tmp_path / "work", drop=("denoise", "decode"))
     real_command = runner.stage_command
-    monkeypatch.setattr(runner, "stage_command", lambda stage, job_dir, force=False: (
-        [sys.executable, "-c", OOM_DENOISE, str(job_dir)] if stage == "denoise" else real_command(stage, job_dir, force)))
+    monkeypatch.setattr(runner, "stage_command", lambda stage, job_dir, force=False, units=None: (
+        [sys.executable, "-c", OOM_DENOISE, str(job_dir)] + (["--units", ",".join(units)] if units else [])
+        if stage == "denoise" else real_command(stage, job_dir, force, units)))
     result = CliRunner().invoke(app, ["run", str(reference.job_file), "--workdir", str(tmp_path / "work"), "--device", "cpu"])
     assert result.exit_code == EXIT_RESOURCE_ERROR, result.output
     (line,) = result.stderr.strip().splitlines()
