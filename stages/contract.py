@@ -437,11 +437,39 @@ def loading(stage: str, model_path: str, part: str):
         ) from exc
 
 
+# What a library says when it could not get memory, besides torch.OutOfMemoryError: cuBLAS and
+# cuDNN fail their own allocations with these statuses (a RuntimeError from torch), MPS and ROCm
+# say "out of memory".
+OUT_OF_MEMORY_SAYINGS = ("out of memory", "cublas_status_alloc_failed", "cudnn_status_alloc_failed",
+                         "cudnn_status_not_enough_workspace", "hipblas_status_alloc_failed")
+
+
 def _is_out_of_memory(exc: BaseException) -> bool:
-    """torch.OutOfMemoryError (CUDA), MemoryError (host), or a backend's RuntimeError saying so (MPS, ROCm)."""
+    """torch.OutOfMemoryError (CUDA), MemoryError (host), or a RuntimeError from cuBLAS, cuDNN or a
+    backend saying it could not allocate."""
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
         return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(say in str(exc).lower() for say in OUT_OF_MEMORY_SAYINGS)
+
+
+def open_device(job: dict):
+    """The stage's torch.device. On CUDA: make it the current device (so that a stage on cuda:1
+    creates no context on GPU 0 and group offloading's side stream is on the right card), and cap
+    this process at the job's memory budget, so that going over it is an out-of-memory error the
+    stage reports (exit 3, finished items kept) rather than memory taken from the card silently."""
+    import torch
+
+    device = torch.device(job["device"])
+    if device.type != "cuda":
+        return device
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    torch.cuda.set_device(device)
+    budget = (job.get("runtime") or {}).get("budget_bytes")
+    if budget:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
+    return device
 
 
 @contextlib.contextmanager

@@ -71,7 +71,7 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
     from diffusers.image_processor import PixArtImageProcessor  # noqa: F401
     from safetensors.torch import load_file
 
-    device = torch.device(job["device"])
+    device = contract.open_device(job)
     dtype = contract.torch_dtype(job["dtype"])
     inputs = {}
     for unit in todo:

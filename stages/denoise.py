@@ -69,10 +69,17 @@ def load_transformer(job: dict, device, strategy: str = "resident"):
             if strategy == "offload":
                 # diffusers' group offloading: weights wait in host memory, one block at a time is
                 # on the GPU, and the next block is copied on a side stream while this one computes.
-                transformer.enable_group_offload(
-                    onload_device=device, offload_device=torch.device("cpu"), offload_type="block_level",
-                    num_blocks_per_group=1, use_stream=device.type == "cuda",
-                )
+                try:
+                    transformer.enable_group_offload(
+                        onload_device=device, offload_device=torch.device("cpu"), offload_type="block_level",
+                        num_blocks_per_group=1, use_stream=device.type == "cuda",
+                    )
+                except (ValueError, TypeError, AttributeError, NotImplementedError) as exc:
+                    raise contract.ResourceError(
+                        f"denoise: diffusers group offloading failed ({str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__}); "
+                        f"it needs diffusers >= 0.33 (installed {diffusers.__version__}): upgrade diffusers, or raise --max-vram so "
+                        f"the transformer stays resident"
+                    ) from exc
             else:
                 transformer.to(device)
     scheduler_config = json.loads((Path(path) / "scheduler" / "scheduler_config.json").read_text())
@@ -179,7 +186,7 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
     from diffusers import PixArtTransformer2DModel  # noqa: F401  imported before the memory baseline
     from safetensors.torch import save_file
 
-    device = torch.device(job["device"])
+    device = contract.open_device(job)
     dtype = contract.torch_dtype(job["dtype"])
     plan = job.get("runtime", {}).get("stages", {}).get("denoise", {})
     strategy, batch_size = plan.get("strategy", "resident"), max(1, plan.get("batch_size") or 1)

@@ -120,7 +120,7 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
     from transformers import T5EncoderModel, T5Tokenizer  # noqa: F401
     from safetensors.torch import save_file
 
-    device = torch.device(job["device"])
+    device = contract.open_device(job)
     plan = job.get("runtime", {}).get("stages", {}).get("encode", {})
     strategy, batch_size = plan.get("strategy", "resident"), max(1, plan.get("batch_size") or 1)
     clock = contract.Clock()
