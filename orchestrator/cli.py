@@ -25,6 +25,7 @@ DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (auto
 MAX_VRAM = typer.Option(None, "--max-vram", help="Device memory budget, e.g. 2GiB (CUDA default: free memory minus a margin).")
 MAX_RAM = typer.Option(None, "--max-ram", help="Host memory budget, e.g. 8GiB; on --device cpu it is the budget.")
 NO_TILING = typer.Option(False, "--no-tiling", help="Fail instead of tiling a decode that fits only tiled.")
+EXACT = typer.Option(False, "--exact", help="Plan for parity with the diffusers pipeline: denoise batch 1 (decode is untiled whenever it fits).")
 
 
 def echo(message: str) -> None:
@@ -71,7 +72,7 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def _prepare(job_file: Path, workdir: Path, device: str, memory: tuple = (None, None, True)) -> tuple[Path, dict]:
+def _prepare(job_file: Path, workdir: Path, device: str, memory: tuple = (None, None, True, False)) -> tuple[Path, dict]:
     """The job dir and resolved job; `memory` (--max-vram, --max-ram, tiling allowed) plans its runtime section."""
     job = jobfile.load_job(job_file)
     job_dir = jobfile.job_dir_for(job, workdir)
@@ -82,7 +83,7 @@ def _prepare(job_file: Path, workdir: Path, device: str, memory: tuple = (None, 
     return job_dir, resolved
 
 
-def _run(job_file: Path, workdir: Path, device: str, force: tuple[str, ...], memory: tuple = (None, None, True)) -> None:
+def _run(job_file: Path, workdir: Path, device: str, force: tuple[str, ...], memory: tuple = (None, None, True, False)) -> None:
     job_dir, resolved = _prepare(job_file, workdir, device, memory)
     echo(f"job {resolved['name']}: {len(resolved['items'])} images, model {resolved['model']['given']}, "
          f"{resolved['dtype']} on {resolved['device']}, folder {os.path.relpath(job_dir)}")
@@ -109,6 +110,7 @@ def run(
     max_vram: str = MAX_VRAM,
     max_ram: str = MAX_RAM,
     no_tiling: bool = NO_TILING,
+    exact: bool = EXACT,
 ) -> None:
     """Run the job's stale stages in order; resumes an interrupted run.
 
@@ -117,7 +119,7 @@ def run(
     for stage in force:
         if stage not in STAGES:
             raise JobFileError(f"--force {stage!r} is not a stage; use one of {', '.join(STAGES)}")
-    _run(job_file, workdir, device, tuple(force), (max_vram, max_ram, not no_tiling))
+    _run(job_file, workdir, device, tuple(force), (max_vram, max_ram, not no_tiling, exact))
 
 
 @app.command()
@@ -130,6 +132,7 @@ def stage(
     max_vram: str = MAX_VRAM,
     max_ram: str = MAX_RAM,
     no_tiling: bool = NO_TILING,
+    exact: bool = EXACT,
     units: str = typer.Option(None, "--units", help="Only these units, comma-separated (item ids; encode also takes its keys)."),
 ) -> None:
     """Rerun one stage for every item (forced), or only for --units, for debugging; later stages go stale.
@@ -138,7 +141,7 @@ def stage(
     """
     if name not in STAGES:
         raise JobFileError(f"stage {name!r} does not exist; use one of {', '.join(STAGES)}")
-    job_dir, resolved = _prepare(job_file, workdir, device, (max_vram, max_ram, not no_tiling))
+    job_dir, resolved = _prepare(job_file, workdir, device, (max_vram, max_ram, not no_tiling, exact))
     states = plan_job(job_dir, resolved)
     wanted = [u.strip() for u in units.split(",") if u.strip()] if units is not None else None
     if wanted is not None:
@@ -177,13 +180,14 @@ def status(
     max_vram: str = MAX_VRAM,
     max_ram: str = MAX_RAM,
     no_tiling: bool = NO_TILING,
+    exact: bool = EXACT,
 ) -> None:
     """Per stage and item: done, to do, or stale and why. Runs nothing. Give the memory flags of
     `run`: the decode strategy they plan (tiled or not) is part of decode's params.
 
     Example: orchestrate status job.toml
     """
-    job_dir, resolved = _prepare(job_file, workdir, device, (max_vram, max_ram, not no_tiling))
+    job_dir, resolved = _prepare(job_file, workdir, device, (max_vram, max_ram, not no_tiling, exact))
     states = plan_job(job_dir, resolved)
     for name in STAGES:
         for line in describe_stage(name, states[name], limit=10_000):
@@ -199,6 +203,7 @@ def plan_memory(
     max_vram: str = MAX_VRAM,
     max_ram: str = MAX_RAM,
     no_tiling: bool = NO_TILING,
+    exact: bool = EXACT,
     json_output: bool = typer.Option(False, "--json", help="Print the plan as JSON instead of a table."),
 ) -> None:
     """Per stage: the strategy, batch size and estimated peak memory under the budget, from the
@@ -216,7 +221,7 @@ def plan_memory(
     target = device if max_vram is not None and re.fullmatch(r"cuda(:\d+)?", device) else resolve_device(device)
     resolved = jobfile.resolve_job(job, jobfile.job_dir_for(job, workdir), target, require_weights=False)
     budget_bytes, host_budget_bytes = memory.budgets(resolved["device"], max_vram, max_ram)
-    chosen = memory.choose_for_job(resolved, budget_bytes, not no_tiling)
+    chosen = memory.choose_for_job(resolved, budget_bytes, not no_tiling, exact)
     failed = any(isinstance(c, memory.NoFit) for c in chosen.values())
     if json_output and not failed:
         echo(json.dumps(memory.plan_json(chosen, resolved["device"], budget_bytes, host_budget_bytes), indent=2))

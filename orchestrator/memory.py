@@ -105,9 +105,10 @@ def _latent_size(item: dict, sample_size: int) -> tuple[int, int]:
 
 
 def choose_strategies(model_path: Path, dtype: str, device_type: str, items: list[dict], max_sequence_length: int,
-                      budget_bytes: int | None, allow_tiling: bool = True) -> dict:
+                      budget_bytes: int | None, allow_tiling: bool = True, exact: bool = False) -> dict:
     """Per stage the fastest Estimate that fits the budget, or a NoFit: resident before stream or
-    offload, untiled before tiled 512 before tiled 256, then the largest batch that fits."""
+    offload, untiled before tiled 512 before tiled 256, then the largest batch that fits. `exact`
+    (--exact) keeps denoise at batch 1, as the pipeline computes each image, for parity checks."""
     device_type = device_type.partition(":")[0]
     model = ModelConfigs.read(Path(model_path))
     sample_size = json.loads(model.denoise)["sample_size"]
@@ -137,7 +138,7 @@ def choose_strategies(model_path: Path, dtype: str, device_type: str, items: lis
         encode.append(estimate_encode(model, dtype, device_type, strategy, low, max_sequence_length))
     # Denoise: batch 1 on the CPU (bit parity with the one-process pipeline) and without a budget.
     largest_group = max(groups.values())
-    sizes = [b for b in DENOISE_BATCH_SIZES if b <= largest_group] if device_type == "cuda" and budget_bytes is not None else [1]
+    sizes = [b for b in DENOISE_BATCH_SIZES if b <= largest_group] if device_type == "cuda" and budget_bytes is not None and not exact else [1]
     denoise = [estimate_denoise(model, dtype, device_type, "resident", b, denoise_shapes, max_sequence_length) for b in reversed(sizes)]
     denoise.append(estimate_denoise(model, dtype, device_type, "offload", 1, denoise_shapes, max_sequence_length))
     # Decode: tiled only when the untiled decode does not fit, and never with --no-tiling.
@@ -181,10 +182,10 @@ def plan_json(chosen: dict, device_type: str, budget_bytes: int | None, host_bud
 
 
 def plan_memory(model_path, dtype: str, device_type: str, items: list[dict], max_sequence_length: int,
-                budget_bytes: int | None, host_budget_bytes: int | None, allow_tiling: bool = True) -> dict:
+                budget_bytes: int | None, host_budget_bytes: int | None, allow_tiling: bool = True, exact: bool = False) -> dict:
     """The runtime section for this job and budget; JobFileError naming the stage and the smallest
     workable budget when a stage fits under none of its strategies."""
-    chosen = choose_strategies(model_path, dtype, device_type, items, max_sequence_length, budget_bytes, allow_tiling)
+    chosen = choose_strategies(model_path, dtype, device_type, items, max_sequence_length, budget_bytes, allow_tiling, exact)
     if any(isinstance(c, NoFit) for c in chosen.values()):
         raise JobFileError(no_fit_message(chosen, budget_bytes, allow_tiling))
     return runtime_section(chosen, device_type, budget_bytes, host_budget_bytes)
@@ -200,13 +201,14 @@ def budgets(device: str, max_vram: str | None, max_ram: str | None) -> tuple[int
     return (ram if ram is not None else vram), ram
 
 
-def choose_for_job(resolved: dict, budget_bytes: int | None, allow_tiling: bool = True) -> dict:
+def choose_for_job(resolved: dict, budget_bytes: int | None, allow_tiling: bool = True, exact: bool = False) -> dict:
     """choose_strategies for a resolved job (job.resolved.json's content)."""
     return choose_strategies(resolved["model"]["path"], resolved["dtype"], resolved["device"], resolved["items"],
-                             resolved["max_sequence_length"], budget_bytes, allow_tiling)
+                             resolved["max_sequence_length"], budget_bytes, allow_tiling, exact)
 
 
-def runtime_for_job(resolved: dict, max_vram: str | None, max_ram: str | None, allow_tiling: bool = True) -> dict:
+def runtime_for_job(resolved: dict, max_vram: str | None, max_ram: str | None, allow_tiling: bool = True,
+                    exact: bool = False) -> dict:
     """The runtime section `orchestrate run` writes. Without a budget (the CPU without --max-ram or
     --max-vram) it is empty, which means the defaults, and nothing is estimated: `run` and `status`
     then stay fast and never import torch for planning."""
@@ -214,7 +216,7 @@ def runtime_for_job(resolved: dict, max_vram: str | None, max_ram: str | None, a
     if budget_bytes is None:
         return {}
     return plan_memory(resolved["model"]["path"], resolved["dtype"], resolved["device"], resolved["items"],
-                       resolved["max_sequence_length"], budget_bytes, host_budget_bytes, allow_tiling)
+                       resolved["max_sequence_length"], budget_bytes, host_budget_bytes, allow_tiling, exact)
 
 
 # ---------------------------------------------------------------------------------------------

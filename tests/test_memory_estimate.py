@@ -369,3 +369,25 @@ def test_parse_size(text, expected):
 def test_parse_size_rejects(text):
     with pytest.raises(JobFileError, match="memory size"):
         memory.parse_size(text)
+
+
+def test_exact_keeps_denoise_at_batch_1_where_a_budget_would_batch():
+    """--exact (issue 8, point 4): on CUDA under a roomy budget the planner batches same-shaped
+    items in denoise (not bitwise batch 1); --exact plans batch 1 and leaves the rest as it was."""
+    items = full_size_items(4)
+    batched = memory.plan_memory(FULL_SIZE, "float16", "cuda", items, 120, 40 * GIB, None)
+    exact = memory.plan_memory(FULL_SIZE, "float16", "cuda", items, 120, 40 * GIB, None, exact=True)
+    assert batched["stages"]["denoise"]["batch_size"] > 1
+    assert exact["stages"]["denoise"]["batch_size"] == 1
+    assert exact["stages"]["decode"] == batched["stages"]["decode"] and exact["stages"]["decode"]["tile_size"] is None
+
+
+def test_exact_on_the_plan_command(tmp_path):
+    job = write_job(tmp_path, f'[job]\nname = "x"\nmodel = "{FULL_SIZE}"\ndtype = "float16"\n'
+                    '[[generation]]\nprompt = "a"\ncount = 4\nwidth = 1024\nheight = 1024\n')
+    rows = {}
+    for flag in ([], ["--exact"]):
+        result = CliRunner().invoke(app, ["plan", str(job), "--workdir", str(tmp_path / "w"), "--device", "cuda", "--max-vram", "40GiB", *flag])
+        assert result.exit_code == 0, result.output
+        rows[bool(flag)] = next(line.split() for line in result.output.splitlines() if line.startswith("denoise"))
+    assert rows[False][2] != "1" and rows[True][2] == "1", rows
