@@ -7,7 +7,12 @@
 # 0.23). All of these are pure-Python wheels; the versions are this venv's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-.venv/bin/python}
+# The interpreter: $PYTHON, else this checkout's .venv, else python3 on PATH (pip download only
+# reads the index; it installs nothing into it).
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
+elif [ -x .venv/bin/python ]; then PY=.venv/bin/python
+else PY=$(command -v python3 || command -v python)
+fi
 mkdir -p .whl
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \

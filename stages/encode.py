@@ -29,9 +29,12 @@ def load_text_encoder(job: dict, device):
     with contract.loading("encode", path, "tokenizer"):
         tokenizer = T5Tokenizer.from_pretrained(path, subfolder="tokenizer")
     # from_pretrained (not .to(fp16) afterwards) keeps T5's `wo` in fp32: see PIXART-NOTES.md.
+    # On a GPU the weights go straight from the safetensors files to the device (device_map), so
+    # host memory never holds the whole T5 (~9.5 GB in fp16) on the way.
+    placement = {"device_map": str(device)} if device.type == "cuda" else {}
     with contract.loading("encode", path, "text_encoder"):
         text_encoder = T5EncoderModel.from_pretrained(
-            path, subfolder="text_encoder", dtype=contract.torch_dtype(job["dtype"]), use_safetensors=True
+            path, subfolder="text_encoder", dtype=contract.torch_dtype(job["dtype"]), use_safetensors=True, **placement
         ).to(device).eval()
     if all(i == tokenizer.unk_token_id for i in tokenizer("a photo of a cat").input_ids[:-1]):
         raise contract.ArtifactError(f"encode: the tokenizer in {path}/tokenizer maps every word to <unk>; its vocabulary is broken")

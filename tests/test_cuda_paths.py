@@ -97,3 +97,26 @@ def test_a_failing_group_offload_names_diffusers_not_the_model_folder(tiny_model
     with pytest.raises(contract.ResourceError, match="group offloading failed.*diffusers >= 0.33") as caught:
         denoise.load_transformer(job, torch.device("cuda", 0), "offload")  # group offload is the CUDA path
     assert "model folder" not in str(caught.value)
+
+
+def test_resident_t5_on_cuda_loads_straight_to_the_device(tiny_model, monkeypatch):
+    """Issue 8, point 8: on a GPU the resident T5 is placed by from_pretrained's device_map, so the
+    host never materialises the whole model; on the CPU nothing changes."""
+    from transformers import T5EncoderModel
+
+    from stages import encode
+
+    seen = []
+    real = T5EncoderModel.from_pretrained.__func__
+
+    def recording(cls, *args, **kwargs):
+        seen.append(kwargs.get("device_map"))
+        kwargs.pop("device_map", None)  # no GPU here: load on the CPU, as the recorded call would on the card
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(T5EncoderModel, "from_pretrained", classmethod(recording))
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: self)
+    job = {"model": {"path": str(tiny_model)}, "dtype": "float32"}
+    encode.load_text_encoder(job, torch.device("cuda", 1))
+    encode.load_text_encoder(job, torch.device("cpu"))
+    assert seen == ["cuda:1", None]
