@@ -221,16 +221,17 @@ def plan_memory(
     target = device if max_vram is not None and re.fullmatch(r"cuda(:\d+)?", device) else resolve_device(device)
     resolved = jobfile.resolve_job(job, jobfile.job_dir_for(job, workdir), target, require_weights=False)
     budget_bytes, host_budget_bytes = memory.budgets(resolved["device"], max_vram, max_ram)
-    chosen = memory.choose_for_job(resolved, budget_bytes, not no_tiling, exact)
+    chosen = memory.choose_for_job(resolved, budget_bytes, not no_tiling, exact, host_budget_bytes)
     failed = any(isinstance(c, memory.NoFit) for c in chosen.values())
     if json_output and not failed:
         echo(json.dumps(memory.plan_json(chosen, resolved["device"], budget_bytes, host_budget_bytes), indent=2))
     elif not json_output:
         echo(f"memory plan for {resolved['name']}: {len(resolved['items'])} images, {resolved['dtype']} on {resolved['device']}, "
-             f"budget {format_bytes(budget_bytes) if budget_bytes is not None else 'unlimited'}")
+             f"budget {format_bytes(budget_bytes) if budget_bytes is not None else 'unlimited'} "
+             f"({memory.budget_source(resolved['device'], max_vram, max_ram, budget_bytes)})")
         echo(memory.format_plan(chosen, budget_bytes))
     if failed:
-        raise JobFileError(memory.no_fit_message(chosen, budget_bytes, not no_tiling))
+        raise JobFileError(memory.no_fit_message(chosen, budget_bytes, not no_tiling, host_budget_bytes))
 
 
 @app.command()

@@ -463,6 +463,28 @@ def _workspace(stage: str, device_type: str) -> int:
     return CUBLAS_WORKSPACE_BYTES + (CUDNN_WORKSPACE_BYTES if stage == "decode" else 0)
 
 
+@functools.lru_cache(maxsize=32)
+def _host_weights(part: str, config_text: str, dtype_name: str, strategy: str) -> int:
+    """Host bytes of weights a CUDA stage holds at its peak (docs/memory.md, "Host memory on CUDA"):
+    the resident T5 goes straight to the device (device_map), a streamed T5 keeps its embedding
+    table on the host for the lookup plus the block read ahead; the transformer and the VAE are
+    loaded on the host and then moved (resident), or stay there (group offloading)."""
+    _, model = _fake_model(part, config_text, dtype_name)
+    if part == "text_encoder":
+        if strategy == "resident":
+            return 0
+        return _tensor_bytes(model.shared, 1) + max(_tensor_bytes(block, 1) for block in model.encoder.block)
+    return _tensor_bytes(model, 1)
+
+
+def estimate_host_bytes(model: ModelConfigs, dtype: str, estimate: Estimate) -> int:
+    """Host memory a CUDA stage needs for weights under the estimate's strategy (not counting the
+    interpreter and libraries, ~0.5-1 GiB per process)."""
+    part, config = {"encode": ("text_encoder", model.encode), "denoise": ("transformer", model.denoise),
+                    "decode": ("vae", model.decode)}[estimate.stage]
+    return _host_weights(part, config, dtype, estimate.strategy)
+
+
 @dataclass(frozen=True)
 class ModelConfigs:
     """A model folder's three config texts, as read once for planning."""

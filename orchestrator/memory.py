@@ -15,13 +15,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.estimate import Estimate, ModelConfigs, estimate_decode, estimate_denoise, estimate_encode
+from orchestrator.estimate import estimate_host_bytes, Estimate, ModelConfigs, estimate_decode, estimate_denoise, estimate_encode
 from stages.contract import JobFileError, format_bytes, uses_guidance
 
 KIB, MIB, GIB = 1024, 1024**2, 1024**3
 # Not in peak_bytes, since max_memory_allocated does not see it: the CUDA context of each stage
 # process (kernels, cuBLAS/cuDNN handles; ~0.3-0.6 GiB with lazy module loading). default_budget
-# takes it off the free memory, and so should a user choosing --max-vram for a small card.
+# reads free memory in a fresh process, whose own context is already out of it, so it is not
+# subtracted again there; a user choosing --max-vram for a small card should leave it out.
 CUDA_CONTEXT_BYTES = 512 * MIB
 # default_budget also keeps this share of the free memory back for allocator fragmentation.
 CUDA_SAFETY_FRACTION = 0.05
@@ -46,13 +47,31 @@ def parse_size(text: str) -> int:
 
 
 def default_budget(device: str) -> int | None:
-    """The budget when none is given: on CUDA the free memory minus a stage's CUDA context and a
-    5% fragmentation reserve; on the CPU None (unlimited), so the defaults stay the fastest and
-    bit-exact; give --max-ram to plan for host RAM."""
+    """The budget when none is given: on CUDA 95% of the memory a fresh process sees free (5% kept
+    back for allocator fragmentation). That process has made its CUDA context before asking, so
+    the context a stage will make is already out of the figure and is not subtracted twice. On the
+    CPU None (unlimited), so the defaults stay the fastest and bit-exact; give --max-ram to plan
+    for host RAM."""
     if not device.startswith("cuda"):
         return None
-    free = _cuda_free_bytes(int(device.partition(":")[2] or 0))
-    return max(int(free * (1 - CUDA_SAFETY_FRACTION)) - CUDA_CONTEXT_BYTES, 0)
+    return budget_from_free(_cuda_free_bytes(int(device.partition(":")[2] or 0)))
+
+
+def budget_from_free(free_bytes: int) -> int:
+    return int(free_bytes * (1 - CUDA_SAFETY_FRACTION))
+
+
+def budget_source(device: str, max_vram: str | None, max_ram: str | None, budget_bytes: int | None) -> str:
+    """How the budget was chosen, for `plan` and `run` to say."""
+    if budget_bytes is None:
+        return "no budget: every stage resident, untiled"
+    if device.startswith("cuda"):
+        if max_vram is not None:
+            return f"--max-vram {max_vram}"
+        free = round(budget_bytes / (1 - CUDA_SAFETY_FRACTION))
+        return (f"default: 95% of the {format_bytes(free)} a fresh process sees free on {device} "
+                f"(its CUDA context, like each stage's, already out of it; 5% kept for fragmentation)")
+    return f"--max-ram {max_ram}" if max_ram is not None else f"--max-vram {max_vram} (host memory on the CPU)"
 
 
 def _cuda_free_bytes(index: int) -> int:
@@ -105,7 +124,8 @@ def _latent_size(item: dict, sample_size: int) -> tuple[int, int]:
 
 
 def choose_strategies(model_path: Path, dtype: str, device_type: str, items: list[dict], max_sequence_length: int,
-                      budget_bytes: int | None, allow_tiling: bool = True, exact: bool = False) -> dict:
+                      budget_bytes: int | None, allow_tiling: bool = True, exact: bool = False,
+                      host_budget_bytes: int | None = None) -> dict:
     """Per stage the fastest Estimate that fits the budget, or a NoFit: resident before stream or
     offload, untiled before tiled 512 before tiled 256, then the largest batch that fits. `exact`
     (--exact) keeps denoise at batch 1, as the pipeline computes each image, for parity checks."""
@@ -123,7 +143,11 @@ def choose_strategies(model_path: Path, dtype: str, device_type: str, items: lis
         groups[key] = groups.get(key, 0) + 1
 
     def fits(estimate: Estimate) -> bool:
-        return budget_bytes is None or estimate.peak_bytes <= budget_bytes
+        if budget_bytes is not None and estimate.peak_bytes > budget_bytes:
+            return False
+        # On CUDA --max-ram also bounds what a strategy keeps on the host (on the CPU it is the budget).
+        return not (device_type == "cuda" and host_budget_bytes is not None
+                    and estimate_host_bytes(model, dtype, estimate) > host_budget_bytes)
 
     # Encode: the first strategy that fits one text, then as many texts as fit (all without a budget).
     encode = []
@@ -152,9 +176,13 @@ def choose_strategies(model_path: Path, dtype: str, device_type: str, items: lis
     return chosen
 
 
-def no_fit_message(chosen: dict, budget_bytes: int, allow_tiling: bool) -> str:
+def no_fit_message(chosen: dict, budget_bytes: int, allow_tiling: bool, host_budget_bytes: int | None = None) -> str:
     failed = [c for c in chosen.values() if isinstance(c, NoFit)]
     first = failed[0]
+    if budget_bytes is None or first.smallest.peak_bytes <= budget_bytes:  # the device fits: the host does not (CUDA --max-ram)
+        return (f"{first.stage}: no strategy that fits the device budget of {format_bytes(budget_bytes)} also fits the host "
+                f"budget of {format_bytes(host_budget_bytes)} (--max-ram; weights loaded or kept on the host, see "
+                f"docs/memory.md); raise --max-ram, or change --max-vram so {first.stage} can use another strategy")
     need = max(c.smallest.peak_bytes if isinstance(c, NoFit) else c.peak_bytes for c in chosen.values())
     hint = " (tiling is off: drop --no-tiling to let decode tile)" if first.stage == "decode" and not allow_tiling else ""
     return (f"{first.stage}: no strategy fits the budget of {format_bytes(budget_bytes)}; its smallest, "
@@ -185,9 +213,10 @@ def plan_memory(model_path, dtype: str, device_type: str, items: list[dict], max
                 budget_bytes: int | None, host_budget_bytes: int | None, allow_tiling: bool = True, exact: bool = False) -> dict:
     """The runtime section for this job and budget; JobFileError naming the stage and the smallest
     workable budget when a stage fits under none of its strategies."""
-    chosen = choose_strategies(model_path, dtype, device_type, items, max_sequence_length, budget_bytes, allow_tiling, exact)
+    chosen = choose_strategies(model_path, dtype, device_type, items, max_sequence_length, budget_bytes, allow_tiling, exact,
+                               host_budget_bytes)
     if any(isinstance(c, NoFit) for c in chosen.values()):
-        raise JobFileError(no_fit_message(chosen, budget_bytes, allow_tiling))
+        raise JobFileError(no_fit_message(chosen, budget_bytes, allow_tiling, host_budget_bytes))
     return runtime_section(chosen, device_type, budget_bytes, host_budget_bytes)
 
 
@@ -201,10 +230,11 @@ def budgets(device: str, max_vram: str | None, max_ram: str | None) -> tuple[int
     return (ram if ram is not None else vram), ram
 
 
-def choose_for_job(resolved: dict, budget_bytes: int | None, allow_tiling: bool = True, exact: bool = False) -> dict:
+def choose_for_job(resolved: dict, budget_bytes: int | None, allow_tiling: bool = True, exact: bool = False,
+                   host_budget_bytes: int | None = None) -> dict:
     """choose_strategies for a resolved job (job.resolved.json's content)."""
     return choose_strategies(resolved["model"]["path"], resolved["dtype"], resolved["device"], resolved["items"],
-                             resolved["max_sequence_length"], budget_bytes, allow_tiling, exact)
+                             resolved["max_sequence_length"], budget_bytes, allow_tiling, exact, host_budget_bytes)
 
 
 def runtime_for_job(resolved: dict, max_vram: str | None, max_ram: str | None, allow_tiling: bool = True,
@@ -215,8 +245,10 @@ def runtime_for_job(resolved: dict, max_vram: str | None, max_ram: str | None, a
     budget_bytes, host_budget_bytes = budgets(resolved["device"], max_vram, max_ram)
     if budget_bytes is None:
         return {}
-    return plan_memory(resolved["model"]["path"], resolved["dtype"], resolved["device"], resolved["items"],
-                       resolved["max_sequence_length"], budget_bytes, host_budget_bytes, allow_tiling, exact)
+    runtime = plan_memory(resolved["model"]["path"], resolved["dtype"], resolved["device"], resolved["items"],
+                          resolved["max_sequence_length"], budget_bytes, host_budget_bytes, allow_tiling, exact)
+    runtime["budget_source"] = budget_source(resolved["device"], max_vram, max_ram, budget_bytes)
+    return runtime
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,4 +286,5 @@ def describe_runtime(runtime: dict) -> str:
     for stage, entry in runtime["stages"].items():
         name = f"tiled {entry['tile_size']} px" if entry.get("tile_size") else entry["strategy"]
         parts.append(f"{stage} {name} (batch {entry['batch_size']}, ~{format_bytes(entry['peak_bytes'])})")
-    return f"memory: budget {format_bytes(runtime['budget_bytes'])}: " + ", ".join(parts)
+    source = f" ({runtime['budget_source']})" if runtime.get("budget_source") else ""
+    return f"memory: budget {format_bytes(runtime['budget_bytes'])}{source}: " + ", ".join(parts)

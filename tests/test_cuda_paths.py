@@ -120,3 +120,22 @@ def test_resident_t5_on_cuda_loads_straight_to_the_device(tiny_model, monkeypatc
     encode.load_text_encoder(job, torch.device("cuda", 1))
     encode.load_text_encoder(job, torch.device("cpu"))
     assert seen == ["cuda:1", None]
+
+
+def test_the_default_budget_subtracts_the_cuda_context_once(monkeypatch):
+    """Issue 8, point 7: the free memory is read in a fresh process that has already made its own
+    CUDA context, so the stage's context is out of the figure; the default keeps 5% back for
+    fragmentation and nothing more, and says how it was computed."""
+    from orchestrator import memory
+
+    asked = []
+    monkeypatch.setattr(memory, "_cuda_free_bytes", lambda index: asked.append(index) or 20 * GIB)
+    budget, host = memory.budgets("cuda:1", None, None)
+    assert asked == [1] and host is None
+    assert budget == int(20 * GIB * 0.95)  # 19.00 GiB: not 18.5 (context taken twice)
+    source = memory.budget_source("cuda:1", None, None, budget)
+    assert source.startswith("default: 95% of the 20.00 GiB a fresh process sees free on cuda:1"), source
+    assert memory.budget_source("cuda", "2GiB", None, 2 * GIB) == "--max-vram 2GiB"
+    runtime = {"budget_bytes": budget, "budget_source": source,
+               "stages": {"encode": {"strategy": "resident", "batch_size": 4, "peak_bytes": GIB}}}
+    assert memory.describe_runtime(runtime).startswith(f"memory: budget 19.00 GiB ({source}): encode resident")

@@ -391,3 +391,27 @@ def test_exact_on_the_plan_command(tmp_path):
         assert result.exit_code == 0, result.output
         rows[bool(flag)] = next(line.split() for line in result.output.splitlines() if line.startswith("denoise"))
     assert rows[False][2] != "1" and rows[True][2] == "1", rows
+
+
+def test_host_memory_is_planned_on_cuda_too():
+    """Issue 8, point 8: on CUDA, --max-ram bounds the weights a stage keeps on the host. The
+    resident T5 loads straight to the device (0 on the host); a streamed one keeps its embedding
+    table and a read-ahead block there; the transformer (resident: loaded, then moved; offload:
+    kept) and the VAE pass through the host whole. A box with little RAM is an error naming it."""
+    configs = estimate.ModelConfigs.read(FULL_SIZE)
+    items = full_size_items()
+    resident_t5 = estimate.estimate_encode(configs, "float16", "cuda", "resident", 1, 120)
+    streamed_t5 = estimate.estimate_encode(configs, "float16", "cuda", "stream", 1, 120)
+    assert estimate.estimate_host_bytes(configs, "float16", resident_t5) == 0
+    # the 32128 x 4096 fp16 embedding (0.25 GiB) and one block (0.44 GiB: its wo stays fp32)
+    assert 0.6 * GIB < estimate.estimate_host_bytes(configs, "float16", streamed_t5) < 0.75 * GIB
+    transformer = estimate.estimate_host_bytes(configs, "float16", estimate.estimate_denoise(configs, "float16", "cuda", "resident", 1, [(128, 128, True)], 120))
+    assert 1.1 * GIB < transformer < 1.3 * GIB  # PixArt-XL-2's 611 M parameters in fp16
+    # 24 GiB card, 16 GiB box: everything resident, as without --max-ram.
+    roomy = memory.plan_memory(FULL_SIZE, "float16", "cuda", items, 120, 24 * GIB, 16 * GIB)
+    assert {s: e["strategy"] for s, e in roomy["stages"].items()} == {"encode": "resident", "denoise": "resident", "decode": "full"}
+    # 2 GiB card streams T5; a 256 MiB box cannot hold its embedding table, nor the transformer.
+    with pytest.raises(JobFileError, match=r"^encode: no strategy that fits the device budget of 2\.00 GiB also fits the host budget of 256\.00 MiB"):
+        memory.plan_memory(FULL_SIZE, "float16", "cuda", items, 120, 2 * GIB, 256 * 1024**2)
+    # On the CPU --max-ram is the budget itself; the host rule does not apply twice.
+    assert memory.plan_memory(FULL_SIZE, "float16", "cpu", items, 120, 24 * GIB, 24 * GIB)["stages"]["denoise"]["strategy"] == "resident"
