@@ -12,11 +12,19 @@ import platform
 import shutil
 import subprocess
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("encode", "denoise", "decode")
+TMP_PREFIX = ".tmp-"  # stages.contract.TMP_PREFIX: a write in flight (or left by a killed stage)
+
+
+def published(folder: Path, pattern: str) -> list[Path]:
+    """The files matching `pattern` in `folder`, sorted, without the temporary files of writes in
+    flight (pathlib's `*` matches names starting with a dot, so `*.json` would see them)."""
+    return sorted(p for p in Path(folder).glob(pattern) if not p.name.startswith(TMP_PREFIX))
 
 
 def orchestrate_command() -> list[str]:
@@ -58,7 +66,7 @@ def read_stage(job_dir: Path, stage: str) -> dict:
     folder = Path(job_dir) / stage
     summary = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").exists() else {}
     records = []
-    for path in sorted(folder.glob("*.json")):
+    for path in published(folder, "*.json"):
         if path.name != "summary.json":
             record = json.loads(path.read_text())
             if record.get("stage") == stage:
@@ -86,7 +94,7 @@ def stage_spans(job_dir: Path) -> dict[str, float]:
 
 def first_file_seconds(folder: Path, pattern: str, start_epoch: float) -> float | None:
     """Seconds from `start_epoch` to the earliest file matching `pattern` (its mtime)."""
-    times = [p.stat().st_mtime for p in Path(folder).glob(pattern)]
+    times = [p.stat().st_mtime for p in published(folder, pattern)]
     return round(min(times) - start_epoch, 2) if times else None
 
 
@@ -163,6 +171,17 @@ def copy_tree_logs(job_dir: Path, log) -> None:
 
 def remove(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def fresh_folder(path: Path) -> Path:
+    """`path` as a new empty folder. Leftovers of an earlier run are removed; what cannot be removed
+    (a file still held open, a read-only tree) is moved aside as <name>.old-<ns> rather than failing."""
+    path = Path(path)
+    remove(path)
+    if path.exists():
+        path.rename(path.with_name(f"{path.name}.old-{time.time_ns()}"))
+    path.mkdir(parents=True)
+    return path
 
 
 def write_job(path: Path, model: Path, items: list[dict], name: str, written_by: str) -> None:

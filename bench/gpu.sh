@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The GPU benchmark in one command (bench/gpu_bench.py does the work; see bench/README.md).
 #   bash bench/gpu.sh            on a machine with a CUDA GPU: build the full-size random model, run
-#                                4 prompts at 1024x1024 under budgets 1/2/6 GiB and none, plus the
-#                                diffusers baselines; tables to $OUT (else bench/results/)
-#   bash bench/gpu.sh --smoke    the same code on the CPU with a tiny model, in about a minute
-# Extra arguments go to bench/gpu_bench.py (--out DIR, --work DIR, --time-limit S, --jobs N).
+#                                4 prompts at 1024x1024 with no budget, --exact, budgets 8/2/1 GiB,
+#                                and the diffusers baselines (resident, model and sequential offload);
+#                                tables to $OUT (else bench/results/), rewritten after every run
+#   bash bench/gpu.sh --quick    2 prompts, 10 steps, the 5 most important rows: ~5 minutes
+#   bash bench/gpu.sh --smoke    the same code on the CPU with a tiny model, in about 1.5 minutes
+# Extra arguments go to bench/gpu_bench.py (--out DIR, --work DIR, --time-limit S,
+# --run-timeout SLUG=S, --jobs N).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

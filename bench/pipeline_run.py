@@ -4,16 +4,19 @@ time includes interpreter start and imports exactly as `orchestrate run` pays th
 
 Reads:  --items, a JSON list of {prompt, negative_prompt, seed, width, height, guidance_scale,
         num_inference_steps, use_resolution_binning}; the model folder
-Writes: <images>/0000.png, 0001.png, ... (one per item, in order) and --report (JSON)
+Writes: <images>/0000.png, 0001.png, ... (one per item, in order) and --report (JSON); with
+        --latents DIR also DIR/0000.safetensors ... (`latents`: the final latents, before the VAE,
+        as our denoise stage writes them), for comparing latents and not only pixels
 
-Example: python bench/pipeline_run.py --model /tmp/m --items items.json --images out/ --report r.json --device cuda --offload
+Example: python bench/pipeline_run.py --model /tmp/m --items items.json --images out/ --report r.json --device cuda --offload model
 
 Per component, hooks record seconds and, on CUDA, the peak allocated/reserved bytes while it runs
 (the allocator's peak is reset when the component starts): encode = `pipe.encode_prompt` (tokenizer,
 clean_caption and T5, as our encode stage's items), denoise = each transformer forward, decode =
 `vae.decode` (the pipeline never calls the VAE's forward); all three by wrapping. With
-`--offload`, `enable_model_cpu_offload` moves each model to the GPU inside those windows, so the
-weights it moves are counted in that component's peak, as they are in our stages' peaks.
+`--offload model`, `enable_model_cpu_offload` moves each model to the GPU inside those windows, so the
+weights it moves are counted in that component's peak, as they are in our stages' peaks; with
+`--offload sequential`, `enable_sequential_cpu_offload` moves each submodule in for its forward.
 """
 
 from __future__ import annotations
@@ -77,11 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, help="float16 | bfloat16 | float32 (default: float16 on CUDA, float32 on CPU)")
     parser.add_argument("--clean-caption", default="true", choices=("true", "false"))
-    parser.add_argument("--offload", action="store_true", help="enable_model_cpu_offload instead of all models resident")
+    parser.add_argument("--offload", choices=("model", "sequential"), default=None,
+                        help="enable_model_cpu_offload or enable_sequential_cpu_offload instead of all models resident")
+    parser.add_argument("--latents", type=Path, default=None, help="folder for each item's final latents (0000.safetensors, ...)")
     args = parser.parse_args(argv)
     items = json.loads(args.items.read_text())
     args.images.mkdir(parents=True, exist_ok=True)
-    report = {"mode": "model_cpu_offload" if args.offload else "resident", "device": args.device}
+    if args.latents:
+        args.latents.mkdir(parents=True, exist_ok=True)
+    report = {"mode": f"{args.offload}_cpu_offload" if args.offload else "resident", "device": args.device}
 
     clock = time.perf_counter()
     import torch
@@ -101,8 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     report["dtype"] = dtype_name
     clock = time.perf_counter()
     pipe = PixArtAlphaPipeline.from_pretrained(args.model, torch_dtype=dtype, use_safetensors=True)
-    if args.offload:
+    if args.offload == "model":
         pipe.enable_model_cpu_offload(device=device)  # on a CPU the hooks run but move nothing
+    elif args.offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
     else:
         pipe.to(device)
     if device.type == "cuda":
@@ -113,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     stats = instrument(pipe, device)
 
     calls, saves = [], []
+    final = {}
+
+    def keep_latents(step, timestep, latents):  # called after every step; the last call's are the result
+        final["latents"] = latents
+
     for n, item in enumerate(items):
         clock = time.perf_counter()
         image = pipe(
@@ -125,10 +139,15 @@ def main(argv: list[str] | None = None) -> int:
             use_resolution_binning=item["use_resolution_binning"],
             clean_caption=args.clean_caption == "true",
             generator=torch.Generator("cpu").manual_seed(item["seed"]),  # as our denoise stage draws noise
+            callback=keep_latents if args.latents else None,
         ).images[0]
         calls.append(round(time.perf_counter() - clock, 3))
         clock = time.perf_counter()
         image.save(args.images / f"{n:04d}.png")
+        if args.latents:
+            from safetensors.torch import save_file
+
+            save_file({"latents": final.pop("latents").to("cpu").contiguous()}, str(args.latents / f"{n:04d}.safetensors"))
         saves.append(round(time.perf_counter() - clock, 3))
     report["call_seconds"] = calls
     report["save_seconds"] = saves
