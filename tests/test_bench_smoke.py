@@ -158,3 +158,29 @@ def test_psnr_and_max_difference_of_images(tmp_path):
     near = gpu_bench.compare_pixels([str(tmp_path / "b.png"), None], [str(tmp_path / "a.png"), str(tmp_path / "a.png")])
     assert near["compared"] == 1 and near["equal"] == 0 and near["max_abs_diff"] == 10
     assert abs(near["min_psnr_db"] - 10 * np.log10(255**2 / (100 / 192))) < 1e-9
+
+
+def test_gpu_memory_sampler_reads_nvml_and_keeps_the_peak(monkeypatch):
+    """Issue 8, point 9: the sampler reads NVML (nvidia-ml-py) in a thread, so stopping it loses
+    nothing (nvidia-smi -lms kept its output block-buffered and lost it when terminated)."""
+    import time
+    import types
+
+    readings = iter([100, 300, 2500, 700] + [650] * 10000)
+    fake = types.SimpleNamespace(
+        nvmlInit=lambda: None,
+        nvmlDeviceGetHandleByIndex=lambda index: ("gpu", index),
+        nvmlDeviceGetMemoryInfo=lambda handle: types.SimpleNamespace(used=next(readings) * 2**20),
+    )
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    with gpu_bench.GpuMemorySampler() as sampler:
+        time.sleep(0.3)  # ~15 samples at 20 ms
+    assert sampler.source == "NVML" and sampler.peak_mib == 2500
+
+
+def test_gpu_memory_sampler_without_nvml_or_nvidia_smi_samples_nothing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails
+    monkeypatch.setattr(gpu_bench.shutil, "which", lambda name: None)
+    with gpu_bench.GpuMemorySampler() as sampler:
+        pass
+    assert sampler.source is None and sampler.peak_mib is None and sampler.sample_mib() is None
