@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import signal
 import os
 from pathlib import Path
 
@@ -50,9 +51,14 @@ def expected_errors(command):
             _fail(str(exc), 3)
         except StageFailedError as exc:
             _fail(str(exc), exc.exit_code)
-        except KeyboardInterrupt:
-            typer.echo("interrupted: finished items are kept; run the same command again to resume", err=True)
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:
+            signum = getattr(exc, "signum", signal.SIGINT)
+            what = {signal.SIGTERM: "terminated (SIGTERM)", signal.SIGHUP: "hung up (SIGHUP)"}.get(signum, "interrupted")
+            try:
+                typer.echo(f"{what}: finished items are kept; run the same command again to resume", err=True)
+            except OSError:  # the terminal that hung up is gone
+                pass
+            raise typer.Exit(128 + signum) from None
 
     return wrapper
 
@@ -257,7 +263,22 @@ def demo(workdir: Path = WORKDIR, device: str = DEVICE) -> None:
 
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP reached the orchestrator: handled like Ctrl-C (the running stage is told to
+    stop, one line, exit 128 + the signal's number)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated(signum)
+
+
 def main() -> None:
+    for signum in (signal.SIGTERM, signal.SIGHUP):  # a scheduler, a closed terminal: like Ctrl-C
+        signal.signal(signum, _terminate)
     app()
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import stages
+from stages import lifeline
 from orchestrator.plan import describe_stage, plan_stage
 from stages.contract import (
     EXIT_INTERRUPTED,
@@ -80,6 +81,7 @@ def _last_error(job_dir: Path, stage: str) -> str:
 def start_stage(stage: str, job_dir: Path, force: bool, wait: bool = False, units: list[str] | None = None) -> subprocess.Popen:
     """Start a stage process; with `wait` it only imports its libraries until `go_stage`."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])))
+    env[lifeline.ENV] = str(os.getpid())  # it dies with us, however we die (stages/lifeline.py)
     command = stage_command(stage, job_dir, force, units) + (["--wait"] if wait else [])
     # A waiting process gets its own session, so a Ctrl-C in the terminal (sent to our process group)
     # cannot hit it mid-import; the orchestrator dismisses it or forwards the SIGINT once it runs.

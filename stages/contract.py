@@ -654,6 +654,10 @@ def wait_for_go(imports: tuple[str, ...]) -> bool:
         return False
 
 
+def _interrupted(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def _unit_list(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     if not names:
@@ -677,6 +681,8 @@ def stage_main(stage: str, make_units, argv: list[str] | None = None, imports: t
     parser.add_argument("--wait", action="store_true", help="import libraries, then wait for a line `go` on stdin "
                         "before reading or writing anything (used by orchestrate to overlap start-up with the previous stage)")
     args = parser.parse_args(argv)
+    for signum in (signal.SIGTERM, signal.SIGHUP):  # a scheduler, a closed terminal: as Ctrl-C (cleanup, exit 130)
+        signal.signal(signum, _interrupted)
     if args.wait and not wait_for_go(("torch", "diffusers", "transformers", *imports)):
         return 0
     job_dir = args.job_dir.resolve()
