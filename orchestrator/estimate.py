@@ -257,7 +257,13 @@ def _fake_model(part: str, config_text: str, dtype_name: str, depth: int | None 
         if part == "text_encoder":
             from transformers import T5Config, T5EncoderModel
 
-            module = T5EncoderModel(T5Config(**{k: v for k, v in config.items() if not k.startswith("_")}, attn_implementation="sdpa"))
+            # The attention from_pretrained picks by default: SDPA where this transformers' T5 has it
+            # (5.x after the attention-interface port), else eager, whose attention matrices count.
+            attention = "sdpa" if getattr(T5EncoderModel, "_supports_sdpa", False) else "eager"
+            module = T5EncoderModel(T5Config(**{k: v for k, v in config.items() if not k.startswith("_")}, attn_implementation=attention))
+            # from_pretrained ties the encoder's embedding to `shared`; a model built from its config
+            # is tied already in recent transformers, not in 5.0: tie it here, as it will be loaded.
+            module.encoder.embed_tokens = module.shared
             # transformers' _keep_in_fp32_modules = ["wo"], applied by from_pretrained for fp16 only
             keep_fp32 = ("wo",) if dtype == torch.float16 else ()
         elif part == "transformer":
@@ -344,7 +350,7 @@ def _encode_phases(config_text: str, dtype_name: str, device_type: str, strategy
         for _ in range(texts):
             hidden.append(torch.empty(1, seq_len, model.config.d_model, dtype=dtype))  # the host's lookup, moved over
             mask = torch.ones(1, seq_len, dtype=torch.long)
-            attention.append(create_bidirectional_mask(config=model.config, inputs_embeds=hidden[-1], attention_mask=mask))
+            attention.append(create_bidirectional_mask(model.config, hidden[-1], mask))  # positional: see stages/encode.py
             bias.append(None)
             del mask
         for block in model.encoder.block:  # block 0 makes each text's position bias; the rest are alike

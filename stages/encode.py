@@ -94,7 +94,8 @@ def stream_encode(job: dict, device, texts: list[str], loader_state: dict) -> di
                            add_special_tokens=True, return_tensors="pt")
         h = torch.nn.functional.embedding(inputs.input_ids, embedding).to(device)  # [1, seq, dim]
         masks.append(inputs.attention_mask)  # [1, seq]
-        attention.append(create_bidirectional_mask(config=encoder.config, inputs_embeds=h, attention_mask=inputs.attention_mask.to(device)))
+        # Positional: the second argument is `input_embeds` in transformers 5.0, `inputs_embeds` later.
+        attention.append(create_bidirectional_mask(encoder.config, h, inputs.attention_mask.to(device)))
         hidden.append(h)
         bias.append(None)  # relative position bias, made by block 0 and shared by the others
     blocks = list(encoder.block)
