@@ -63,6 +63,21 @@ def expected_errors(command):
     return wrapper
 
 
+def describe_model(resolved: dict) -> list[str]:
+    """The family the job runs as (and why), and where each component comes from."""
+    from stages import family
+
+    model = resolved["model"]
+    components = model.get("components") or {}
+    chosen = family.of(resolved.get("pipeline"))
+    lines = [f"model: {chosen.name} ({chosen.pipeline}, from {resolved.get('pipeline_source', 'the default')}); "
+             f"{resolved['max_sequence_length']} tokens"]
+    for part in ("text_encoder", "tokenizer", "transformer", "vae", "scheduler"):
+        where = f"{components[part]['given']} ([job.components])" if part in components else model["given"]
+        lines.append(f"  {part:<12} {where}")
+    return lines
+
+
 def resolve_device(device: str) -> str:
     """`auto` becomes cuda when torch sees a GPU; anything else is checked, not guessed."""
     if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
@@ -194,6 +209,8 @@ def status(
     Example: orchestrate status job.toml
     """
     job_dir, resolved = _prepare(job_file, workdir, device, (max_vram, max_ram, not no_tiling, exact))
+    for line in describe_model(resolved):
+        echo(line)
     states = plan_job(job_dir, resolved)
     for name in STAGES:
         for line in describe_stage(name, states[name], limit=10_000):
@@ -230,8 +247,12 @@ def plan_memory(
     chosen = memory.choose_for_job(resolved, budget_bytes, not no_tiling, exact, host_budget_bytes)
     failed = any(isinstance(c, memory.NoFit) for c in chosen.values())
     if json_output and not failed:
-        echo(json.dumps(memory.plan_json(chosen, resolved["device"], budget_bytes, host_budget_bytes), indent=2))
+        plan = memory.plan_json(chosen, resolved["device"], budget_bytes, host_budget_bytes)
+        plan["pipeline"] = resolved["pipeline"]
+        echo(json.dumps(plan, indent=2))
     elif not json_output:
+        for line in describe_model(resolved):
+            echo(line)
         echo(f"memory plan for {resolved['name']}: {len(resolved['items'])} images, {resolved['dtype']} on {resolved['device']}, "
              f"budget {format_bytes(budget_bytes) if budget_bytes is not None else 'unlimited'} "
              f"({memory.budget_source(resolved['device'], max_vram, max_ram, budget_bytes)})")

@@ -500,8 +500,10 @@ class ModelConfigs:
     decode: str
 
     @classmethod
-    def read(cls, model_path: Path) -> ModelConfigs:
-        return cls(*(_read_config(model_path, part) for part in ("text_encoder", "transformer", "vae")))
+    def read(cls, model_path) -> ModelConfigs:
+        """From one model folder, or from {component: folder holding <component>/} (composed models)."""
+        roots = model_path if isinstance(model_path, dict) else {}
+        return cls(*(_read_config(roots.get(part, model_path), part) for part in ("text_encoder", "transformer", "vae")))
 
     @property
     def scale(self) -> int:

@@ -16,6 +16,7 @@ import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from stages import family
 from stages.contract import FORMAT_VERSION, JobFileError, canonical_json, slugify
 
 DTYPES = ("float16", "bfloat16", "float32")
@@ -33,7 +34,8 @@ class JobSettings:
     name: str | None = None
     dtype: str | None = None  # None: float16 on CUDA, float32 on CPU
     clean_caption: bool = True  # as in PixArtAlphaPipeline.__call__
-    max_sequence_length: int = 120  # PixArt-alpha's T5 length (Section 3.1 of the paper)
+    max_sequence_length: int | None = None  # None: the family's (α 120, Σ 300), as its pipeline
+    pipeline: str | None = None  # PixArtAlphaPipeline | PixArtSigmaPipeline; None: detected (stages/family.py)
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,11 @@ class Job:
     settings: JobSettings
     generations: tuple[GenerationParams, ...]
     source: Path
+    components: tuple = ()  # ((diffusers component name, hub id or folder), ...) from [job.components]
+
+
+# The diffusers pipeline's components; [job.components] may take any of them from elsewhere.
+COMPONENTS = ("text_encoder", "tokenizer", "transformer", "vae", "scheduler")
 
 
 _TABLES = {"job": JobSettings, "defaults": GenerationParams, "generation": GenerationParams}
@@ -148,13 +155,21 @@ def load_job(path: Path) -> Job:
             raise JobFileError(f"{path.name}: unknown table '[{_shown(key)}]'{_suggest(key, _TABLES)}")
     if "job" not in data:
         raise JobFileError(f"{path.name}: missing [job] table; add [job] with model = \"PixArt-alpha/PixArt-XL-2-1024-MS\"")
-    settings_values = _read_table(f"{path.name} [job]", data["job"], JobSettings)
+    job_table = dict(data["job"]) if isinstance(data["job"], dict) else data["job"]
+    components = _read_components(path.name, job_table.pop("components", {}) if isinstance(job_table, dict) else {})
+    settings_values = _read_table(f"{path.name} [job]", job_table, JobSettings)
     if "model" not in settings_values or not settings_values["model"].strip():
         raise JobFileError(f"{path.name} [job]: 'model' is required: a hub id or a local diffusers folder")
     settings = JobSettings(**settings_values)
     if settings.dtype is not None and settings.dtype not in DTYPES:
         raise JobFileError(f"{path.name} [job]: 'dtype' = {settings.dtype!r} is not one of {', '.join(DTYPES)}")
-    if not 1 <= settings.max_sequence_length <= 512:
+    if settings.pipeline is not None and settings.pipeline not in family.FAMILIES:
+        close = difflib.get_close_matches(settings.pipeline, list(family.FAMILIES), n=1, cutoff=0.5)
+        raise JobFileError(
+            f"{path.name} [job]: 'pipeline' = {settings.pipeline!r} is not a PixArt pipeline{f' (did you mean {close[0]}?)' if close else ''}; "
+            f"use one of {', '.join(family.FAMILIES)}, or leave it out to detect it from the model"
+        )
+    if settings.max_sequence_length is not None and not 1 <= settings.max_sequence_length <= 512:
         raise JobFileError(f"{path.name} [job]: 'max_sequence_length' = {settings.max_sequence_length} must be between 1 and 512 (T5's limit)")
     name = settings.name if settings.name is not None else path.stem
     if not _NAME.match(name) or name in (".", ".."):
@@ -181,7 +196,22 @@ def load_job(path: Path) -> Job:
         if total > MAX_ITEMS:
             raise JobFileError(f"{where}: the queue would hold {total} images, more than {MAX_ITEMS}; lower 'count' or split the job")
         generations.append(gen)
-    return Job(settings, tuple(generations), path.resolve())
+    return Job(settings, tuple(generations), path.resolve(), components)
+
+
+def _read_components(file_name: str, table) -> tuple:
+    """[job.components]: component name -> hub id or folder holding that component's subfolder."""
+    where = f"{file_name} [job.components]"
+    if not isinstance(table, dict):
+        raise JobFileError(f"{where} must be a table of component = \"hub id or folder\", e.g. transformer = \"PixArt-alpha/PixArt-Sigma-XL-2-2K-MS\"")
+    out = []
+    for key, value in table.items():
+        if key not in COMPONENTS:
+            raise JobFileError(f"{where}: unknown component '{_shown(key)}'{_suggest(key, COMPONENTS)}")
+        if not isinstance(value, str) or not value.strip():
+            raise JobFileError(f"{where}: '{key}' must be a hub id or a folder (a string), not {value!r}")
+        out.append((key, value))
+    return tuple(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,60 +248,121 @@ def _sample_weights(file: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def component_hashes(model_path: Path) -> dict:
-    """Per-stage hash of the parts of the model folder that decide each stage's output."""
-    return {
-        "encode": _hash_files(model_path, ["text_encoder/*", "tokenizer/*"]),
-        "denoise": _hash_files(model_path, ["transformer/*", "scheduler/*", "vae/config.json"]),
-        "decode": _hash_files(model_path, ["vae/*"]),
-    }
+# What decides each stage's output: (component, files of it).
+_STAGE_FILES = {
+    "encode": (("text_encoder", "text_encoder/*"), ("tokenizer", "tokenizer/*")),
+    "denoise": (("transformer", "transformer/*"), ("scheduler", "scheduler/*"), ("vae", "vae/config.json")),
+    "decode": (("vae", "vae/*"),),
+}
 
 
-_HUB_PATTERNS = ["model_index.json", "*/config.json", "*/*.safetensors", "*/*.safetensors.index.json", "scheduler/*.json", "tokenizer/*"]
+def component_hashes(roots) -> dict:
+    """Per-stage hash of the files that decide each stage's output, each read from the folder its
+    component comes from (`roots`: one model folder, or component -> folder holding <component>/).
+    A model in one local folder hashes as it always did. A hub snapshot whose weights its stage
+    has not fetched yet is hashed by its configs and its commit, which pins the weights."""
+    roots = roots if isinstance(roots, dict) else {part: roots for part in COMPONENTS}
+    hashes = {}
+    for stage, parts in _STAGE_FILES.items():
+        by_root: dict[Path, list[str]] = {}
+        for part, pattern in parts:
+            by_root.setdefault(Path(roots[part]), []).append(pattern)
+        digests = []
+        for root, patterns in by_root.items():
+            commit = _hub_commit(root)
+            if commit is None:
+                digests.append(_hash_files(root, patterns))
+            else:
+                configs = [p.replace("/*", "/*.json") if p.split("/")[0] in ("text_encoder", "transformer", "vae") else p for p in patterns]
+                digests.append(f"{_hash_files(root, configs)}@{root.parent.parent.name}@{commit}")
+        hashes[stage] = digests[0] if len(digests) == 1 and "@" not in digests[0] else _combine(*digests)
+    return hashes
 
 
-def resolve_model(given: str, job_dir: Path, require_weights: bool = True) -> Path:
-    """A local folder (relative to the job file) or a hub id resolved to a local snapshot.
-    `require_weights=False` accepts a folder of configs only (`orchestrate plan` reads no weights)."""
+def _combine(*digests: str) -> str:
+    return hashlib.sha256("\n".join(digests).encode()).hexdigest()[:16]
+
+
+def _hub_commit(root: Path) -> str | None:
+    """The commit of a Hugging Face cache snapshot (<cache>/models--org--name/snapshots/<commit>)."""
+    return root.name if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--") else None
+
+
+# What the orchestrator fetches from the hub to plan (configs, tokenizer, scheduler); each stage
+# fetches its own component's weights (stages/contract.py component_root).
+_HUB_CONFIGS = ["model_index.json", "*/config.json", "*/*.safetensors.index.json", "scheduler/*.json", "tokenizer/*"]
+
+
+def _locate(given: str, job_dir: Path, what: str, patterns: list[str], key: str = "'model' in [job]") -> tuple[Path, str | None]:
+    """A local folder (relative to the job file) or a hub id resolved to a local snapshot holding
+    `patterns`: (folder, hub repo id or None)."""
     candidate = (job_dir / Path(given).expanduser()).resolve()
     looks_like_path = given.startswith((".", "/", "~")) or candidate.exists() or given.count("/") != 1
     if looks_like_path:
         if not candidate.is_dir():
-            raise JobFileError(f"model folder {candidate} does not exist; fix 'model' in [job] (a local path is relative to the job file)")
-    else:
-        candidate = _download(given, candidate)
+            raise JobFileError(f"{what} folder {candidate} does not exist; fix {key} (a local path is relative to the job file)")
+        return candidate, None
+    return _download(given, candidate, what, patterns, key), given
+
+
+def _check_weights(given: str, root: Path, part: str, what: str) -> None:
+    if not any((root / part).glob("*.safetensors")):
+        pickles = sorted(p.name for p in (root / part).iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+        found = f"only pickle weights ({pickles[0]})" if pickles else "no .safetensors weights"
+        raise JobFileError(
+            f"{what} {given!r}: {part}/ has {found}; weights are loaded from safetensors only (never pickle): "
+            f"convert it with `orchestrate convert {root / part}`" if pickles else
+            f"{what} {given!r}: {part}/ has {found}; weights are loaded from safetensors only (never pickle)"
+        )
+
+
+def resolve_model(given: str, job_dir: Path, require_weights: bool = True, parts=COMPONENTS) -> Path:
+    """The base model folder, holding every component in `parts` (those [job.components] does not
+    name). `require_weights=False` accepts a folder of configs only (`orchestrate plan` reads no
+    weights)."""
+    candidate, repo = _locate(given, job_dir, "model", _HUB_CONFIGS)
     if not (candidate / "model_index.json").exists():
         raise JobFileError(f"model {given!r} at {candidate} has no model_index.json; point 'model' at a diffusers folder (save_pretrained layout)")
-    for part in ("text_encoder", "tokenizer", "transformer", "vae", "scheduler"):
+    for part in parts:
         if not (candidate / part).is_dir():
-            raise JobFileError(f"model {given!r} at {candidate} has no {part}/ folder; use a complete PixArt-alpha diffusers folder")
-    for part in ("text_encoder", "transformer", "vae") if require_weights else ():  # each must have safetensors
-        if not any((candidate / part).glob("*.safetensors")):
-            pickles = sorted(p.name for p in (candidate / part).iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
-            found = f"only pickle weights ({pickles[0]})" if pickles else "no .safetensors weights"
+            found = sorted(p.name for p in candidate.iterdir() if p.is_dir() and not p.name.startswith("."))
             raise JobFileError(
-                f"model {given!r}: {part}/ has {found}; weights are loaded from safetensors only (never pickle): "
-                f"convert it with save_pretrained(..., safe_serialization=True)"
+                f"model {given!r} at {candidate} has no {part}/ folder (found: {', '.join(found) or 'none'}); use a complete PixArt "
+                f"diffusers folder, or name where {part} comes from in [job.components], e.g. {part} = \"folder or hub id\""
             )
+    for part in (p for p in ("text_encoder", "transformer", "vae") if p in parts) if require_weights and repo is None else ():
+        _check_weights(given, candidate, part, "model")
     return candidate
 
 
-def _download(repo_id: str, local: Path) -> Path:
-    """Snapshot of a hub repo, safetensors and configs only (never pickles). Honors HF_HUB_OFFLINE."""
+def resolve_component(part: str, given: str, job_dir: Path, require_weights: bool = True) -> Path:
+    """The folder a [job.components] entry names: a local folder or hub repo holding <part>/."""
+    what = f"[job.components] {part}"
+    candidate, repo = _locate(given, job_dir, what, [f"{part}/*"] if part in ("tokenizer", "scheduler") else
+                              [f"{part}/config.json", f"{part}/*.safetensors.index.json"], f"'{part}' in [job.components]")
+    if not (candidate / part).is_dir():
+        raise JobFileError(f"{what} = {given!r}: {candidate} has no {part}/ folder; name a folder or hub repo that holds {part}/")
+    if require_weights and repo is None and part in ("text_encoder", "transformer", "vae"):
+        _check_weights(given, candidate, part, what)
+    return candidate
+
+
+def _download(repo_id: str, local: Path, what: str = "model", patterns: list[str] = _HUB_CONFIGS, key: str = "'model' in [job]") -> Path:
+    """Snapshot of a hub repo, only the files matching `patterns` (never pickles). Honors HF_HUB_OFFLINE."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except LocalEntryNotFoundError:
         raise JobFileError(
-            f"model {repo_id!r} is not a local folder ({local} does not exist), not in the Hugging Face cache, and the hub "
-            f"cannot be reached (offline mode or no network); download it once with `hf download {repo_id}` or fix 'model' in [job]"
+            f"{what} {repo_id!r} is not a local folder ({local} does not exist), not in the Hugging Face cache, and the hub "
+            f"cannot be reached (offline mode or no network); download it once with `hf download {repo_id}` or fix {key}"
         ) from None
     except RepositoryNotFoundError:
-        raise JobFileError(f"model {repo_id!r} is not a repository on the Hugging Face hub; check the id in [job] 'model'") from None
+        raise JobFileError(f"{what} {repo_id!r} is not a repository on the Hugging Face hub; check the id ({key})") from None
     except Exception as exc:  # network errors come in many classes
-        raise JobFileError(f"model {repo_id!r} could not be fetched ({type(exc).__name__}: {exc}); check the network or use a local folder") from None
+        raise JobFileError(f"{what} {repo_id!r} could not be fetched ({type(exc).__name__}: {exc}); check the network or use a local folder") from None
 
 
 def _read_json(path: Path) -> dict:
@@ -288,14 +379,23 @@ def _read_json(path: Path) -> dict:
 def resolve_job(job: Job, job_dir: Path, device: str, runtime: dict | None = None, require_weights: bool = True) -> dict:
     """The fully resolved job: defaults filled, seeds drawn (or reused), paths absolute."""
     job_dir = Path(job_dir)
-    model_path = resolve_model(job.settings.model, job.source.parent, require_weights)
-    transformer_config = _read_json(model_path / "transformer" / "config.json")
-    vae_config = _read_json(model_path / "vae" / "config.json")
+    composed = dict(job.components)
+    model_path = resolve_model(job.settings.model, job.source.parent, require_weights, [p for p in COMPONENTS if p not in composed])
+    roots = {part: model_path for part in COMPONENTS}
+    components = {}
+    for part, given in composed.items():
+        roots[part] = resolve_component(part, given, job.source.parent, require_weights)
+        components[part] = {"given": given, "path": str(roots[part])}
+    transformer_config = _read_json(roots["transformer"] / "transformer" / "config.json")
+    vae_config = _read_json(roots["vae"] / "vae" / "config.json")
+    pipeline, pipeline_source = family.detect(job.settings.pipeline, _read_json(model_path / "model_index.json"), transformer_config, vae_config)
+    chosen = family.of(pipeline)
     default_side = transformer_config["sample_size"] * 2 ** (len(vae_config["block_out_channels"]) - 1)
-    if transformer_config.get("sample_size") not in (32, 64, 128) and any(g.use_resolution_binning for g in job.generations):
+    if transformer_config.get("sample_size") not in chosen.bins and any(g.use_resolution_binning for g in job.generations):
         raise JobFileError(
-            f"model {job.settings.model!r}: resolution binning needs a transformer sample_size of 32, 64 or 128, not "
-            f"{transformer_config.get('sample_size')}; set use_resolution_binning = false in [defaults]"
+            f"model {job.settings.model!r}: resolution binning in {chosen.name} needs a transformer sample_size of "
+            f"{', '.join(str(s) for s in sorted(chosen.bins))}, not {transformer_config.get('sample_size')}; "
+            f"set use_resolution_binning = false in [defaults]"
         )
     dtype = job.settings.dtype or ("float32" if device == "cpu" else "float16")
     previous = _previous_seeds(job_dir)
@@ -335,11 +435,14 @@ def resolve_job(job: Job, job_dir: Path, device: str, runtime: dict | None = Non
         "format": FORMAT_VERSION,
         "name": job.settings.name,
         "job_file": str(job.source),
-        "model": {"given": job.settings.model, "path": str(model_path), "component_hashes": component_hashes(model_path)},
+        "model": {"given": job.settings.model, "path": str(model_path), "component_hashes": component_hashes(roots),
+                  "components": components},
+        "pipeline": pipeline,
+        "pipeline_source": pipeline_source,
         "dtype": dtype,
         "device": device,
         "clean_caption": job.settings.clean_caption,
-        "max_sequence_length": job.settings.max_sequence_length,
+        "max_sequence_length": job.settings.max_sequence_length or chosen.max_sequence_length,
         "drawn_seeds": drawn,
         "runtime": runtime or {},
         "items": items,

@@ -111,29 +111,37 @@ def _texts(items: list[dict]) -> list[str]:
     return list(texts)
 
 
-def _latent_size(item: dict, sample_size: int) -> tuple[int, int]:
+def _latent_size(item: dict, sample_size: int, pipeline: str | None) -> tuple[int, int]:
     if not item["use_resolution_binning"]:
         return item["height"], item["width"]
     from stages.denoise import binned_size
 
-    return binned_size(sample_size, item["height"], item["width"])
+    return binned_size(sample_size, item["height"], item["width"], pipeline)
+
+
+def model_roots(resolved: dict) -> dict:
+    """{component: folder holding <component>/} of a resolved job (base model or [job.components])."""
+    model = resolved["model"]
+    components = model.get("components") or {}
+    return {part: Path(components[part]["path"]) if part in components else Path(model["path"])
+            for part in ("text_encoder", "tokenizer", "transformer", "vae", "scheduler")}
 
 
 # ---------------------------------------------------------------------------------------------
 # Choosing
 
 
-def choose_strategies(model_path: Path, dtype: str, device_type: str, items: list[dict], max_sequence_length: int,
+def choose_strategies(model_path, dtype: str, device_type: str, items: list[dict], max_sequence_length: int,
                       budget_bytes: int | None, allow_tiling: bool = True, exact: bool = False,
-                      host_budget_bytes: int | None = None) -> dict:
+                      host_budget_bytes: int | None = None, pipeline: str | None = None) -> dict:
     """Per stage the fastest Estimate that fits the budget, or a NoFit: resident before stream or
     offload, untiled before tiled 512 before tiled 256, then the largest batch that fits. `exact`
     (--exact) keeps denoise at batch 1, as the pipeline computes each image, for parity checks."""
     device_type = device_type.partition(":")[0]
-    model = ModelConfigs.read(Path(model_path))
+    model = ModelConfigs.read(model_path if isinstance(model_path, dict) else Path(model_path))
     sample_size = json.loads(model.denoise)["sample_size"]
     texts = len(_texts(items))
-    binned = [(item, *_latent_size(item, sample_size)) for item in items]
+    binned = [(item, *_latent_size(item, sample_size, pipeline)) for item in items]
     denoise_shapes = sorted({(h, w, uses_guidance(item)) for item, h, w in binned})
     decode_shapes = sorted({(h, w, (item["height"], item["width"]) if item["use_resolution_binning"] else None)
                             for item, h, w in binned}, key=repr)
@@ -210,11 +218,12 @@ def plan_json(chosen: dict, device_type: str, budget_bytes: int | None, host_bud
 
 
 def plan_memory(model_path, dtype: str, device_type: str, items: list[dict], max_sequence_length: int,
-                budget_bytes: int | None, host_budget_bytes: int | None, allow_tiling: bool = True, exact: bool = False) -> dict:
+                budget_bytes: int | None, host_budget_bytes: int | None, allow_tiling: bool = True, exact: bool = False,
+                pipeline: str | None = None) -> dict:
     """The runtime section for this job and budget; JobFileError naming the stage and the smallest
     workable budget when a stage fits under none of its strategies."""
     chosen = choose_strategies(model_path, dtype, device_type, items, max_sequence_length, budget_bytes, allow_tiling, exact,
-                               host_budget_bytes)
+                               host_budget_bytes, pipeline)
     if any(isinstance(c, NoFit) for c in chosen.values()):
         raise JobFileError(no_fit_message(chosen, budget_bytes, allow_tiling, host_budget_bytes))
     return runtime_section(chosen, device_type, budget_bytes, host_budget_bytes)
@@ -233,8 +242,9 @@ def budgets(device: str, max_vram: str | None, max_ram: str | None) -> tuple[int
 def choose_for_job(resolved: dict, budget_bytes: int | None, allow_tiling: bool = True, exact: bool = False,
                    host_budget_bytes: int | None = None) -> dict:
     """choose_strategies for a resolved job (job.resolved.json's content)."""
-    return choose_strategies(resolved["model"]["path"], resolved["dtype"], resolved["device"], resolved["items"],
-                             resolved["max_sequence_length"], budget_bytes, allow_tiling, exact, host_budget_bytes)
+    return choose_strategies(model_roots(resolved), resolved["dtype"], resolved["device"], resolved["items"],
+                             resolved["max_sequence_length"], budget_bytes, allow_tiling, exact, host_budget_bytes,
+                             resolved.get("pipeline"))
 
 
 def runtime_for_job(resolved: dict, max_vram: str | None, max_ram: str | None, allow_tiling: bool = True,
@@ -245,8 +255,9 @@ def runtime_for_job(resolved: dict, max_vram: str | None, max_ram: str | None, a
     budget_bytes, host_budget_bytes = budgets(resolved["device"], max_vram, max_ram)
     if budget_bytes is None:
         return {}
-    runtime = plan_memory(resolved["model"]["path"], resolved["dtype"], resolved["device"], resolved["items"],
-                          resolved["max_sequence_length"], budget_bytes, host_budget_bytes, allow_tiling, exact)
+    runtime = plan_memory(model_roots(resolved), resolved["dtype"], resolved["device"], resolved["items"],
+                          resolved["max_sequence_length"], budget_bytes, host_budget_bytes, allow_tiling, exact,
+                          resolved.get("pipeline"))
     runtime["budget_source"] = budget_source(resolved["device"], max_vram, max_ram, budget_bytes)
     return runtime
 

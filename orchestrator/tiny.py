@@ -71,8 +71,15 @@ SIZES = {
 }
 
 
-def build_tiny_components(seed: int = 0, size: str = "tiny") -> dict:
-    """Random-weight tokenizer, T5 encoder, transformer, VAE and the real scheduler."""
+# PixArt-Σ's transformers: no micro-conditions, and the interpolation scale of the real configs
+# (orchestrator/reference_configs/PixArt-Sigma-*/transformer/config.json) for each sample_size.
+SIGMA_INTERPOLATION = {32: 0.5, 64: 1, 128: 2, 256: 4}
+
+
+def build_tiny_components(seed: int = 0, size: str = "tiny", family: str = "alpha", sample_size: int = 128) -> dict:
+    """Random-weight tokenizer, T5 encoder, transformer, VAE and the real scheduler. `family`
+    "sigma" makes a PixArt-Σ twin: a transformer with `use_additional_conditions` false and Σ's
+    interpolation scale, and an SDXL-style VAE (scaling_factor 0.13025), as the Σ repos have."""
     import torch
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtTransformer2DModel
     from transformers import T5Config, T5EncoderModel
@@ -97,8 +104,10 @@ def build_tiny_components(seed: int = 0, size: str = "tiny") -> dict:
             decoder_start_token_id=0,
         )
     )
+    sigma = {"use_additional_conditions": False, "interpolation_scale": SIGMA_INTERPOLATION[sample_size]} if family == "sigma" else {}
     transformer = PixArtTransformer2DModel(
-        sample_size=128,  # 128 selects the 1024 bins and enables the micro-conditions
+        **sigma,
+        sample_size=sample_size,  # α: 128 selects the 1024 bins and enables the micro-conditions
         num_layers=dims["layers"],
         patch_size=2,
         attention_head_dim=dims["head_dim"],
@@ -124,7 +133,7 @@ def build_tiny_components(seed: int = 0, size: str = "tiny") -> dict:
         layers_per_block=1,
         norm_num_groups=4,
         sample_size=256,
-        scaling_factor=0.18215,
+        scaling_factor=0.13025 if family == "sigma" else 0.18215,  # SDXL's VAE (Σ) or sd-vae-ft-ema (α)
     )
     scheduler = DPMSolverMultistepScheduler.from_pretrained(
         REFERENCE_CONFIGS / "PixArt-XL-2-1024-MS" / "scheduler"
@@ -138,14 +147,17 @@ def build_tiny_components(seed: int = 0, size: str = "tiny") -> dict:
     }
 
 
-def save_tiny_model(path: Path, seed: int = 0, size: str = "tiny") -> Path:
-    """Write a complete small diffusers folder (safetensors weights) to `path` and return it."""
-    from diffusers import PixArtAlphaPipeline
+def save_tiny_model(path: Path, seed: int = 0, size: str = "tiny", family: str = "alpha", sample_size: int = 128) -> Path:
+    """Write a complete small diffusers folder (safetensors weights) to `path` and return it; its
+    model_index.json names the family's pipeline (PixArtAlphaPipeline or PixArtSigmaPipeline)."""
+    import diffusers
 
     path = Path(path)
-    pipe = PixArtAlphaPipeline(**build_tiny_components(seed, size))
+    pipeline_class = diffusers.PixArtSigmaPipeline if family == "sigma" else diffusers.PixArtAlphaPipeline
+    pipe = pipeline_class(**build_tiny_components(seed, size, family, sample_size))
     pipe.save_pretrained(path, safe_serialization=True)
-    (path / "TINY_MODEL.json").write_text(json.dumps({"built_by": "orchestrator.tiny", "seed": seed, "size": size}) + "\n")
+    (path / "TINY_MODEL.json").write_text(json.dumps({"built_by": "orchestrator.tiny", "seed": seed, "size": size, "family": family,
+                                                      "sample_size": sample_size}) + "\n")
     return path
 
 

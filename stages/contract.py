@@ -258,6 +258,8 @@ def plan_units(job: dict) -> dict[str, list[Unit]]:
             "dtype": job["dtype"],
             **{k: item[k] for k in DENOISE_ITEM_KEYS},
         }
+        if job.get("pipeline", "PixArtAlphaPipeline") != "PixArtAlphaPipeline":  # α's params stay as they were
+            d_params["pipeline"] = job["pipeline"]
         denoise.append(
             Unit("denoise", item["id"], d_params, inputs=(("encode", e_key),), items=(item["id"],),
                  outputs=(f"{item['id']}.safetensors",))
@@ -385,6 +387,42 @@ def output_entry(path: Path, shape=None, dtype=None) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # Process helpers for stage entry points
+
+
+def component_root(job: dict, part: str) -> Path:
+    """The folder holding <part>/ for this job: the base model's, or the one [job.components] names.
+    A component from the hub arrives with its configs only (the orchestrator plans from them); its
+    weights are fetched here, by the one stage that uses them, so encode never fetches the
+    transformer. Offline (HF_HUB_OFFLINE=1) they must already be in the cache."""
+    entry = (job["model"].get("components") or {}).get(part)
+    root = Path(entry["path"] if entry else job["model"]["path"])
+    if part in ("text_encoder", "transformer", "vae") and _hub_repo(root) and not any((root / part).glob("*.safetensors")):
+        root = _fetch_weights(_hub_repo(root), root.name, part)
+    return root
+
+
+def _hub_repo(root: Path) -> str | None:
+    """'org/name' for a Hugging Face cache snapshot folder (<cache>/models--org--name/snapshots/<commit>)."""
+    repo = root.parent.parent.name
+    return repo[len("models--"):].replace("--", "/", 1) if root.parent.name == "snapshots" and repo.startswith("models--") else None
+
+
+def _fetch_weights(repo: str, commit: str, part: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        root = Path(snapshot_download(repo, revision=commit, allow_patterns=[f"{part}/*.safetensors", f"{part}/*.json"]))
+    except Exception as exc:  # offline and not cached, network errors: many classes
+        raise JobFileError(f"cannot fetch {part} weights of {repo}@{commit[:12]} ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
+                           f"download them once with `hf download {repo}`, or use a local folder") from None
+    if not any((root / part).glob("*.safetensors")):  # offline: the cache did not have them; online: the repo has none
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        raise JobFileError(f"cannot fetch {part} weights of {repo}@{commit[:12]}: no {part}/*.safetensors "
+                           + ("in the Hugging Face cache and HF_HUB_OFFLINE is set; download them once with "
+                              f"`hf download {repo}`, or use a local folder" if offline else
+                              "in the repository (weights are loaded from safetensors only, never pickle); "
+                              f"download the repo and convert it with `orchestrate convert`"))
+    return root
 
 
 def versions() -> dict:

@@ -28,9 +28,10 @@ def load_vae(job: dict, device, tile_size: int | None = None):
     import torch
     from diffusers import AutoencoderKL
 
-    with contract.loading("decode", job["model"]["path"], "vae"):
+    root = contract.component_root(job, "vae")
+    with contract.loading("decode", root, "vae"):
         vae = AutoencoderKL.from_pretrained(
-            job["model"]["path"], subfolder="vae", torch_dtype=contract.torch_dtype(job["dtype"]), use_safetensors=True
+            root, subfolder="vae", torch_dtype=contract.torch_dtype(job["dtype"]), use_safetensors=True
         ).to(device).eval()
     if tile_size:
         vae.enable_tiling()
@@ -79,14 +80,14 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
         path, digest = contract.verified_input(job_dir, "decode", unit, upstream, key)
         record, _ = contract.read_record(job_dir / upstream / f"{key}.json")
         inputs[unit.key] = (path, digest, record)
-    vae_config = json.loads((Path(job["model"]["path"]) / "vae" / "config.json").read_text())
+    vae_config = json.loads((contract.component_root(job, "vae") / "vae" / "config.json").read_text())
     scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
     for unit in todo:
         record = inputs[unit.key][2]
         if record["vae_scale_factor"] != scale:
             raise contract.ArtifactError(
                 f"decode: item {unit.key} was denoised for a VAE scale factor of {record['vae_scale_factor']}, "
-                f"but {job['model']['path']}/vae has {scale}; rerun denoise with `orchestrate stage denoise JOB.toml`"
+                f"but {contract.component_root(job, 'vae')}/vae has {scale}; rerun denoise with `orchestrate stage denoise JOB.toml`"
             )
     plan = job.get("runtime", {}).get("stages", {}).get("decode", {})
     tile_size = plan.get("tile_size") if plan.get("strategy") == "tiled" else None

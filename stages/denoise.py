@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from stages import contract
+from stages import contract, family
 
 
 def vae_scale_factor(model_path: str) -> int:
@@ -27,22 +27,12 @@ def vae_scale_factor(model_path: str) -> int:
     return 2 ** (len(config["block_out_channels"]) - 1)
 
 
-def binned_size(sample_size: int, height: int, width: int) -> tuple[int, int]:
-    """The aspect-ratio bin the pipeline maps (height, width) to (pipeline step 1)."""
-    from diffusers.image_processor import PixArtImageProcessor
-    from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import (
-        ASPECT_RATIO_256_BIN,
-        ASPECT_RATIO_512_BIN,
-        ASPECT_RATIO_1024_BIN,
-    )
-
-    bins = {128: ASPECT_RATIO_1024_BIN, 64: ASPECT_RATIO_512_BIN, 32: ASPECT_RATIO_256_BIN}.get(sample_size)
-    if bins is None:
-        raise contract.JobFileError(
-            f"denoise: resolution binning needs a transformer sample_size of 32, 64 or 128, not {sample_size}; "
-            f"set use_resolution_binning = false in the job file"
-        )
-    return PixArtImageProcessor.classify_height_width_bin(height, width, ratios=bins)
+def binned_size(sample_size: int, height: int, width: int, pipeline: str | None = None) -> tuple[int, int]:
+    """The aspect-ratio bin the family's pipeline maps (height, width) to (pipeline step 1)."""
+    try:
+        return family.binned_size(pipeline, sample_size, height, width)
+    except ValueError as exc:
+        raise contract.JobFileError(f"denoise: {exc}; set use_resolution_binning = false in the job file") from None
 
 
 def load_transformer(job: dict, device, strategy: str = "resident"):
@@ -52,7 +42,7 @@ def load_transformer(job: dict, device, strategy: str = "resident"):
     import torch
     from diffusers import PixArtTransformer2DModel
 
-    path = job["model"]["path"]
+    path = contract.component_root(job, "transformer")
     dtype = contract.torch_dtype(job["dtype"])
     loader = None
     with contract.loading("denoise", path, "transformer"):
@@ -82,19 +72,22 @@ def load_transformer(job: dict, device, strategy: str = "resident"):
                     ) from exc
             else:
                 transformer.to(device)
-    scheduler_config = json.loads((Path(path) / "scheduler" / "scheduler_config.json").read_text())
+    scheduler_path = contract.component_root(job, "scheduler")
+    scheduler_config = json.loads((scheduler_path / "scheduler" / "scheduler_config.json").read_text())
     scheduler_class = getattr(diffusers, str(scheduler_config.get("_class_name")), None)
     if scheduler_class is None or not hasattr(scheduler_class, "from_config"):
         raise contract.JobFileError(
-            f"denoise: {path}/scheduler/scheduler_config.json names an unknown scheduler {scheduler_config.get('_class_name')!r}; "
+            f"denoise: {scheduler_path}/scheduler/scheduler_config.json names an unknown scheduler {scheduler_config.get('_class_name')!r}; "
             f"use a diffusers scheduler class such as DPMSolverMultistepScheduler"
         )
     torch.set_grad_enabled(False)
     return transformer, lambda: scheduler_class.from_config(scheduler_config), loader
 
 
-def generate_latents(transformer, scheduler, embeds: list[dict], items: list[dict], height: int, width: int, scale: int, device, dtype):
+def generate_latents(transformer, scheduler, embeds: list[dict], items: list[dict], height: int, width: int, scale: int, device, dtype,
+                     pipeline: str | None = None):
     """Denoise a batch of items that share size, steps and guidance; each keeps its own generator.
+    Steps 4-7 of the family's pipeline `__call__` (stages/family.py says where α and Σ differ).
     Yield (step, total, latents [B, C, h, w]) after each step; the last yield is the result."""
     import inspect
 
@@ -122,14 +115,15 @@ def generate_latents(transformer, scheduler, embeds: list[dict], items: list[dic
     latents = latents * scheduler.init_noise_sigma  # [B, C, h, w]
     # 6. Prepare extra step kwargs (DPM-Solver takes the generator) and the micro-conditions.
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    rules = family.of(pipeline)
     added_cond_kwargs = {"resolution": None, "aspect_ratio": None}
-    if transformer.config.sample_size == 128:
+    if transformer.config.sample_size == rules.micro_conditions_at:  # α at 128 only; Σ never
         rows = batch * (2 if do_cfg else 1)
         resolution = torch.tensor([height, width]).repeat(rows, 1).to(dtype=dtype, device=device)
         aspect_ratio = torch.tensor([float(height / width)]).repeat(rows, 1).to(dtype=dtype, device=device)
         added_cond_kwargs = {"resolution": resolution, "aspect_ratio": aspect_ratio}
     # 7. Denoising loop.
-    if hasattr(scheduler, "set_begin_index"):
+    if rules.set_begin_index and hasattr(scheduler, "set_begin_index"):  # α's pipeline does, Σ's does not
         scheduler.set_begin_index(0)
     for i, t in enumerate(timesteps):
         latent_model_input = torch.cat([latents] * 2) if do_cfg else latents
@@ -149,9 +143,11 @@ def generate_latents(transformer, scheduler, embeds: list[dict], items: list[dic
             noise_pred = noise_pred_uncond + guidance * (noise_pred_text - noise_pred_uncond)
         if transformer.config.out_channels // 2 == channels:  # learned sigma
             noise_pred = noise_pred.chunk(2, dim=1)[0]
-        # The pipeline takes `[1]` here when steps == 1, which raises IndexError for DPM-Solver
-        # (its step returns a 1-tuple); `[0]` is the previous sample for every scheduler.
-        latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+        out = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)
+        # The 1-step rule: α's pipeline takes `[1]` when steps == 1 (LCM's denoised sample), which
+        # raises IndexError for DPM-Solver (its step returns a 1-tuple): there we take `[0]`, the
+        # previous sample, as Σ's pipeline always does (README: the one deliberate difference).
+        latents = out[rules.one_step_index] if steps == 1 and len(out) > rules.one_step_index else out[0]
         yield i + 1, len(timesteps), latents
 
 
@@ -191,8 +187,8 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
     plan = job.get("runtime", {}).get("stages", {}).get("denoise", {})
     strategy, batch_size = plan.get("strategy", "resident"), max(1, plan.get("batch_size") or 1)
     items = {item["id"]: item for item in job["items"]}
-    scale = vae_scale_factor(job["model"]["path"])
-    sample_size = json.loads((Path(job["model"]["path"]) / "transformer" / "config.json").read_text())["sample_size"]
+    scale = vae_scale_factor(contract.component_root(job, "vae"))
+    sample_size = json.loads((contract.component_root(job, "transformer") / "transformer" / "config.json").read_text())["sample_size"]
     # Check every input before loading the model (diffusers' check_inputs comes first too).
     inputs, sizes = {}, {}
     for unit in todo:
@@ -200,7 +196,8 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
         inputs[unit.key] = contract.verified_input(job_dir, "denoise", unit, upstream, key)
         item = items[unit.key]
         # 1. Resolution binning: the latents are made at the bin; decode resizes back.
-        sizes[unit.key] = binned_size(sample_size, item["height"], item["width"]) if item["use_resolution_binning"] else (item["height"], item["width"])
+        sizes[unit.key] = (binned_size(sample_size, item["height"], item["width"], job.get("pipeline"))
+                           if item["use_resolution_binning"] else (item["height"], item["width"]))
     clock = contract.Clock()
     host_rss_at_start = contract.reset_peak_memory(device)
     with contract.oom_guard(job, *todo):  # loading can run out of memory too
@@ -223,7 +220,8 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
             bar = tqdm(total=group_items[0]["num_inference_steps"], desc=f"denoise {done + 1}/{len(todo)} {name}", leave=False)
         latents = None
         with contract.oom_guard(job, *group):
-            for step, total, latents in generate_latents(transformer, new_scheduler(), embeds, group_items, height, width, scale, device, dtype):
+            for step, total, latents in generate_latents(transformer, new_scheduler(), embeds, group_items, height, width, scale, device, dtype,
+                                                         job.get("pipeline")):
                 if bar is not None:
                     bar.update()
                 elif step == total or step % max(1, total // 4) == 0:

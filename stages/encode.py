@@ -16,18 +16,18 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from stages import contract
+from stages import contract, family
 
 
 def load_text_encoder(job: dict, device):
     """The tokenizer and T5 encoder, wrapped in a pipeline object that has no other components."""
+    import diffusers
     import torch
-    from diffusers import PixArtAlphaPipeline
     from transformers import T5EncoderModel, T5Tokenizer
 
-    path = job["model"]["path"]
-    with contract.loading("encode", path, "tokenizer"):
-        tokenizer = T5Tokenizer.from_pretrained(path, subfolder="tokenizer")
+    with contract.loading("encode", contract.component_root(job, "tokenizer"), "tokenizer"):
+        tokenizer = T5Tokenizer.from_pretrained(contract.component_root(job, "tokenizer"), subfolder="tokenizer")
+    path = contract.component_root(job, "text_encoder")
     # from_pretrained (not .to(fp16) afterwards) keeps T5's `wo` in fp32: see PIXART-NOTES.md.
     # On a GPU the weights go straight from the safetensors files to the device (device_map), so
     # host memory never holds the whole T5 (~9.5 GB in fp16) on the way.
@@ -37,8 +37,10 @@ def load_text_encoder(job: dict, device):
             path, subfolder="text_encoder", dtype=contract.torch_dtype(job["dtype"]), use_safetensors=True, **placement
         ).to(device).eval()
     if all(i == tokenizer.unk_token_id for i in tokenizer("a photo of a cat").input_ids[:-1]):
-        raise contract.ArtifactError(f"encode: the tokenizer in {path}/tokenizer maps every word to <unk>; its vocabulary is broken")
-    pipe = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=None, transformer=None, scheduler=None)
+        raise contract.ArtifactError(f"encode: the tokenizer in {contract.component_root(job, 'tokenizer')}/tokenizer maps every word to <unk>; its vocabulary is broken")
+    # The family's own pipeline class (stages/family.py): its encode_prompt is what the pipeline runs.
+    pipeline_class = getattr(diffusers, family.of(job.get("pipeline")).pipeline)
+    pipe = pipeline_class(tokenizer=tokenizer, text_encoder=text_encoder, vae=None, transformer=None, scheduler=None)
     torch.set_grad_enabled(False)  # the pipeline's __call__ runs encode_prompt under no_grad
     return pipe
 
@@ -66,11 +68,11 @@ def stream_encode(job: dict, device, texts: list[str], loader_state: dict) -> di
 
     from stages.weights import BlockLoader, WeightIndex, dtype_rule
 
-    path = Path(job["model"]["path"])
+    path = contract.component_root(job, "text_encoder")
     dtype = contract.torch_dtype(job["dtype"])
     if "loader" not in loader_state:  # built once per process, reused for every batch
-        with contract.loading("encode", str(path), "tokenizer"):
-            tokenizer = T5Tokenizer.from_pretrained(path, subfolder="tokenizer")
+        with contract.loading("encode", str(contract.component_root(job, "tokenizer")), "tokenizer"):
+            tokenizer = T5Tokenizer.from_pretrained(contract.component_root(job, "tokenizer"), subfolder="tokenizer")
         with contract.loading("encode", str(path), "text_encoder"):
             config = T5Config.from_pretrained(path / "text_encoder")
             index = WeightIndex(path / "text_encoder")
