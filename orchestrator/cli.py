@@ -263,21 +263,46 @@ def plan_memory(
 
 @app.command()
 @expected_errors
-def demo(workdir: Path = WORKDIR, device: str = DEVICE) -> None:
+def convert(
+    folder: Path = typer.Argument(..., help="A component folder holding .bin weights, e.g. model/transformer."),
+    force: bool = typer.Option(False, "--force", help="Convert again where a .safetensors file already exists."),
+) -> None:
+    """Convert a component's pickle weights (.bin) to .safetensors, which the stages load (they
+    never load pickles): read with torch.load(weights_only=True), written atomically, read back and
+    compared tensor by tensor. The .bin files are kept.
+
+    Example: orchestrate convert models/PixArt-Alpha-DMD-XL-2-512x512/transformer
+    """
+    from orchestrator.convert import convert_folder
+
+    for line in convert_folder(folder, force):
+        echo(line)
+
+
+@app.command()
+@expected_errors
+def demo(
+    workdir: Path = WORKDIR,
+    device: str = DEVICE,
+    family: str = typer.Option("alpha", "--family", help="alpha (PixArt-α, 1024 bins) or sigma (PixArt-Σ: 300 tokens, SDXL-style VAE)."),
+) -> None:
     """Build a tiny random-weight PixArt model offline and run a small job on it.
 
     The images are noise-like (random weights); the demo shows the whole pipeline working.
-    Example: orchestrate demo
+    Example: orchestrate demo --family sigma
     """
     from orchestrator.tiny import DEMO_JOB, save_tiny_model
 
+    if family not in ("alpha", "sigma"):
+        raise JobFileError(f"--family {family!r} is not alpha or sigma")
     workdir.mkdir(parents=True, exist_ok=True)
-    model = workdir / "demo-model"
+    suffix = "" if family == "alpha" else f"-{family}"
+    model = workdir / f"demo-model{suffix}"
     if not (model / "model_index.json").exists():
-        echo(f"building a tiny random-weight model in {os.path.relpath(model)}")
-        save_tiny_model(model)
-    job_file = workdir / "demo.toml"
-    job_file.write_text(DEMO_JOB)
+        echo(f"building a tiny random-weight PixArt-{'α' if family == 'alpha' else 'Σ'} model in {os.path.relpath(model)}")
+        save_tiny_model(model, family=family)
+    job_file = workdir / f"demo{suffix}.toml"
+    job_file.write_text(DEMO_JOB.replace('name = "demo"', f'name = "demo{suffix}"').replace('model = "demo-model"', f'model = "demo-model{suffix}"'))
     echo(f"job file: {os.path.relpath(job_file)}")
     _run(job_file, workdir, device, ())
 

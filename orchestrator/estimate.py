@@ -94,6 +94,7 @@ class Estimate:
     activation_bytes: int
     workspace_bytes: int
     tile_size: int | None = None
+    retry: Estimate | None = None  # decode in 16 bits: the float32 retry of an item whose output overflowed
 
     @property
     def peak_bytes(self) -> int:
@@ -101,7 +102,12 @@ class Estimate:
 
     def runtime_entry(self) -> dict:
         entry = {"strategy": self.strategy, "batch_size": self.batch_size, "peak_bytes": self.peak_bytes}
-        return entry | {"tile_size": self.tile_size} if self.stage == "decode" else entry
+        if self.stage != "decode":
+            return entry
+        entry["tile_size"] = self.tile_size
+        if self.retry is not None:
+            entry["upcast_retry"] = {"tile_size": self.retry.tile_size, "peak_bytes": self.retry.peak_bytes}
+        return entry
 
 
 def _rounded(nbytes: int, round_to: int) -> int:

@@ -36,6 +36,7 @@ class JobSettings:
     clean_caption: bool = True  # as in PixArtAlphaPipeline.__call__
     max_sequence_length: int | None = None  # None: the family's (α 120, Σ 300), as its pipeline
     pipeline: str | None = None  # PixArtAlphaPipeline | PixArtSigmaPipeline; None: detected (stages/family.py)
+    scheduler: str | None = None  # a diffusers scheduler class, from_config of the model's; None: the model's own
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class GenerationParams:
     use_resolution_binning: bool = True
     seed: int | None = None  # None: drawn once, then kept in job.resolved.json
     count: int = 1
+    timesteps: tuple | None = None  # custom timesteps, as the pipeline's `timesteps=` (DMD: [400]); sets the step count
 
 
 @dataclass(frozen=True)
@@ -81,20 +83,22 @@ def _check_type(where: str, key: str, value, annotation: str):
         "int": isinstance(value, int) and not isinstance(value, bool),
         "float": isinstance(value, (int, float)) and not isinstance(value, bool),
         "bool": isinstance(value, bool),
+        "tuple": isinstance(value, list) and bool(value) and all(isinstance(v, int) and not isinstance(v, bool) for v in value),
     }[base]
     if not ok:
         raise JobFileError(
-            f"{where}: '{key}' must be {'a' if base != 'int' else 'an'} {base}, not {type(value).__name__} {value!r}; "
-            f"write e.g. {key} = {_EXAMPLES.get(key, _EXAMPLES[base])}"
+            f"{where}: '{key}' must be {'a list of integers' if base == 'tuple' else ('a' if base != 'int' else 'an') + ' ' + base}, "
+            f"not {type(value).__name__} {value!r}; write e.g. {key} = {_EXAMPLES.get(key, _EXAMPLES[base])}"
         )
-    return float(value) if base == "float" else value
+    return float(value) if base == "float" else tuple(value) if base == "tuple" else value
 
 
 # What a correct value looks like in TOML, for the fix in type errors: per key, else per type.
 _EXAMPLES = {"width": "1024", "height": "1024", "seed": "42", "num_inference_steps": "20", "count": "1",
              "max_sequence_length": "120", "guidance_scale": "4.5", "dtype": '"float16"', "name": '"my-job"',
              "model": '"PixArt-alpha/PixArt-XL-2-1024-MS"', "prompt": '"a red apple"',
-             "str": '"text"', "int": "1", "float": "1.0", "bool": "true"}
+             "timesteps": "[400]", "scheduler": '"EulerAncestralDiscreteScheduler"', "pipeline": '"PixArtSigmaPipeline"',
+             "str": '"text"', "int": "1", "float": "1.0", "bool": "true", "tuple": "[999, 500]"}
 
 
 def _shown(key: str) -> str:
@@ -126,6 +130,9 @@ def _check_range(where: str, gen: GenerationParams) -> None:
         bad("count", gen.count, f"between 1 and {MAX_ITEMS}")
     if gen.seed is not None and not 0 <= gen.seed <= MAX_SEED:
         bad("seed", gen.seed, f"between 0 and {MAX_SEED}")
+    if gen.timesteps is not None:
+        if any(not 0 <= t < 1000 for t in gen.timesteps) or any(a <= b for a, b in zip(gen.timesteps, gen.timesteps[1:])):
+            bad("timesteps", list(gen.timesteps), "a list of distinct integers from 999 down to 0, in descending order (e.g. [400])")
     for key in ("width", "height"):
         value = getattr(gen, key)
         if value is not None and not 16 <= value <= MAX_SIDE:
@@ -335,11 +342,16 @@ def resolve_model(given: str, job_dir: Path, require_weights: bool = True, parts
     return candidate
 
 
+def component_patterns(part: str) -> list[str]:
+    """What the orchestrator fetches of a [job.components] hub repo: the whole small component
+    (tokenizer, scheduler), else its configs; the stage fetches the weights."""
+    return [f"{part}/*"] if part in ("tokenizer", "scheduler") else [f"{part}/config.json", f"{part}/*.safetensors.index.json"]
+
+
 def resolve_component(part: str, given: str, job_dir: Path, require_weights: bool = True) -> Path:
     """The folder a [job.components] entry names: a local folder or hub repo holding <part>/."""
     what = f"[job.components] {part}"
-    candidate, repo = _locate(given, job_dir, what, [f"{part}/*"] if part in ("tokenizer", "scheduler") else
-                              [f"{part}/config.json", f"{part}/*.safetensors.index.json"], f"'{part}' in [job.components]")
+    candidate, repo = _locate(given, job_dir, what, component_patterns(part), f"'{part}' in [job.components]")
     if not (candidate / part).is_dir():
         raise JobFileError(f"{what} = {given!r}: {candidate} has no {part}/ folder; name a folder or hub repo that holds {part}/")
     if require_weights and repo is None and part in ("text_encoder", "transformer", "vae"):
@@ -390,6 +402,7 @@ def resolve_job(job: Job, job_dir: Path, device: str, runtime: dict | None = Non
     vae_config = _read_json(roots["vae"] / "vae" / "config.json")
     pipeline, pipeline_source = family.detect(job.settings.pipeline, _read_json(model_path / "model_index.json"), transformer_config, vae_config)
     chosen = family.of(pipeline)
+    scheduler_name = _check_scheduler(job, roots["scheduler"])
     default_side = transformer_config["sample_size"] * 2 ** (len(vae_config["block_out_channels"]) - 1)
     if transformer_config.get("sample_size") not in chosen.bins and any(g.use_resolution_binning for g in job.generations):
         raise JobFileError(
@@ -410,7 +423,8 @@ def resolve_job(job: Job, job_dir: Path, device: str, runtime: dict | None = Non
             )
         seed = gen.seed
         if seed is None:
-            entry_key = canonical_json({k: v for k, v in asdict(gen).items() if k != "seed"})
+            # (fields added later count only when set, so seeds drawn by older versions are found again)
+            entry_key = canonical_json({k: v for k, v in asdict(gen).items() if k != "seed" and not (k == "timesteps" and v is None)})
             seed = previous.get(entry_key)
             if seed is None:
                 seed = secrets.randbelow(2**31)  # recorded below, so a rerun reuses it
@@ -427,8 +441,10 @@ def resolve_job(job: Job, job_dir: Path, device: str, runtime: dict | None = Non
                 "width": width,
                 "height": height,
                 "guidance_scale": gen.guidance_scale,
-                "num_inference_steps": gen.num_inference_steps,
+                # Custom timesteps set the step count, as the pipeline's retrieve_timesteps does.
+                "num_inference_steps": len(gen.timesteps) if gen.timesteps else gen.num_inference_steps,
                 "use_resolution_binning": gen.use_resolution_binning,
+                **({"timesteps": list(gen.timesteps)} if gen.timesteps else {}),
                 "image": f"decode/{item_id}.png",
             })
     return {
@@ -439,6 +455,7 @@ def resolve_job(job: Job, job_dir: Path, device: str, runtime: dict | None = Non
                   "components": components},
         "pipeline": pipeline,
         "pipeline_source": pipeline_source,
+        "scheduler": scheduler_name,
         "dtype": dtype,
         "device": device,
         "clean_caption": job.settings.clean_caption,
@@ -447,6 +464,42 @@ def resolve_job(job: Job, job_dir: Path, device: str, runtime: dict | None = Non
         "runtime": runtime or {},
         "items": items,
     }
+
+
+def _usable(module, name: str) -> bool:
+    """Whether diffusers' `name` is a scheduler class this install can build (some need extras,
+    e.g. torchsde: their placeholders raise ImportError when touched)."""
+    try:
+        cls = getattr(module, name)
+        return isinstance(cls, type) and issubclass(cls, module.SchedulerMixin)  # placeholders are not
+    except Exception:
+        return False
+
+
+def _check_scheduler(job: Job, root: Path) -> str | None:
+    """The [job] scheduler override (a diffusers scheduler class, or None for the model's own), and
+    that every generation with custom timesteps has a scheduler that takes them (the pipeline's
+    retrieve_timesteps raises otherwise)."""
+    if not job.settings.scheduler and not any(gen.timesteps for gen in job.generations):
+        return None  # the model's own scheduler, checked by the denoise stage; no diffusers import here
+    import inspect
+
+    import diffusers
+
+    config = _read_json(root / "scheduler" / "scheduler_config.json")
+    name = job.settings.scheduler or config.get("_class_name")
+    names = sorted(n for n in dir(diffusers) if n.endswith("Scheduler") and _usable(diffusers, n))
+    if name not in names:
+        close = difflib.get_close_matches(str(name), names, n=1, cutoff=0.0)
+        where = "[job] 'scheduler'" if job.settings.scheduler else f"{root}/scheduler/scheduler_config.json"
+        raise JobFileError(f"{where}: {name!r} is not a diffusers scheduler class; did you mean {close[0]!r}? "
+                           f"(any of diffusers' {len(names)} scheduler classes works, built from the model's scheduler config)")
+    takes_timesteps = "timesteps" in inspect.signature(getattr(diffusers, name).set_timesteps).parameters
+    for n, gen in enumerate(job.generations, 1):
+        if gen.timesteps and not takes_timesteps:
+            raise JobFileError(f"[[generation]] #{n}: 'timesteps' needs a scheduler whose set_timesteps takes custom timesteps, and "
+                               f"{name} does not; remove 'timesteps' or set [job] scheduler = \"DDPMScheduler\" (or another that does)")
+    return job.settings.scheduler
 
 
 def _previous_seeds(job_dir: Path) -> dict:

@@ -11,6 +11,7 @@ CUDA, always 1 on the CPU, where batching would break bit parity with the one-pr
 from __future__ import annotations
 
 import json
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,7 +148,7 @@ def choose_strategies(model_path, dtype: str, device_type: str, items: list[dict
                             for item, h, w in binned}, key=repr)
     groups: dict[tuple, int] = {}
     for item, h, w in binned:
-        key = (h, w, item["num_inference_steps"], item["guidance_scale"])
+        key = (h, w, item["num_inference_steps"], item["guidance_scale"], tuple(item.get("timesteps") or ()))
         groups[key] = groups.get(key, 0) + 1
 
     def fits(estimate: Estimate) -> bool:
@@ -181,6 +182,15 @@ def choose_strategies(model_path, dtype: str, device_type: str, items: list[dict
     for stage, candidates in (("encode", encode), ("denoise", denoise), ("decode", decode)):
         fitting = [c for c in candidates if fits(c)]
         chosen[stage] = fitting[0] if fitting else NoFit(stage, min(candidates, key=lambda c: c.peak_bytes))
+    # A 16-bit VAE can overflow (NaN/inf); decode then redoes that item with the VAE in float32
+    # (stages/decode.py). Plan that retry too: the chosen tiling if it fits in float32, else a
+    # smaller tile, else the smallest (the stage reports an out-of-memory then, items kept).
+    if dtype != "float32" and budget_bytes is not None and not isinstance(chosen["decode"], NoFit):
+        tiles = [None, *TILE_SIZES] if allow_tiling else [None]
+        start = tiles.index(chosen["decode"].tile_size) if chosen["decode"].tile_size in tiles else 0
+        retries = [estimate_decode(model, "float32", device_type, tile, decode_shapes) for tile in tiles[start:]]
+        retry = next((r for r in retries if budget_bytes is None or r.peak_bytes <= budget_bytes), retries[-1])
+        chosen["decode"] = dataclasses.replace(chosen["decode"], retry=retry)
     return chosen
 
 
@@ -286,7 +296,13 @@ def format_plan(chosen: dict, budget_bytes: int | None) -> str:
                      format_bytes(estimate.activation_bytes), format_bytes(estimate.workspace_bytes),
                      format_bytes(estimate.peak_bytes), fits))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+    table = "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+    retry = getattr(chosen.get("decode"), "retry", None)
+    if retry is not None:
+        fits = "fits" if budget_bytes is None or retry.peak_bytes <= budget_bytes else "does NOT fit: such an item would fail out of memory"
+        table += (f"\ndecode retry in float32 (only for an item whose 16-bit decode overflows): {_strategy_name(retry)}, "
+                  f"peak {format_bytes(retry.peak_bytes)}, {fits}")
+    return table
 
 
 def describe_runtime(runtime: dict) -> str:

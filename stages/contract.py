@@ -258,8 +258,13 @@ def plan_units(job: dict) -> dict[str, list[Unit]]:
             "dtype": job["dtype"],
             **{k: item[k] for k in DENOISE_ITEM_KEYS},
         }
-        if job.get("pipeline", "PixArtAlphaPipeline") != "PixArtAlphaPipeline":  # α's params stay as they were
+        # Keys that newer jobs may set enter only when set, so older artifacts stay valid.
+        if job.get("pipeline", "PixArtAlphaPipeline") != "PixArtAlphaPipeline":
             d_params["pipeline"] = job["pipeline"]
+        if job.get("scheduler"):
+            d_params["scheduler"] = job["scheduler"]
+        if item.get("timesteps"):
+            d_params["timesteps"] = item["timesteps"]
         denoise.append(
             Unit("denoise", item["id"], d_params, inputs=(("encode", e_key),), items=(item["id"],),
                  outputs=(f"{item['id']}.safetensors",))
@@ -269,7 +274,8 @@ def plan_units(job: dict) -> dict[str, list[Unit]]:
             "dtype": job["dtype"],
             "decode": decode_strategy(job),
             # PNG text metadata carries these, so they decide the file's bytes too.
-            "metadata": {k: item[k] for k in ("prompt", "negative_prompt", *DENOISE_ITEM_KEYS)} | {"model": job["model"]["given"]},
+            "metadata": {k: item[k] for k in ("prompt", "negative_prompt", *DENOISE_ITEM_KEYS)} | {"model": job["model"]["given"]}
+                        | {k: v for k, v in (("scheduler", job.get("scheduler")), ("timesteps", item.get("timesteps"))) if v},
         }
         decode.append(
             Unit("decode", item["id"], c_params, inputs=(("denoise", item["id"]),), items=(item["id"],),
@@ -407,11 +413,15 @@ def _hub_repo(root: Path) -> str | None:
     return repo[len("models--"):].replace("--", "/", 1) if root.parent.name == "snapshots" and repo.startswith("models--") else None
 
 
+# What a stage fetches from the hub for its component: safetensors weights and configs, never pickles.
+HUB_WEIGHT_PATTERNS = ("{part}/*.safetensors", "{part}/*.json")
+
+
 def _fetch_weights(repo: str, commit: str, part: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        root = Path(snapshot_download(repo, revision=commit, allow_patterns=[f"{part}/*.safetensors", f"{part}/*.json"]))
+        root = Path(snapshot_download(repo, revision=commit, allow_patterns=[p.format(part=part) for p in HUB_WEIGHT_PATTERNS]))
     except Exception as exc:  # offline and not cached, network errors: many classes
         raise JobFileError(f"cannot fetch {part} weights of {repo}@{commit[:12]} ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
                            f"download them once with `hf download {repo}`, or use a local folder") from None

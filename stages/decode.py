@@ -34,23 +34,60 @@ def load_vae(job: dict, device, tile_size: int | None = None):
             root, subfolder="vae", torch_dtype=contract.torch_dtype(job["dtype"]), use_safetensors=True
         ).to(device).eval()
     if tile_size:
-        vae.enable_tiling()
-        vae.tile_sample_min_size = tile_size
-        vae.tile_latent_min_size = tile_size // 2 ** (len(vae.config.block_out_channels) - 1)
+        set_tiling(vae, tile_size)
     torch.set_grad_enabled(False)
     return vae
 
 
-def decode_latents(vae, latents, denoise_record: dict):
-    """PIL image for one item's latents [1, C, h, w], at the requested size."""
+def set_tiling(vae, tile_size: int | None) -> None:
+    """diffusers' tiled decoding over tiles of `tile_size` pixels, or none."""
+    if tile_size:
+        vae.enable_tiling()
+        vae.tile_sample_min_size = tile_size
+        vae.tile_latent_min_size = tile_size // 2 ** (len(vae.config.block_out_channels) - 1)
+    else:
+        vae.disable_tiling()
+
+
+def decode_latents(vae, latents, denoise_record: dict, retry_tile_size: int | None = None, log=None):
+    """(PIL image at the requested size, whether the VAE was upcast) for one item's latents
+    [1, C, h, w]. A 16-bit VAE can overflow (the SDXL VAE does in fp16; the pipelines ignore
+    `force_upcast`) and decode NaN/inf, which would be a black image: that item is decoded again
+    with the VAE in float32 (tiled as the plan's `upcast_retry` says), and the caller records it."""
+    import torch
     from diffusers.image_processor import PixArtImageProcessor
 
     processor = PixArtImageProcessor(vae_scale_factor=denoise_record["vae_scale_factor"])
     image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]  # [1, 3, H, W]
+    upcast = False
+    if not torch.isfinite(image).all():
+        if vae.dtype == torch.float32:
+            raise contract.ArtifactError(
+                f"decode: item {denoise_record['key']} decodes to NaN/inf even with the VAE in float32: its latents are broken; "
+                f"remake them with `orchestrate run JOB.toml --force denoise`"
+            )
+        if log is not None:
+            log.warning("decode: %s overflowed in %s (NaN/inf); decoding it again with the VAE in float32", denoise_record["key"],
+                        str(vae.dtype).replace("torch.", ""))
+        dtype, tiled = vae.dtype, vae.use_tiling
+        tile_size = vae.tile_sample_min_size if tiled else None
+        vae.to(torch.float32)  # 16-bit values are exact in float32, and back again
+        set_tiling(vae, retry_tile_size)
+        try:
+            image = vae.decode(latents.float() / vae.config.scaling_factor, return_dict=False)[0]
+        finally:
+            vae.to(dtype)
+            set_tiling(vae, tile_size)
+        upcast = True
+        if not torch.isfinite(image).all():
+            raise contract.ArtifactError(
+                f"decode: item {denoise_record['key']} decodes to NaN/inf even with the VAE in float32: its latents are broken; "
+                f"remake them with `orchestrate run JOB.toml --force denoise`"
+            )
     if denoise_record["params"]["use_resolution_binning"]:
         requested = denoise_record["requested_size"]
         image = processor.resize_and_crop_tensor(image, requested["width"], requested["height"])
-    return processor.postprocess(image, output_type="pil")[0]
+    return processor.postprocess(image, output_type="pil")[0], upcast
 
 
 def png_bytes(image, metadata: dict) -> bytes:
@@ -91,6 +128,8 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
             )
     plan = job.get("runtime", {}).get("stages", {}).get("decode", {})
     tile_size = plan.get("tile_size") if plan.get("strategy") == "tiled" else None
+    retry_tile_size = (plan.get("upcast_retry") or {}).get("tile_size", tile_size)
+    upcasts = 0
     clock = contract.Clock()
     host_rss_at_start = contract.reset_peak_memory(device)
     with contract.oom_guard(job, *todo):  # loading can run out of memory too
@@ -103,9 +142,13 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
         in_path, in_hash, denoise_record = inputs[unit.key]
         with contract.oom_guard(job, unit):
             latents = load_file(str(in_path))["latents"].to(device=device, dtype=dtype)  # [1, C, h, w]
-            image = decode_latents(vae, latents, denoise_record)
+            image, upcast = decode_latents(vae, latents, denoise_record, retry_tile_size, log)
+        upcasts += upcast
+        used_tile = retry_tile_size if upcast else tile_size
         out = job_dir / "decode" / f"{unit.key}.png"
-        metadata = dict(unit.params["metadata"], vae_tiling=f"{tile_size} px" if tile_size else "off")
+        metadata = dict(unit.params["metadata"], vae_tiling=f"{used_tile} px" if used_tile else "off")
+        if upcast:
+            metadata["vae_upcast"] = f"float32 ({job['dtype']} overflowed)"
         contract.publish_bytes(out, png_bytes(image, metadata))
         contract.write_record(unit.record_path(job_dir), {
             "stage": "decode",
@@ -114,14 +157,16 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
             "params": unit.params,
             "inputs": {f"denoise/{in_path.name}": in_hash},
             "outputs": {out.name: contract.output_entry(out, (image.height, image.width, 3), "uint8")},
-            "tiled": bool(tile_size),
-            "strategy": {"strategy": "tiled" if tile_size else "full", "tile_size": tile_size},
+            "tiled": bool(used_tile),
+            "strategy": {"strategy": "tiled" if used_tile else "full", "tile_size": used_tile},
+            "vae_upcast": upcast,
             **context,
             "seconds": started.seconds(),
             "peak": contract.peak_memory(device),
         })
         log.info("decode: %d/%d %s -> %s %.2f s", n, len(todo), unit.key, out.relative_to(job_dir), started.seconds())
-    return {"load_seconds": load_seconds, "peak": contract.peak_memory(device), "host_rss_at_start_bytes": host_rss_at_start}
+    return {"load_seconds": load_seconds, "peak": contract.peak_memory(device), "host_rss_at_start_bytes": host_rss_at_start,
+            "vae_upcasts": upcasts}
 
 
 def main(argv: list[str] | None = None) -> int:

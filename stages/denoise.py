@@ -74,7 +74,9 @@ def load_transformer(job: dict, device, strategy: str = "resident"):
                 transformer.to(device)
     scheduler_path = contract.component_root(job, "scheduler")
     scheduler_config = json.loads((scheduler_path / "scheduler" / "scheduler_config.json").read_text())
-    scheduler_class = getattr(diffusers, str(scheduler_config.get("_class_name")), None)
+    # The model's scheduler, or the job's override built from the model's scheduler config (as
+    # `Class.from_config(pipe.scheduler.config)`).
+    scheduler_class = getattr(diffusers, str(job.get("scheduler") or scheduler_config.get("_class_name")), None)
     if scheduler_class is None or not hasattr(scheduler_class, "from_config"):
         raise contract.JobFileError(
             f"denoise: {scheduler_path}/scheduler/scheduler_config.json names an unknown scheduler {scheduler_config.get('_class_name')!r}; "
@@ -103,10 +105,11 @@ def generate_latents(transformer, scheduler, embeds: list[dict], items: list[dic
         negative = torch.cat([e["negative_prompt_embeds"] for e in embeds]).to(device=device, dtype=dtype)
         prompt_embeds = torch.cat([negative, prompt_embeds])  # [2B, seq, dim]
         prompt_attention_mask = torch.cat([torch.cat([e["negative_prompt_attention_mask"] for e in embeds]).to(device), prompt_attention_mask])
-    # 4. Prepare timesteps.
-    steps = items[0]["num_inference_steps"]
-    scheduler.set_timesteps(steps, device=device)
-    timesteps = scheduler.timesteps
+    # 4. Prepare timesteps (custom ones set the step count, as in the pipeline).
+    from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import retrieve_timesteps
+
+    custom = items[0].get("timesteps")
+    timesteps, steps = retrieve_timesteps(scheduler, None if custom else items[0]["num_inference_steps"], device, custom)
     # 5. Prepare latents: one CPU generator per item, so an image never depends on its neighbours.
     generators = [torch.Generator("cpu").manual_seed(item["seed"]) for item in items]
     generator = generators[0] if batch == 1 else generators
@@ -162,13 +165,12 @@ def _batches(todo: list, items: dict, sizes: dict, batch_size: int) -> list[list
     within a group; independence makes the order of groups irrelevant to the images)."""
     def shape_of(unit):
         item = items[unit.key]
-        return (sizes[unit.key], item["num_inference_steps"], item["guidance_scale"])
+        return (sizes[unit.key], item["num_inference_steps"], item["guidance_scale"], tuple(item.get("timesteps") or ()))
 
     order = {shape: n for n, shape in reversed(list(enumerate(map(shape_of, todo))))}
     groups: list[list] = []
     for unit in sorted(todo, key=lambda u: order[shape_of(u)]):
-        item = items[unit.key]
-        shape = (sizes[unit.key], item["num_inference_steps"], item["guidance_scale"])
+        shape = shape_of(unit)
         last = groups[-1] if groups else None
         if last and len(last) < batch_size and last[0][0] == shape:
             last.append((shape, unit))

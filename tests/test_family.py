@@ -352,3 +352,317 @@ def test_hub_components_and_each_stage_fetching_only_its_own(tiny_sigma, tmp_pat
     errors = [line for line in (fresh_dir / "denoise" / "stage.log").read_text().splitlines() if "error:" in line]
     assert len(errors) == 1 and "cannot fetch transformer weights of tiny/sigma-transformer@bbbbbbbbbbbb" in errors[0], errors
     assert "hf download tiny/sigma-transformer" in errors[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Distillations and schedulers
+
+
+def with_scheduler(model: Path, folder: Path, reference: str) -> Path:
+    """A copy of `model` with the scheduler of a real repo (its config and model_index entry)."""
+    shutil.copytree(model, folder)
+    config = json.loads((REFERENCE_CONFIGS / reference / "scheduler" / "scheduler_config.json").read_text())
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    index = json.loads((folder / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", config["_class_name"]]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+def alpha_pipe(path: Path):
+    from diffusers import PixArtAlphaPipeline
+
+    pipe = PixArtAlphaPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_lcm_matches_its_pipeline(tiny_model, tmp_path):
+    """PixArt-LCM: LCMScheduler from the model folder, 4 steps, guidance 0; and 1 step, where α's
+    pipeline takes step()[1] (LCM's denoised sample), which ours must too."""
+    lcm = with_scheduler(tiny_model, tmp_path / "lcm", "PixArt-LCM-XL-2-1024-MS")
+    body = f"""
+    [job]
+    name = "lcm"
+    model = "{lcm}"
+    [defaults]
+    guidance_scale = 0.0
+    width = 96
+    height = 64
+    use_resolution_binning = false
+    [[generation]]
+    prompt = "an astronaut riding a green horse on the moon"
+    num_inference_steps = 4
+    seed = 21
+    [[generation]]
+    prompt = "a cute cat riding a horse at sunset"
+    num_inference_steps = 1
+    seed = 22
+    """
+    job_dir, _, _ = run_inprocess(write_job(tmp_path, body), tmp_path / "work")
+    pipe = alpha_pipe(lcm)
+    assert type(pipe.scheduler).__name__ == "LCMScheduler"
+    for item in resolved_items(job_dir):
+        ours = load_png(job_dir / item["image"])
+        theirs = np.asarray(pipe(item["prompt"], width=96, height=64, guidance_scale=0.0, num_inference_steps=item["num_inference_steps"],
+                                 use_resolution_binning=False, generator=torch.Generator("cpu").manual_seed(item["seed"])).images[0])
+        assert np.array_equal(ours, theirs), item["id"]
+
+
+def test_dmd_style_timesteps_400_one_step_matches_its_pipeline(tmp_path):
+    """PixArt-α DMD: a 512 model (sample_size 64: no micro-conditions), DDPMScheduler, run as
+    timesteps=[400], one step, guidance 1. The step count comes from the timesteps."""
+    from orchestrator.tiny import save_tiny_model
+
+    dmd = with_scheduler(save_tiny_model(tmp_path / "alpha-512", sample_size=64), tmp_path / "dmd", "PixArt-Alpha-DMD-XL-2-512x512")
+    body = f"""
+    [job]
+    name = "dmd"
+    model = "{dmd}"
+    [[generation]]
+    prompt = "a small cactus with a happy face in the sahara desert"
+    timesteps = [400]
+    guidance_scale = 1.0
+    width = 400
+    height = 300
+    seed = 31
+    """
+    job_dir, _, _ = run_inprocess(write_job(tmp_path, body), tmp_path / "work")
+    (item,) = resolved_items(job_dir)
+    assert (item["timesteps"], item["num_inference_steps"]) == ([400], 1)
+    record = json.loads((job_dir / "denoise" / f"{item['id']}.json").read_text())
+    assert record["params"]["timesteps"] == [400]
+    pipe = alpha_pipe(dmd)
+    assert type(pipe.scheduler).__name__ == "DDPMScheduler"
+    theirs = np.asarray(pipe(item["prompt"], timesteps=[400], guidance_scale=1.0, width=400, height=300,
+                             generator=torch.Generator("cpu").manual_seed(31)).images[0])
+    assert np.array_equal(load_png(job_dir / item["image"]), theirs)
+
+
+def test_another_scheduler_by_name_matches_the_pipeline_with_it(tiny_model, tmp_path):
+    """[job] scheduler = "EulerAncestralDiscreteScheduler": built with from_config of the model's
+    scheduler config, as `pipe.scheduler = Class.from_config(pipe.scheduler.config)`; it draws
+    noise in every step, from the item's own generator."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    body = f"""
+    [job]
+    name = "euler"
+    model = "{tiny_model}"
+    scheduler = "EulerAncestralDiscreteScheduler"
+    [[generation]]
+    prompt = "a forest of giant mushrooms under a purple sky"
+    num_inference_steps = 3
+    width = 64
+    height = 96
+    use_resolution_binning = false
+    seed = 41
+    """
+    job_dir, _, _ = run_inprocess(write_job(tmp_path, body), tmp_path / "work")
+    (item,) = resolved_items(job_dir)
+    assert json.loads((job_dir / "denoise" / f"{item['id']}.json").read_text())["params"]["scheduler"] == "EulerAncestralDiscreteScheduler"
+    pipe = alpha_pipe(tiny_model)
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    theirs = np.asarray(pipe(item["prompt"], num_inference_steps=3, width=64, height=96, use_resolution_binning=False,
+                             generator=torch.Generator("cpu").manual_seed(41)).images[0])
+    assert np.array_equal(load_png(job_dir / item["image"]), theirs)
+
+
+@pytest.mark.parametrize(("extra_job", "extra_gen", "message"), [
+    ('scheduler = "EulerAncestralDiscreteSchedular"', "", "'EulerAncestralDiscreteSchedular' is not a diffusers scheduler class; did you mean 'EulerAncestralDiscreteScheduler'?"),
+    ('scheduler = "PNDMScheduler"', "timesteps = [400]", "'timesteps' needs a scheduler whose set_timesteps takes custom timesteps, and PNDMScheduler does not"),
+    ("", "timesteps = [400, 700]", "'timesteps' = [400, 700] is out of range; it must be a list of distinct integers from 999 down to 0, in descending order"),
+    ("", 'timesteps = ["400"]', "'timesteps' must be a list of integers, not list ['400']; write e.g. timesteps = [400]"),
+])
+def test_scheduler_and_timesteps_errors_are_one_line(tiny_model, tmp_path, extra_job, extra_gen, message):
+    from orchestrator import job as jobfile
+    from stages.contract import JobFileError
+
+    path = write_job(tmp_path, f'[job]\nmodel = "{tiny_model}"\n{extra_job}\n[[generation]]\nprompt = "x"\nseed = 1\n{extra_gen}\n')
+    with pytest.raises(JobFileError) as caught:
+        jobfile.resolve_job(jobfile.load_job(path), tmp_path / "w", "cpu")
+    assert message in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pickle weights (the DMD transformer is published as .bin)
+
+
+def test_convert_turns_a_bin_component_into_verified_safetensors(tiny_model, tmp_path):
+    """A transformer saved as .bin is refused at run time with the fix named; `orchestrate convert`
+    makes the safetensors file (weights_only load, tensor-by-tensor check), and the job then runs
+    with the same weights."""
+    from diffusers import PixArtTransformer2DModel
+    from typer.testing import CliRunner
+
+    from orchestrator import job as jobfile
+    from orchestrator.cli import app
+    from stages.contract import JobFileError
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    original = PixArtTransformer2DModel.from_pretrained(model, subfolder="transformer")
+    shutil.rmtree(model / "transformer")
+    original.save_pretrained(model / "transformer", safe_serialization=False)
+    assert [p.name for p in (model / "transformer").glob("*.bin")] == ["diffusion_pytorch_model.bin"]
+    job_file = write_job(tmp_path, f'[job]\nmodel = "{model}"\n[[generation]]\nprompt = "x"\nseed = 1\n')
+    with pytest.raises(JobFileError, match=r"transformer/ has only pickle weights \(diffusion_pytorch_model.bin\).*orchestrate convert .*transformer"):
+        jobfile.resolve_job(jobfile.load_job(job_file), tmp_path / "w", "cpu")
+
+    result = CliRunner().invoke(app, ["convert", str(model / "transformer")])
+    assert result.exit_code == 0, result.output
+    assert "diffusion_pytorch_model.bin -> diffusion_pytorch_model.safetensors:" in result.output and "verified tensor by tensor" in result.output
+    converted = PixArtTransformer2DModel.from_pretrained(model, subfolder="transformer", use_safetensors=True)
+    for (name, a), (_, b) in zip(original.state_dict().items(), converted.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert jobfile.resolve_job(jobfile.load_job(job_file), tmp_path / "w", "cpu")["model"]["path"] == str(model)
+    again = CliRunner().invoke(app, ["convert", str(model / "transformer")])
+    assert "already exists; left alone" in again.output
+
+
+def test_convert_refuses_a_pickle_that_is_not_plain_tensors(tmp_path):
+    """weights_only=True refuses arbitrary objects: nothing is written, one line says why."""
+    import pickle
+
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+
+    class Payload:  # what a malicious checkpoint would carry
+        def __reduce__(self):
+            return (print, ("this ran",))
+
+    with open(folder / "diffusion_pytorch_model.bin", "wb") as f:
+        pickle.dump({"weight": Payload()}, f)
+    result = CliRunner().invoke(app, ["convert", str(folder)])
+    assert result.exit_code == 2 and "this ran" not in result.output
+    assert result.stderr.startswith("error: convert: ") and "is not a plain tensor checkpoint" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not list(folder.glob("*.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------
+# A VAE that overflows in 16-bit
+
+
+def test_a_vae_that_overflows_in_fp16_is_decoded_again_in_fp32_never_black(tiny_model, tmp_path):
+    """A VAE whose first decoder conv makes values over fp16's 65504 (as the original SDXL VAE does
+    in fp16) decodes NaN in float16. The item is decoded again with the VAE in float32: the PNG
+    equals that float32 decode, and the record, the PNG metadata and the summary say so."""
+    from diffusers import AutoencoderKL
+    from diffusers.image_processor import PixArtImageProcessor
+    from safetensors.torch import load_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae")
+    with torch.no_grad():
+        vae.decoder.conv_in.weight.mul_(1e5)
+        vae.decoder.conv_in.bias.mul_(1e5)
+    vae.save_pretrained(model / "vae", safe_serialization=True)
+    body = f"""
+    [job]
+    name = "overflow"
+    model = "{model}"
+    dtype = "float16"
+    [[generation]]
+    prompt = "a lighthouse by the sea"
+    width = 64
+    height = 64
+    use_resolution_binning = false
+    num_inference_steps = 2
+    seed = 51
+    """
+    job_dir, runs, _ = run_inprocess(write_job(tmp_path, body), tmp_path / "work")
+    (item,) = resolved_items(job_dir)
+    latents = load_file(str(job_dir / "denoise" / f"{item['id']}.safetensors"))["latents"]
+    half = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=torch.float16)
+    with torch.no_grad():
+        assert not torch.isfinite(half.decode(latents / half.config.scaling_factor).sample).all(), "the test VAE must overflow in fp16"
+        full = half.to(torch.float32).decode(latents.float() / half.config.scaling_factor).sample
+    expected = np.asarray(PixArtImageProcessor(vae_scale_factor=8).postprocess(full, output_type="pil")[0])
+    ours = load_png(job_dir / item["image"])
+    assert np.array_equal(ours, expected) and ours.std() > 1.0  # the float32 decode, not a flat image
+    record = json.loads((job_dir / "decode" / f"{item['id']}.json").read_text())
+    assert record["vae_upcast"] is True
+    from PIL import Image
+
+    with Image.open(job_dir / item["image"]) as png:
+        assert png.text["vae_upcast"] == "float32 (float16 overflowed)"
+    assert {r.stage: r.summary for r in runs}["decode"]["vae_upcasts"] == 1
+
+
+def test_the_fp32_retry_of_decode_is_planned_under_the_budget():
+    """The full-size α at 1024x1024 in fp16 under 2 GiB: the float32 retry gets a tiling that fits."""
+    from orchestrator import memory
+
+    full_size = REFERENCE_CONFIGS / "PixArt-XL-2-1024-MS"
+    item = {"prompt": "x", "negative_prompt": "", "seed": 1, "width": 1024, "height": 1024, "guidance_scale": 4.5,
+            "num_inference_steps": 20, "use_resolution_binning": True}
+    for budget in (2, 8):
+        decode = memory.plan_memory(full_size, "float16", "cuda", [item], 120, budget * 1024**3, None)["stages"]["decode"]
+        retry = decode["upcast_retry"]
+        assert retry["peak_bytes"] <= budget * 1024**3, (budget, decode)
+        assert retry["peak_bytes"] > decode["peak_bytes"] or retry["tile_size"] != decode["tile_size"], decode
+    assert "upcast_retry" not in memory.plan_memory(full_size, "float32", "cuda", [item], 120, 8 * 1024**3, None)["stages"]["decode"]
+
+
+def test_demo_family_sigma_runs_a_tiny_sigma_model(tmp_path):
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    result = CliRunner().invoke(app, ["demo", "--family", "sigma", "--workdir", str(tmp_path), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "tiny random-weight PixArt-Σ model" in result.output
+    resolved = json.loads((tmp_path / "demo-sigma" / "job.resolved.json").read_text())
+    assert (resolved["pipeline"], resolved["max_sequence_length"]) == (family.SIGMA, 300)
+    assert len(list((tmp_path / "demo-sigma" / "decode").glob("*.png"))) == 3
+    status = CliRunner().invoke(app, ["status", str(tmp_path / "demo-sigma.toml"), "--workdir", str(tmp_path), "--device", "cpu"])
+    assert status.output.startswith("model: PixArt-Σ (PixArtSigmaPipeline, from the transformer config"), status.output
+    assert "  transformer  demo-model-sigma\n" in status.output
+
+
+@pytest.mark.parametrize("sample_size", [32, 64])
+def test_sigma_256_and_512_composed_on_the_sigma_base_match_their_pipeline(tmp_path, sample_size):
+    """PixArt-Σ 256x256 and 512 are published as a transformer only, composed on the Σ base repo
+    (whose model_index names PixArtAlphaPipeline and whose transformer configs say nothing Σ at
+    these sizes): detected as Σ by the SDXL VAE, 256 / 512 bins, 300 tokens, bit for bit."""
+    from diffusers import PixArtTransformer2DModel
+
+    from orchestrator.tiny import save_tiny_model
+
+    twin = save_tiny_model(tmp_path / f"sigma-{sample_size}", seed=sample_size, family="sigma", sample_size=sample_size)
+    config = json.loads((twin / "transformer" / "config.json").read_text())
+    config.pop("use_additional_conditions")  # as the real Σ-256/512 configs
+    (twin / "transformer" / "config.json").write_text(json.dumps(config))
+    base = composed_base(twin, tmp_path / "base")
+    index = json.loads((base / "model_index.json").read_text())
+    (base / "model_index.json").write_text(json.dumps(dict(index, _class_name="PixArtAlphaPipeline")))
+    body = f"""
+    [job]
+    name = "sigma-{sample_size}"
+    model = "{base}"
+    [job.components]
+    transformer = "{twin}"
+    [defaults]
+    num_inference_steps = 2
+    [[generation]]
+    prompt = "{LONG_PROMPT}"
+    seed = 61
+    [[generation]]
+    prompt = "portrait of an old fisherman, oil painting"
+    width = {sample_size * 6}
+    height = {sample_size * 10}
+    guidance_scale = 1.0
+    seed = 62
+    """
+    job_dir, _, _ = run_inprocess(write_job(tmp_path, body), tmp_path / "work")
+    resolved = json.loads((job_dir / "job.resolved.json").read_text())
+    assert resolved["pipeline"] == family.SIGMA and resolved["pipeline_source"].startswith("the SDXL VAE")
+    assert [(i["width"], i["height"]) for i in resolved["items"]][0] == (sample_size * 8, sample_size * 8)  # the default size
+    transformer = PixArtTransformer2DModel.from_pretrained(twin, subfolder="transformer")
+    assert_parity(job_dir, sigma_pipe(base, transformer=transformer))

@@ -1,0 +1,78 @@
+"""`orchestrate convert FOLDER`: a component's pickle weights (.bin) to safetensors, verified.
+
+The stages load safetensors only, never pickles (a pickle can run code when loaded). Some models
+are published as .bin only, e.g. the PixArt-α DMD transformer. This reads each .bin with
+`torch.load(weights_only=True)`, which unpickles tensors and plain containers and refuses anything
+else, writes the safetensors file diffusers/transformers would have written (atomically), reads it
+back and compares every tensor (name, dtype, shape, values) with the pickle's, and rewrites a
+sharded index to point at the new files. The .bin files are left where they are.
+
+Names: diffusion_pytorch_model[-0000i-of-0000n].bin -> diffusion_pytorch_model[...].safetensors,
+pytorch_model[...].bin -> model[...].safetensors; *.bin.index.json -> *.safetensors.index.json.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from stages.contract import JobFileError, format_bytes, publish, publish_json
+
+
+def _target_name(name: str) -> str:
+    stem = name[: -len(".bin")]
+    if stem.startswith("pytorch_model"):
+        stem = "model" + stem[len("pytorch_model"):]
+    return stem + ".safetensors"
+
+
+def convert_folder(folder: Path, force: bool = False) -> list[str]:
+    """Convert every .bin weight file in `folder` (a component folder such as model/transformer);
+    returns what was done, one line per file. JobFileError on anything it cannot do safely."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise JobFileError(f"convert: {folder} is not a folder; give a component folder such as model/transformer")
+    bins = sorted(p for p in folder.glob("*.bin") if p.is_file())
+    if not bins:
+        found = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".pt", ".pth", ".ckpt"))
+        raise JobFileError(f"convert: {folder} holds no .bin weight files (found: {', '.join(found) or 'none'}); "
+                           f"give the component folder that holds them, e.g. model/transformer")
+    done = []
+    for path in bins:
+        target = folder / _target_name(path.name)
+        if target.exists() and not force:
+            done.append(f"{path.name}: {target.name} already exists; left alone (--force converts again)")
+            continue
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # UnpicklingError for anything but tensors, or a damaged file
+            raise JobFileError(f"convert: {path} is not a plain tensor checkpoint ({type(exc).__name__}: "
+                               f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}); not converted") from None
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict) or not state or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+            raise JobFileError(f"convert: {path} does not hold a flat name -> tensor mapping; not converted")
+        # Tied weights share storage, which safetensors refuses: each tensor gets its own copy.
+        tensors = {name: tensor.detach().contiguous().clone() for name, tensor in state.items()}
+        publish(target, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", "converted_from": path.name}))
+        back = load_file(str(target))
+        for name, tensor in state.items():
+            other = back.get(name)
+            if other is None or other.dtype != tensor.dtype or other.shape != tensor.shape or not torch.equal(other, tensor):
+                target.unlink()
+                raise JobFileError(f"convert: {target.name} does not read back equal to {path.name} at {name!r}; removed it")
+        if set(back) != set(state):
+            target.unlink()
+            raise JobFileError(f"convert: {target.name} holds other tensors than {path.name}; removed it")
+        size = sum(t.numel() * t.element_size() for t in state.values())
+        done.append(f"{path.name} -> {target.name}: {len(state)} tensors, {format_bytes(size)}, verified tensor by tensor")
+    for index in sorted(folder.glob("*.bin.index.json")):
+        data = json.loads(index.read_text())
+        data["weight_map"] = {k: _target_name(v) if v.endswith(".bin") else v for k, v in data.get("weight_map", {}).items()}
+        target = folder / _target_name(index.name[: -len(".index.json")]).replace(".safetensors", ".safetensors.index.json")
+        publish_json(target, data)
+        done.append(f"{index.name} -> {target.name}: shard names rewritten")
+    return done
