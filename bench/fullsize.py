@@ -43,7 +43,22 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-REFERENCE = ROOT / "orchestrator" / "reference_configs" / "PixArt-XL-2-1024-MS"
+CONFIGS = ROOT / "orchestrator" / "reference_configs"
+REFERENCE = CONFIGS / "PixArt-XL-2-1024-MS"
+# Family members (--model): where each part's config comes from. Transformer-only repos are
+# composed on their base as the job file composes them (README, "Supported models").
+MODELS = {
+    "alpha-1024": {part: "PixArt-XL-2-1024-MS" for part in ("index", "text_encoder", "transformer", "vae", "scheduler")},
+    "alpha-512": {part: "PixArt-XL-2-512x512" for part in ("index", "text_encoder", "transformer", "vae", "scheduler")},
+    "lcm-1024": {"index": "PixArt-LCM-XL-2-1024-MS", "text_encoder": "PixArt-XL-2-1024-MS", "transformer": "PixArt-XL-2-1024-MS",
+                 "vae": "PixArt-XL-2-1024-MS", "scheduler": "PixArt-LCM-XL-2-1024-MS"},
+    "sigma-1024": {part: "PixArt-Sigma-XL-2-1024-MS" for part in ("index", "text_encoder", "transformer", "vae", "scheduler")},
+    "sigma-2k": {"index": "PixArt-Sigma-XL-2-1024-MS", "text_encoder": "PixArt-Sigma-XL-2-1024-MS", "transformer": "PixArt-Sigma-XL-2-2K-MS",
+                 "vae": "pixart_sigma_sdxlvae_T5_diffusers", "scheduler": "pixart_sigma_sdxlvae_T5_diffusers"},
+    "sigma-512": {"index": "PixArt-Sigma-XL-2-1024-MS", "text_encoder": "PixArt-Sigma-XL-2-1024-MS", "transformer": "PixArt-Sigma-XL-2-512-MS",
+                  "vae": "pixart_sigma_sdxlvae_T5_diffusers", "scheduler": "pixart_sigma_sdxlvae_T5_diffusers"},
+}
+PARTS = ("tokenizer", "text_encoder", "transformer", "vae")
 VOCAB_SIZE = 32000  # pieces in the real T5 spiece.model; the 100 sentinels follow (32000-32099)
 EXTRA_IDS = 100
 
@@ -64,13 +79,10 @@ PRESETS = {
 # Configs
 
 
-def model_configs(preset: str = "full", overrides: dict | None = None) -> dict:
-    """The reference configs with the preset's (and then the caller's) overrides applied."""
-    configs = {
-        "text_encoder": json.loads((REFERENCE / "text_encoder" / "config.json").read_text()),
-        "transformer": json.loads((REFERENCE / "transformer" / "config.json").read_text()),
-        "vae": json.loads((REFERENCE / "vae" / "config.json").read_text()),
-    }
+def model_configs(preset: str = "full", overrides: dict | None = None, model: str = "alpha-1024") -> dict:
+    """The reference configs of `model` with the preset's (and then the caller's) overrides applied."""
+    sources = MODELS[model]
+    configs = {part: json.loads((CONFIGS / sources[part] / part / "config.json").read_text()) for part in ("text_encoder", "transformer", "vae")}
     for source in (PRESETS[preset], overrides or {}):
         for part, values in source.items():
             configs[part].update(values)
@@ -78,7 +90,7 @@ def model_configs(preset: str = "full", overrides: dict | None = None) -> dict:
     # The rules that tie the three together (PIXART-NOTES.md, "Tiny-model rules").
     dit["caption_channels"] = t5["d_model"]
     dit["cross_attention_dim"] = dit["num_attention_heads"] * dit["attention_head_dim"]
-    if dit["sample_size"] == 128 and dit["cross_attention_dim"] % 3:
+    if dit["sample_size"] == 128 and dit.get("use_additional_conditions") is not False and dit["cross_attention_dim"] % 3:
         raise ValueError(f"transformer width {dit['cross_attention_dim']} must be divisible by 3 for the micro-conditions")
     return configs
 
@@ -300,22 +312,24 @@ def save_diffusers_model(cls, folder: Path, config: dict, dtype, device, generat
 
 
 def build_model(out: Path, preset: str = "full", dtype_name: str = "float16", device: str | None = None, seed: int = 0,
-                overrides: dict | None = None, shards: int = 2, log=print) -> dict:
-    """Write the complete folder to `out` (built beside it, then renamed into place); return its report."""
+                overrides: dict | None = None, shards: int = 2, log=print, model: str = "alpha-1024", parts=PARTS) -> dict:
+    """Write the folder to `out` (built beside it, then renamed into place); return its report.
+    `parts` leaves out components another folder provides (a job composes them: [job.components])."""
     import torch
     from diffusers import AutoencoderKL, PixArtTransformer2DModel
 
     out = Path(out)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype_name]
-    configs = model_configs(preset, overrides)
+    configs = model_configs(preset, overrides, model)
+    sources = MODELS[model]
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     generator = torch.Generator(device).manual_seed(seed)
     started = time.perf_counter()
-    report = {"built_by": "bench/fullsize.py", "preset": preset, "dtype": dtype_name, "seed": seed, "device": device,
-              "overrides": overrides or {}, "components": {}, "seconds": {}}
+    report = {"built_by": "bench/fullsize.py", "model": model, "parts": list(parts), "preset": preset, "dtype": dtype_name, "seed": seed,
+              "device": device, "overrides": overrides or {}, "components": {}, "seconds": {}}
 
     def timed(part, make):
         clock = time.perf_counter()
@@ -324,17 +338,22 @@ def build_model(out: Path, preset: str = "full", dtype_name: str = "float16", de
         info = report["components"][part]
         log(f"  {part}: {info.get('parameters', 0) / 1e6:.1f} M params, {info.get('bytes', 0) / 1e9:.2f} GB, {report['seconds'][part]:.1f} s")
 
-    shutil.copyfile(REFERENCE / "model_index.json", partial / "model_index.json")
+    shutil.copyfile(CONFIGS / sources["index"] / "model_index.json", partial / "model_index.json")
     (partial / "scheduler").mkdir()
-    shutil.copyfile(REFERENCE / "scheduler" / "scheduler_config.json", partial / "scheduler" / "scheduler_config.json")
-    timed("tokenizer", lambda: save_tokenizer(partial / "tokenizer"))
-    timed("text_encoder", lambda: save_text_encoder(partial / "text_encoder", configs["text_encoder"], dtype, device, generator, shards))
-    timed("transformer", lambda: save_diffusers_model(PixArtTransformer2DModel, partial / "transformer", configs["transformer"], dtype, device, generator))
-    timed("vae", lambda: save_diffusers_model(AutoencoderKL, partial / "vae", configs["vae"], dtype, device, generator))
+    shutil.copyfile(CONFIGS / sources["scheduler"] / "scheduler" / "scheduler_config.json", partial / "scheduler" / "scheduler_config.json")
+    if "tokenizer" in parts:
+        timed("tokenizer", lambda: save_tokenizer(partial / "tokenizer"))
+    if "text_encoder" in parts:
+        timed("text_encoder", lambda: save_text_encoder(partial / "text_encoder", configs["text_encoder"], dtype, device, generator, shards))
+    if "transformer" in parts:
+        timed("transformer", lambda: save_diffusers_model(PixArtTransformer2DModel, partial / "transformer", configs["transformer"], dtype, device, generator))
+    if "vae" in parts:
+        timed("vae", lambda: save_diffusers_model(AutoencoderKL, partial / "vae", configs["vae"], dtype, device, generator))
     report["configs"] = configs
     report["seconds"]["total"] = round(time.perf_counter() - started, 2)
     report["bytes"] = sum(c.get("bytes", 0) for c in report["components"].values())
-    verify_model(partial, configs)
+    if "text_encoder" in parts and "tokenizer" in parts:
+        verify_model(partial, configs)
     (partial / "BENCH_MODEL.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     if out.exists():
         shutil.rmtree(out)
@@ -370,16 +389,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny-smoke", action="store_true", help="small configs, same code path (for the CPU smoke test)")
     parser.add_argument("--force", action="store_true", help="rebuild even if <out> already holds this model")
+    parser.add_argument("--model", choices=sorted(MODELS), default="alpha-1024", help="the family member (default alpha-1024)")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help="components to build, comma-separated (default all); leave out what a job takes from another folder")
     args = parser.parse_args(argv)
     preset = "tiny" if args.tiny_smoke else "full"
+    parts = tuple(p for p in args.parts.split(",") if p)
+    if not set(parts) <= set(PARTS) or not parts:
+        parser.error(f"--parts: choose from {', '.join(PARTS)}")
     built = args.out / "BENCH_MODEL.json"
     if built.exists() and not args.force:
         previous = json.loads(built.read_text())
-        if (previous.get("preset"), previous.get("dtype"), previous.get("seed"), previous.get("overrides")) == (preset, args.dtype, args.seed, {}):
-            print(f"{args.out}: already built ({preset}, {args.dtype}, seed {args.seed}); --force rebuilds")
+        if ((previous.get("preset"), previous.get("dtype"), previous.get("seed"), previous.get("overrides"), previous.get("model", "alpha-1024"),
+             tuple(previous.get("parts", PARTS))) == (preset, args.dtype, args.seed, {}, args.model, parts)):
+            print(f"{args.out}: already built ({args.model}, {preset}, {args.dtype}, seed {args.seed}); --force rebuilds")
             return 0
-    print(f"building {preset} PixArt-XL-2-1024-MS with random {args.dtype} weights in {args.out}")
-    report = build_model(args.out, preset, args.dtype, args.device, args.seed)
+    print(f"building {preset} {args.model} ({', '.join(parts)}) with random {args.dtype} weights in {args.out}")
+    report = build_model(args.out, preset, args.dtype, args.device, args.seed, model=args.model, parts=parts)
     print(f"done: {report['bytes'] / 1e9:.2f} GB of weights in {report['seconds']['total']:.1f} s (drawn on {report['device']})")
     return 0
 

@@ -54,11 +54,12 @@ PROMPTS = [
 # device, image side, steps, prompts, binning (1024x1024 is a bin of its own), fullsize.py flags,
 # time limit for everything (s), the least time worth starting a run with, the rows to run.
 SETTINGS = {
-    "gpu": {"device": "cuda", "size": 1024, "steps": 20, "prompts": 4, "binning": True, "build": [], "time_limit": 540, "min_run": 40},
+    "gpu": {"device": "cuda", "size": 1024, "steps": 20, "prompts": 4, "binning": True, "build": [], "time_limit": 540, "min_run": 40,
+            "sigma_size": 2048},
     "quick": {"device": "cuda", "size": 1024, "steps": 10, "prompts": 2, "binning": True, "build": [], "time_limit": 290, "min_run": 30,
               "rows": 5},
     "smoke": {"device": "cpu", "size": 128, "steps": 2, "prompts": 4, "binning": False, "build": ["--tiny-smoke", "--device", "cpu"],
-              "time_limit": 900, "min_run": 5},
+              "time_limit": 900, "min_run": 5, "sigma_size": 128},
 }
 # Each run: name (the table's row), what runs, and its own time limit in seconds (the smoke run on
 # a busy 2-core CPU needs as long). Sequential offload moves every submodule per forward: last, longest.
@@ -70,9 +71,15 @@ RUNS = [
     {"name": "ours --max-vram 2GiB", "kind": "ours", "budget": "2GiB", "limit": 200},
     {"name": "ours --max-vram 1GiB", "kind": "ours", "budget": "1GiB", "limit": 240},
     {"name": "diffusers, model CPU offload", "kind": "pipeline", "offload": "model", "limit": 150},
-    {"name": "diffusers, sequential CPU offload", "kind": "pipeline", "offload": "sequential", "limit": 300, "cuda_only": True},
+    {"name": "diffusers, sequential CPU offload", "kind": "pipeline", "offload": "sequential", "limit": 180, "cuda_only": True},
+    # PixArt-Σ 2K at 2048x2048 (16,384 latent tokens), composed as users compose it: the Σ-2K
+    # transformer and the SDXL-style VAE built here, T5 taken from the α model above.
+    {"name": "Σ-2K: ours, no budget flag", "kind": "ours", "budget": None, "model": "sigma", "limit": 150},
+    {"name": "Σ-2K: diffusers, all resident", "kind": "pipeline", "offload": None, "model": "sigma", "limit": 120},
+    {"name": "Σ-2K: ours --max-vram 4GiB", "kind": "ours", "budget": "4GiB", "model": "sigma", "limit": 200},
 ]
 REFERENCE = "diffusers, all resident"
+REFERENCES = {"alpha": REFERENCE, "sigma": "Σ-2K: diffusers, all resident"}
 NO_BUDGET_FLAGS = "skipped: this `orchestrate run` has no --max-vram (budget flags not landed yet)"
 
 
@@ -80,12 +87,18 @@ def run_specs(mode: str = "gpu") -> list[dict]:
     """The runs of this mode, in order of importance (executed and shown in this order)."""
     specs = [dict(spec) for spec in RUNS[: SETTINGS[mode].get("rows", len(RUNS))]]
     for spec in specs:
-        spec["slug"] = (spec["name"].replace("diffusers, ", "diffusers-").replace("ours --max-vram ", "ours-")
+        spec.setdefault("model", "alpha")
+        spec["slug"] = (spec["name"].replace("Σ-2K: ", "sigma2k-").replace("diffusers, ", "diffusers-").replace("ours --max-vram ", "ours-")
                         .replace("ours, no budget flag", "ours-default").replace(", --exact", "-exact").replace(" ", "-"))
     return specs
 
 
-def job_items(settings: dict) -> list[dict]:
+def job_items(settings: dict, model: str = "alpha") -> list[dict]:
+    """The queue: 4 prompts at the α size; for Σ-2K one prompt at 2048x2048 (a bin of its own)."""
+    if model == "sigma":
+        side = settings["sigma_size"]
+        return [{"prompt": PROMPTS[0], "negative_prompt": "", "seed": 42, "width": side, "height": side, "guidance_scale": 4.5,
+                 "num_inference_steps": settings["steps"], "use_resolution_binning": settings["binning"]}]
     return [
         {"prompt": p, "negative_prompt": "", "seed": 42 + n, "width": settings["size"], "height": settings["size"], "guidance_scale": 4.5,
          "num_inference_steps": settings["steps"], "use_resolution_binning": settings["binning"]}
@@ -93,8 +106,11 @@ def job_items(settings: dict) -> list[dict]:
     ]
 
 
-def write_job(path: Path, model: Path, items: list[dict]) -> None:
-    common.write_job(path, model, items, "bench", "bench/gpu_bench.py")
+def write_job(path: Path, model: Path, items: list[dict], name: str = "bench", text_encoder_from: Path | None = None) -> None:
+    common.write_job(path, model, items, name, "bench/gpu_bench.py")
+    if text_encoder_from is not None:  # composed: T5 from the α model folder (the same T5-XXL)
+        text = path.read_text().replace("\n\n", f'\n\n[job.components]\ntext_encoder = "{text_encoder_from}"\ntokenizer = "{text_encoder_from}"\n\n', 1)
+        path.write_text(text)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,7 +238,7 @@ def last_error(log_path: Path) -> str:
     return lines[-1].strip()[:300] if lines else ""
 
 
-def run_ours(spec: dict, job_file: Path, work: Path, device: str, timeout: float) -> dict:
+def run_ours(spec: dict, job_file: Path, work: Path, device: str, timeout: float, job_name: str = "bench") -> dict:
     folder = common.fresh_folder(work / "runs" / spec["slug"])
     command = common.orchestrate_command() + ["run", str(job_file), "--workdir", str(folder), "--device", device]
     if spec["budget"]:
@@ -233,7 +249,7 @@ def run_ours(spec: dict, job_file: Path, work: Path, device: str, timeout: float
         result = run_logged(command, folder / "run.log", timeout)
     result["gpu_peak_mib"] = sampler.peak_mib
     result["log"] = str(folder / "run.log")
-    job_dir = folder / "bench"
+    job_dir = folder / job_name
     if result["exit"] != 0:
         result["error"] = last_error(folder / "run.log")
     if not (job_dir / "job.resolved.json").exists():
@@ -278,11 +294,12 @@ def describe_plan(plan: dict) -> str:
     return name
 
 
-def run_pipeline(spec: dict, model: Path, items_file: Path, n_items: int, work: Path, device: str, timeout: float) -> dict:
+def run_pipeline(spec: dict, model: Path, items_file: Path, n_items: int, work: Path, device: str, timeout: float,
+                 extra: list[str] = ()) -> dict:
     folder = common.fresh_folder(work / "runs" / spec["slug"])
     command = [sys.executable, str(common.ROOT / "bench" / "pipeline_run.py"), "--model", str(model), "--items", str(items_file),
                "--images", str(folder / "images"), "--report", str(folder / "report.json"), "--device", device,
-               "--latents", str(folder / "latents")]
+               "--latents", str(folder / "latents"), *extra]
     if spec["offload"]:
         command += ["--offload", spec["offload"]]
     with GpuMemorySampler() as sampler:
@@ -407,7 +424,7 @@ def summary_row(spec: dict, result: dict, n_images: int, reference: dict | None)
     alloc = max((p.get("device_max_allocated_bytes") or 0 for p in peaks), default=0)
     reserved = max((p.get("device_max_reserved_bytes") or 0 for p in peaks), default=0)
     latents = pixels = "-"
-    if spec["name"] == REFERENCE:
+    if spec["name"] in REFERENCES.values():
         latents = pixels = "(reference)"
     elif reference:
         worst = compare_latents(result.get("latents") or [], reference.get("latents") or [])
@@ -532,6 +549,28 @@ def main(argv: list[str] | None = None) -> int:
     items_file.write_text(json.dumps(items, indent=2))
     job_file = work / "bench.toml"
     write_job(job_file, model, items)
+    sigma_items = job_items(settings, "sigma")
+    sigma = {"lock": threading.Lock(), "ready": None}  # built on first use: only if a Σ row gets to run
+
+    def sigma_model() -> tuple[Path, Path, Path] | str:
+        """(model folder, job file, items file) of the Σ-2K rows, built once; or why it could not be."""
+        with sigma["lock"]:
+            if sigma["ready"] is None:
+                folder = work / "model-sigma2k"
+                say(f"[{time.perf_counter() - started:5.0f} s] building the Σ-2K transformer and VAE: bench/fullsize.py --model sigma-2k")
+                built = run_logged([sys.executable, str(common.ROOT / "bench" / "fullsize.py"), "--out", str(folder), "--model", "sigma-2k",
+                                    "--parts", "transformer,vae"] + settings["build"], work / "build-sigma.log", max(limit - (time.perf_counter() - started) - 30, 5))
+                if built["exit"] != 0:
+                    sigma["ready"] = f"the Σ-2K model could not be built (exit {built['exit']}): {last_error(work / 'build-sigma.log')}"
+                else:
+                    job = work / "bench-sigma.toml"
+                    write_job(job, folder, sigma_items, "bench-sigma", text_encoder_from=model)
+                    items_path = work / "items-sigma.json"
+                    items_path.write_text(json.dumps(sigma_items, indent=2))
+                    sigma["ready"] = (folder, job, items_path)
+                    say(f"[{time.perf_counter() - started:5.0f} s] Σ-2K build: {built['wall']:.1f} s")
+            return sigma["ready"]
+
     sampler = GpuMemorySampler()
     idle_mib = sampler.sample_mib()
     results: dict[str, dict] = {}
@@ -541,14 +580,18 @@ def main(argv: list[str] | None = None) -> int:
         """gpu_bench.md and .json from the results so far (pending rows say so); atomic, so a
         bench killed while writing still leaves the previous complete tables."""
         with tables_lock:
-            reference = results.get(next(s["slug"] for s in specs if s["name"] == REFERENCE))
+            slugs = {s["name"]: s["slug"] for s in specs}
+
+            def reference(spec):
+                return results.get(slugs.get(REFERENCES[spec["model"]], ""))
+
             stage_table = common.markdown_table(STAGE_HEADER, [row for s in specs for row in stage_rows(s, results.get(s["slug"], {}))])
-            summary_table = common.markdown_table(SUMMARY_HEADER, [summary_row(s, results.get(s["slug"], {}), len(items), reference)
-                                                                   for s in specs])
+            summary_table = common.markdown_table(SUMMARY_HEADER, [
+                summary_row(s, results.get(s["slug"], {}), len(sigma_items if s["model"] == "sigma" else items), reference(s)) for s in specs])
             gpu = info.get("gpu") or "no GPU (CPU run)"
             title = {"smoke": "smoke test (CPU, tiny model)", "quick": "full size on a GPU, quick", "gpu": "full size on a GPU"}[mode]
             header = [
-                f"# PixArt-alpha {title}: our stages under budgets vs diffusers",
+                f"# PixArt {title}: our stages under budgets vs diffusers",
                 "",
                 f"- machine: {gpu}; {info['cpu']}, {info['cores']} cores, {info['memory']} RAM; torch {info.get('torch')}, "
                 f"diffusers {info.get('diffusers')}, transformers {info.get('transformers')}, Python {info['python']}",
@@ -557,11 +600,15 @@ def main(argv: list[str] | None = None) -> int:
                 + (" (reused from an earlier call)" if build.get("reused") else ""),
                 f"- job: {len(items)} prompts, {settings['size']}x{settings['size']}, {settings['steps']} steps, guidance 4.5 (CFG), "
                 f"DPM-Solver++, {'float16' if settings['device'] == 'cuda' else 'float32'} on {settings['device']}; every run from scratch in its own folder",
+                f"- Σ-2K rows: PixArt-Σ 2K composed (transformer PixArt-Sigma-XL-2-2K-MS and an SDXL-style VAE built by bench/fullsize.py "
+                f"--model sigma-2k, T5 from the α model), 1 prompt at {settings.get('sigma_size')}x{settings.get('sigma_size')}, "
+                f"{settings['steps']} steps, compared with PixArtSigmaPipeline on the same components" if any(sp["model"] == "sigma" for sp in specs) else None,
                 f"- GPU memory used before the runs: {idle_mib} MiB ({sampler.source})" if idle_mib is not None else "- GPU memory sampling: not available",
                 "- peaks: PyTorch allocator maxima per stage process (ours, from summary.json) or per component window "
                 "(baselines, see bench/pipeline_run.py); CUDA contexts (~0.5 GiB per process) only in 'GPU used peak' "
                 f"({sampler.source or 'not sampled'}: the whole GPU, every process, sampled while the run is in flight)",
-                "- latents / pixels: each finished item against the same item of 'diffusers, all resident' (latents: the final "
+                "- latents / pixels: each finished item against the same item of 'diffusers, all resident' (Σ-2K rows: of "
+                "'Σ-2K: diffusers, all resident'; latents: the final "
                 "latents before the VAE, max |difference|; pixels: equal images, max channel difference 0-255, lowest PSNR)",
                 "- span = a stage process's wall time (start, imports, load, compute, records); orchestrator = wall minus the spans "
                 "(CLI start, free-memory query, memory plan, staleness checks); first image = from the command's start to the first PNG on disk",
@@ -569,11 +616,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"- total bench time: {time.perf_counter() - started:.0f} s of {limit:.0f} s"
                 + ("" if final else " (IN PROGRESS: rows marked pending have not run yet)")
                 + ("; stopped by a signal" if STOP.is_set() else "")]
-            text = "\n".join(header + ["", "## Per stage", "", stage_table, "", "## Summary", "", summary_table, ""])
+            text = "\n".join([h for h in header if h is not None] + ["", "## Per stage", "", stage_table, "", "## Summary", "", summary_table, ""])
             write_atomic(out / "gpu_bench.md", text)
             write_atomic(out / "gpu_bench.json", json.dumps({
                 "machine": info, "mode": mode, "settings": settings, "items": items, "model": model_report, "build": build,
-                "notes": notes, "idle_gpu_used_mib": idle_mib, "memory_sampler": sampler.source, "final": final,
+                "sigma_items": sigma_items, "notes": notes, "idle_gpu_used_mib": idle_mib, "memory_sampler": sampler.source, "final": final,
                 "runs": {s["name"]: results.get(s["slug"], {"pending": True}) for s in specs}}, indent=2, default=str) + "\n")
             return text
 
@@ -592,12 +639,19 @@ def main(argv: list[str] | None = None) -> int:
                 results[spec["slug"]] = {"skipped": f"skipped: the bench's time limit ({limit:.0f} s) was reached"}
                 say(f"[{time.perf_counter() - started:5.0f} s] {spec['name']}: skipped, time limit")
             else:
+                built = sigma_model() if spec["model"] == "sigma" else (model, job_file, items_file)
+                if isinstance(built, str):
+                    raise RuntimeError(built)
+                left = limit - (time.perf_counter() - started) - 15  # the Σ build may have taken some
                 timeout = min(own, left)
                 say(f"[{time.perf_counter() - started:5.0f} s] {spec['name']}: starting (timeout {timeout:.0f} s)")
+                run_model, run_job_file, run_items = built
                 if spec["kind"] == "ours":
-                    result = run_ours(spec, job_file, work, settings["device"], timeout)
+                    result = run_ours(spec, run_job_file, work, settings["device"], timeout, "bench-sigma" if spec["model"] == "sigma" else "bench")
                 else:
-                    result = run_pipeline(spec, model, items_file, len(items), work, settings["device"], timeout)
+                    extra = ["--pipeline", "PixArtSigmaPipeline", "--text-encoder-from", str(model)] if spec["model"] == "sigma" else []
+                    result = run_pipeline(spec, run_model, run_items, len(sigma_items if spec["model"] == "sigma" else items), work,
+                                          settings["device"], timeout, extra)
                 results[spec["slug"]] = result
                 say(f"[{time.perf_counter() - started:5.0f} s] {spec['name']}: exit {result['exit']}, {result['wall']:.1f} s"
                     + (f" ({result['error']})" if result.get("error") else ""))

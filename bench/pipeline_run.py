@@ -83,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--offload", choices=("model", "sequential"), default=None,
                         help="enable_model_cpu_offload or enable_sequential_cpu_offload instead of all models resident")
     parser.add_argument("--latents", type=Path, default=None, help="folder for each item's final latents (0000.safetensors, ...)")
+    parser.add_argument("--pipeline", default="PixArtAlphaPipeline", choices=("PixArtAlphaPipeline", "PixArtSigmaPipeline"),
+                        help="the family's pipeline class (default PixArtAlphaPipeline)")
+    parser.add_argument("--text-encoder-from", type=Path, default=None,
+                        help="take tokenizer and text_encoder from this folder (a composed model, as [job.components] does)")
     args = parser.parse_args(argv)
     items = json.loads(args.items.read_text())
     args.images.mkdir(parents=True, exist_ok=True)
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report["import_torch_seconds"] = round(time.perf_counter() - clock, 3)
     clock = time.perf_counter()
-    from diffusers import PixArtAlphaPipeline
+    import diffusers
 
     report["import_diffusers_seconds"] = round(time.perf_counter() - clock, 3)
     from stages.contract import warm_up_math_kernels
@@ -107,7 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype_name]
     report["dtype"] = dtype_name
     clock = time.perf_counter()
-    pipe = PixArtAlphaPipeline.from_pretrained(args.model, torch_dtype=dtype, use_safetensors=True)
+    components = {}
+    if args.text_encoder_from:
+        from transformers import T5EncoderModel, T5Tokenizer
+
+        components = {"tokenizer": T5Tokenizer.from_pretrained(args.text_encoder_from, subfolder="tokenizer"),
+                      "text_encoder": T5EncoderModel.from_pretrained(args.text_encoder_from, subfolder="text_encoder", dtype=dtype,
+                                                                     use_safetensors=True)}
+    pipe = getattr(diffusers, args.pipeline).from_pretrained(args.model, torch_dtype=dtype, use_safetensors=True, **components)
+    report["pipeline"] = args.pipeline
     if args.offload == "model":
         pipe.enable_model_cpu_offload(device=device)  # on a CPU the hooks run but move nothing
     elif args.offload == "sequential":

@@ -29,6 +29,9 @@ ROWS = (  # in order of importance: the table keeps it (issue 8, point 10)
     "ours --max-vram 1GiB",
     "diffusers, model CPU offload",
     "diffusers, sequential CPU offload",
+    "Σ-2K: ours, no budget flag",  # PixArt-Σ 2K composed on T5 of the α model (issue 7)
+    "Σ-2K: diffusers, all resident",
+    "Σ-2K: ours --max-vram 4GiB",
 )
 
 
@@ -69,11 +72,11 @@ def test_gpu_bench_smoke_prints_its_table_with_all_rows(tmp_path):
         if name == "diffusers, sequential CPU offload":
             assert row["notes"].startswith("skipped on the CPU"), row
             continue
-        assert row["images"] == "4/4", row  # every image made
-        if name == "diffusers, all resident":
+        assert row["images"] == ("1/1" if name.startswith("Σ-2K") else "4/4"), row  # every image made
+        if name in ("diffusers, all resident", "Σ-2K: diffusers, all resident"):
             assert row["pixels vs resident pipeline"] == "(reference)", row
         else:  # fp32 on the CPU, batch 1 (no CUDA budget batches here): the exact defaults, latents and pixels
-            assert row["pixels vs resident pipeline"] == "4/4 equal", row
+            assert row["pixels vs resident pipeline"] == ("1/1 equal" if name.startswith("Σ-2K") else "4/4 equal"), row
             assert row["latents max abs diff"] == "0 (equal)", row
 
     report = json.loads((out / "gpu_bench.json").read_text())
@@ -84,6 +87,9 @@ def test_gpu_bench_smoke_prints_its_table_with_all_rows(tmp_path):
         assert stage["units"] >= 1 and stage["compute"] > 0 and stage["peak"]["host_peak_rss_bytes"] > 0
     assert report["runs"]["diffusers, all resident"]["report"]["components"]["denoise"]["calls"] == 4 * 2  # 4 images x 2 steps
     assert report["runs"]["ours --max-vram 1GiB"]["exit"] == "timeout"
+    sigma = report["runs"]["Σ-2K: ours, no budget flag"]
+    resolved = json.loads((Path(sigma["log"]).parent / "bench-sigma" / "job.resolved.json").read_text())
+    assert resolved["pipeline"] == "PixArtSigmaPipeline" and set(resolved["model"]["components"]) == {"text_encoder", "tokenizer"}
 
 
 def test_a_bench_stopped_by_sigterm_still_writes_its_tables(tmp_path):
@@ -135,7 +141,7 @@ def test_a_run_folder_is_recreated_over_leftovers(tmp_path, monkeypatch):
     assert [p.name.split(".old-")[0] for p in (tmp_path / "runs").iterdir() if ".old-" in p.name] == ["ours-1GiB"]
 
 
-@pytest.mark.parametrize("mode, rows", [("gpu", 8), ("quick", 5), ("smoke", 8)])
+@pytest.mark.parametrize("mode, rows", [("gpu", 11), ("quick", 5), ("smoke", 11)])
 def test_rows_run_in_order_of_importance_each_with_its_own_limit(mode, rows):
     specs = gpu_bench.run_specs(mode)
     assert [s["name"] for s in specs] == list(ROWS[:rows])
@@ -184,3 +190,17 @@ def test_gpu_memory_sampler_without_nvml_or_nvidia_smi_samples_nothing(monkeypat
     with gpu_bench.GpuMemorySampler() as sampler:
         pass
     assert sampler.source is None and sampler.peak_mib is None and sampler.sample_mib() is None
+
+
+@pytest.mark.parametrize("model", ["alpha-1024", "alpha-512", "lcm-1024", "sigma-1024", "sigma-512", "sigma-2k"])
+def test_fullsize_builds_every_family_member_from_the_real_configs(model):
+    """bench/fullsize.py --model: the full-size configs of each member hold together (T5 width =
+    caption channels) and keep the member's own architecture (sample_size, Σ's conditions)."""
+    import fullsize
+
+    configs = fullsize.model_configs("full", None, model)
+    dit = configs["transformer"]
+    assert dit["caption_channels"] == configs["text_encoder"]["d_model"] == 4096
+    assert dit["sample_size"] == {"alpha-512": 64, "sigma-512": 64, "sigma-2k": 256}.get(model, 128)
+    assert (dit.get("use_additional_conditions") is False) == (model in ("sigma-1024", "sigma-2k"))
+    assert configs["vae"]["scaling_factor"] == (0.13025 if model.startswith("sigma") else 0.18215)

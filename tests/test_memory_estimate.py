@@ -415,3 +415,39 @@ def test_host_memory_is_planned_on_cuda_too():
         memory.plan_memory(FULL_SIZE, "float16", "cuda", items, 120, 2 * GIB, 256 * 1024**2)
     # On the CPU --max-ram is the budget itself; the host rule does not apply twice.
     assert memory.plan_memory(FULL_SIZE, "float16", "cpu", items, 120, 24 * GIB, 24 * GIB)["stages"]["denoise"]["strategy"] == "resident"
+
+
+def test_sigma_estimates_match_profiler(tmp_path):
+    """PixArt-Σ (issue 7): a Σ twin at sample_size 256 (the 2K model's bins), 300 tokens: encode
+    resident and denoise resident (the Σ pipeline: no micro-conditions) within 5% of the profiler."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+    from transformers import T5EncoderModel, T5Tokenizer
+
+    from orchestrator.tiny import save_tiny_model
+
+    path = save_tiny_model(tmp_path / "sigma", family="sigma", sample_size=256)
+    configs = estimate.ModelConfigs.read(path)
+    tokenizer = T5Tokenizer.from_pretrained(path, subfolder="tokenizer")
+    t5 = T5EncoderModel.from_pretrained(path, subfolder="text_encoder", dtype=torch.float32).eval()
+    encoder = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=t5, vae=None, transformer=None, scheduler=None)
+    transformer = PixArtTransformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=torch.float32).eval()
+    scheduler = DPMSolverMultistepScheduler.from_pretrained(path, subfolder="scheduler")
+    pipe = PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer, scheduler=scheduler)
+    embeds, mask, side = torch.randn(1, 300, transformer.config.caption_channels), torch.ones(1, 300, dtype=torch.long), 512
+
+    def denoise():
+        pipe(prompt_embeds=embeds, prompt_attention_mask=mask, negative_prompt_embeds=embeds, negative_prompt_attention_mask=mask,
+             negative_prompt=None, height=side, width=side, num_inference_steps=3, output_type="latent",
+             use_resolution_binning=False, generator=torch.Generator("cpu").manual_seed(0))
+
+    with torch.no_grad():
+        measured = {
+            "encode": weight_bytes(t5) + profiled_peak(lambda: encoder.encode_prompt(
+                "text", do_classifier_free_guidance=False, device=torch.device("cpu"), clean_caption=False, max_sequence_length=300)),
+            "denoise": weight_bytes(transformer) + profiled_peak(denoise),
+        }
+    estimated = {
+        "encode": cpu_total(estimate.estimate_encode(configs, "float32", "cpu", "resident", 1, 300)),
+        "denoise": cpu_total(estimate.estimate_denoise(configs, "float32", "cpu", "resident", 1, [(side, side, True)], 300)),
+    }
+    assert_close("sigma", estimated, measured)
