@@ -400,7 +400,9 @@ def resolve_job(job: Job, job_dir: Path, device: str, runtime: dict | None = Non
         components[part] = {"given": given, "path": str(roots[part])}
     transformer_config = _read_json(roots["transformer"] / "transformer" / "config.json")
     vae_config = _read_json(roots["vae"] / "vae" / "config.json")
-    pipeline, pipeline_source = family.detect(job.settings.pipeline, _read_json(model_path / "model_index.json"), transformer_config, vae_config)
+    model_index = _read_json(model_path / "model_index.json")
+    _check_pixart(job.settings.model, model_path, model_index, transformer_config, roots["transformer"], job.settings.pipeline)
+    pipeline, pipeline_source = family.detect(job.settings.pipeline, model_index, transformer_config, vae_config)
     chosen = family.of(pipeline)
     scheduler_name = _check_scheduler(job, roots["scheduler"])
     default_side = transformer_config["sample_size"] * 2 ** (len(vae_config["block_out_channels"]) - 1)
@@ -464,6 +466,26 @@ def resolve_job(job: Job, job_dir: Path, device: str, runtime: dict | None = Non
         "runtime": runtime or {},
         "items": items,
     }
+
+
+_TRANSFORMER_CLASSES = ("Transformer2DModel", "PixArtTransformer2DModel")
+
+
+def _check_pixart(given: str, model_path: Path, model_index: dict, transformer_config: dict, transformer_root: Path,
+                  pipeline_key: str | None) -> None:
+    """A one-line error, before anything loads, when the folder is another kind of pipeline."""
+    named = model_index.get("_class_name")
+    if named not in family.FAMILIES and not pipeline_key:
+        raise JobFileError(
+            f"model {given!r}: {model_path}/model_index.json names {named!r}, not a PixArt pipeline "
+            f"({', '.join(family.FAMILIES)}); use a PixArt model, or set [job] pipeline if this folder really holds one"
+        )
+    transformer_class = transformer_config.get("_class_name")
+    if transformer_class not in _TRANSFORMER_CLASSES or transformer_config.get("norm_type", "ada_norm_single") != "ada_norm_single":
+        raise JobFileError(
+            f"model {given!r}: {transformer_root}/transformer/config.json is a {transformer_class!r} "
+            f"(norm_type {transformer_config.get('norm_type')!r}), not a PixArt transformer (PixArtTransformer2DModel, ada_norm_single)"
+        )
 
 
 def _usable(module, name: str) -> bool:

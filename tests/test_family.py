@@ -666,3 +666,21 @@ def test_sigma_256_and_512_composed_on_the_sigma_base_match_their_pipeline(tmp_p
     assert [(i["width"], i["height"]) for i in resolved["items"]][0] == (sample_size * 8, sample_size * 8)  # the default size
     transformer = PixArtTransformer2DModel.from_pretrained(twin, subfolder="transformer")
     assert_parity(job_dir, sigma_pipe(base, transformer=transformer))
+
+
+def test_a_folder_that_is_not_a_pixart_pipeline_is_a_one_line_error(tiny_model, tmp_path):
+    from orchestrator import job as jobfile
+    from stages.contract import JobFileError
+
+    other = tmp_path / "sd"
+    shutil.copytree(tiny_model, other)
+    index = json.loads((other / "model_index.json").read_text())
+    (other / "model_index.json").write_text(json.dumps(dict(index, _class_name="StableDiffusionPipeline")))
+    path = write_job(tmp_path, f'[job]\nmodel = "{other}"\n[[generation]]\nprompt = "x"\nseed = 1\n')
+    with pytest.raises(JobFileError, match=r"model_index.json names 'StableDiffusionPipeline', not a PixArt pipeline \(PixArtAlphaPipeline, PixArtSigmaPipeline\)"):
+        jobfile.resolve_job(jobfile.load_job(path), tmp_path / "w", "cpu")
+    (other / "model_index.json").write_text(json.dumps(index))
+    config = json.loads((other / "transformer" / "config.json").read_text())
+    (other / "transformer" / "config.json").write_text(json.dumps(dict(config, _class_name="UNet2DConditionModel")))
+    with pytest.raises(JobFileError, match=r"is a 'UNet2DConditionModel' \(norm_type 'ada_norm_single'\), not a PixArt transformer"):
+        jobfile.resolve_job(jobfile.load_job(path), tmp_path / "w", "cpu")
