@@ -54,7 +54,7 @@ RECORD_KEYS = {
     "denoise": {"binned_size", "checksum", "device", "dtype", "format", "inputs", "items", "key", "latent_shape", "model",
                 "outputs", "params", "peak", "requested_size", "seconds", "seed", "stage", "strategy", "versions", "vae_scale_factor"},
     "decode": {"checksum", "device", "dtype", "format", "inputs", "items", "key", "model", "outputs", "params", "peak",
-               "seconds", "stage", "strategy", "tiled", "versions"},
+               "seconds", "stage", "strategy", "tiled", "vae_upcast", "versions"},  # vae_upcast: issue 7
 }
 
 
