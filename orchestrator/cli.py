@@ -26,6 +26,7 @@ DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (auto
 MAX_VRAM = typer.Option(None, "--max-vram", help="Device memory budget, e.g. 2GiB (CUDA default: free memory minus a margin).")
 MAX_RAM = typer.Option(None, "--max-ram", help="Host memory budget, e.g. 8GiB; on --device cpu it is the budget.")
 NO_TILING = typer.Option(False, "--no-tiling", help="Fail instead of tiling a decode that fits only tiled.")
+NO_STORE = typer.Option(False, "--no-store", help="Neither take nor add prompt embeddings in the workdir's embedding store (<workdir>/.store/encode).")
 EXACT = typer.Option(False, "--exact", help="Plan for parity with the diffusers pipeline: denoise batch 1 (decode is untiled whenever it fits).")
 
 
@@ -93,26 +94,62 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def _prepare(job_file: Path, workdir: Path, device: str, memory: tuple = (None, None, True, False)) -> tuple[Path, dict]:
-    """The job dir and resolved job; `memory` (--max-vram, --max-ram, tiling allowed) plans its runtime section."""
+def _prepare(job_file: Path, workdir: Path, device: str, memory: tuple = (None, None, True, False),
+             store: bool = True) -> tuple[Path, dict]:
+    """The job dir and resolved job; `memory` (--max-vram, --max-ram, tiling allowed) plans its
+    runtime section; `store` names the workdir's embedding store (stages/store.py) in it."""
     job = jobfile.load_job(job_file)
     job_dir = jobfile.job_dir_for(job, workdir)
     resolved = jobfile.resolve_job(job, job_dir, resolve_device(device))
+    resolved["embedding_store"] = str(Path(workdir).resolve() / ".store" / "encode") if store else None
     from orchestrator.memory import runtime_for_job
 
-    resolved["runtime"] = runtime_for_job(resolved, *memory)  # docs/memory.md
+    flags = {"max_vram": memory[0], "max_ram": memory[1], "tiling": memory[2], "exact": memory[3]}
+    if resolved["device"] != "cpu" or memory[0] is not None or memory[1] is not None:  # a budget: planning would run
+        reused = _runtime_if_nothing_to_do(job_dir, resolved, flags)
+        if reused is not None:
+            resolved["runtime"] = reused
+            return job_dir, resolved
+    resolved["runtime"] = runtime_for_job(resolved, *memory, job_dir=job_dir)  # docs/memory.md
+    if resolved["runtime"]:
+        resolved["runtime"]["flags"] = flags
     return job_dir, resolved
 
 
-def _run(job_file: Path, workdir: Path, device: str, force: tuple[str, ...], memory: tuple = (None, None, True, False)) -> None:
-    job_dir, resolved = _prepare(job_file, workdir, device, memory)
+def _runtime_if_nothing_to_do(job_dir: Path, resolved: dict, flags: dict) -> dict | None:
+    """The previous run's runtime section when the same job with the same memory flags has nothing
+    left to do under it: a no-op rerun neither plans nor asks the GPU for its free memory."""
+    import json
+
+    try:
+        previous = json.loads((job_dir / "job.resolved.json").read_text())
+    except (OSError, ValueError):
+        return None
+    runtime = previous.get("runtime") or {}
+    same = {k: v for k, v in previous.items() if k != "runtime"} == {k: v for k, v in resolved.items() if k != "runtime"}
+    if not same or not runtime.get("stages") or runtime.get("flags") != flags:
+        return None
+    states = plan_job(job_dir, dict(resolved, runtime=runtime))
+    if any(s.state != "done" for stage in states.values() for s in stage):
+        return None
+    return dict(runtime, plan_cache="not needed: nothing to do")
+
+
+def _run(job_file: Path, workdir: Path, device: str, force: tuple[str, ...], memory: tuple = (None, None, True, False),
+         store: bool = True) -> None:
+    job_dir, resolved = _prepare(job_file, workdir, device, memory, store)
     echo(f"job {resolved['name']}: {len(resolved['items'])} images, model {resolved['model']['given']}, "
          f"{resolved['dtype']} on {resolved['device']}, folder {os.path.relpath(job_dir)}")
     if resolved["runtime"]:
         from orchestrator.memory import describe_runtime
 
         echo(describe_runtime(resolved["runtime"]))
-    runs = run_job(job_dir, resolved, echo, force)
+    try:
+        runs = run_job(job_dir, resolved, echo, force)
+    finally:
+        from orchestrator.memory import remember_plan
+
+        remember_plan(job_dir, resolved["runtime"])  # a rerun with the same shapes and budget will not plan again
     if not runs:
         echo(f"nothing to do: all {len(resolved['items'])} images are up to date in {os.path.relpath(job_dir / 'decode')}")
         return
@@ -132,6 +169,7 @@ def run(
     max_ram: str = MAX_RAM,
     no_tiling: bool = NO_TILING,
     exact: bool = EXACT,
+    no_store: bool = NO_STORE,
 ) -> None:
     """Run the job's stale stages in order; resumes an interrupted run.
 
@@ -140,7 +178,7 @@ def run(
     for stage in force:
         if stage not in STAGES:
             raise JobFileError(f"--force {stage!r} is not a stage; use one of {', '.join(STAGES)}")
-    _run(job_file, workdir, device, tuple(force), (max_vram, max_ram, not no_tiling, exact))
+    _run(job_file, workdir, device, tuple(force), (max_vram, max_ram, not no_tiling, exact), not no_store)
 
 
 @app.command()
@@ -155,6 +193,7 @@ def stage(
     no_tiling: bool = NO_TILING,
     exact: bool = EXACT,
     units: str = typer.Option(None, "--units", help="Only these units, comma-separated (item ids; encode also takes its keys)."),
+    no_store: bool = NO_STORE,
 ) -> None:
     """Rerun one stage for every item (forced), or only for --units, for debugging; later stages go stale.
 
@@ -162,7 +201,7 @@ def stage(
     """
     if name not in STAGES:
         raise JobFileError(f"stage {name!r} does not exist; use one of {', '.join(STAGES)}")
-    job_dir, resolved = _prepare(job_file, workdir, device, (max_vram, max_ram, not no_tiling, exact))
+    job_dir, resolved = _prepare(job_file, workdir, device, (max_vram, max_ram, not no_tiling, exact), not no_store)
     states = plan_job(job_dir, resolved)
     wanted = [u.strip() for u in units.split(",") if u.strip()] if units is not None else None
     if wanted is not None:

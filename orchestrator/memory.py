@@ -258,18 +258,98 @@ def choose_for_job(resolved: dict, budget_bytes: int | None, allow_tiling: bool 
 
 
 def runtime_for_job(resolved: dict, max_vram: str | None, max_ram: str | None, allow_tiling: bool = True,
-                    exact: bool = False) -> dict:
+                    exact: bool = False, job_dir: Path | None = None) -> dict:
     """The runtime section `orchestrate run` writes. Without a budget (the CPU without --max-ram or
     --max-vram) it is empty, which means the defaults, and nothing is estimated: `run` and `status`
-    then stay fast and never import torch for planning."""
+    then stay fast and never import torch for planning. With `job_dir`, a plan made before for the
+    same model, dtype, device, shapes, flags and budget (to 64 MiB) is taken from its plan cache."""
     budget_bytes, host_budget_bytes = budgets(resolved["device"], max_vram, max_ram)
     if budget_bytes is None:
         return {}
-    runtime = plan_memory(model_roots(resolved), resolved["dtype"], resolved["device"], resolved["items"],
-                          resolved["max_sequence_length"], budget_bytes, host_budget_bytes, allow_tiling, exact,
-                          resolved.get("pipeline"))
+    key = plan_key(resolved, budget_bytes, host_budget_bytes, allow_tiling, exact)
+    cached = (_read_plan_cache(job_dir).get(key) or {}).get("runtime") if job_dir is not None else None
+    if isinstance(cached, dict) and cached.get("stages"):
+        runtime = dict(cached, budget_bytes=budget_bytes, host_budget_bytes=host_budget_bytes, plan_cache="hit")
+    else:
+        # Planned for the budget rounded down to 64 MiB, so the plan holds for any budget the key covers.
+        runtime = plan_memory(model_roots(resolved), resolved["dtype"], resolved["device"], resolved["items"],
+                              resolved["max_sequence_length"], _floor(budget_bytes), _floor(host_budget_bytes), allow_tiling, exact,
+                              resolved.get("pipeline"))
+        runtime.update(budget_bytes=budget_bytes, host_budget_bytes=host_budget_bytes)
+    runtime["plan_key"] = key  # `orchestrate run` remembers the plan under it (remember_plan)
     runtime["budget_source"] = budget_source(resolved["device"], max_vram, max_ram, budget_bytes)
     return runtime
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan cache (<job_dir>/plan-cache.json)
+
+PLAN_CACHE = "plan-cache.json"
+PLAN_CACHE_ENTRIES = 32  # the most recent plans kept
+
+
+def _floor(nbytes: int | None) -> int | None:
+    return None if nbytes is None else max(nbytes // (64 * MIB), 1) * 64 * MIB
+
+
+def _code_version() -> str:
+    """The planner's sources and the libraries its estimates trace: a change in any replans."""
+    import hashlib
+    from importlib import metadata
+
+    digest = hashlib.sha256()
+    for name in ("estimate.py", "memory.py"):
+        digest.update((Path(__file__).parent / name).read_bytes())
+    for package in ("torch", "diffusers", "transformers"):
+        try:
+            digest.update(f"{package}={metadata.version(package)}".encode())
+        except metadata.PackageNotFoundError:
+            pass
+    return digest.hexdigest()[:16]
+
+
+def plan_key(resolved: dict, budget_bytes: int, host_budget_bytes: int | None, allow_tiling: bool, exact: bool) -> str:
+    """What decides a plan: the model (per-stage hashes), dtype, device type, family and tokens, the
+    texts' count and each item's shape and steps, the budgets rounded down to 64 MiB, the flags and
+    the planner's code version."""
+    import hashlib
+
+    shapes = sorted({json.dumps([i["width"], i["height"], i["use_resolution_binning"], i["num_inference_steps"], uses_guidance(i),
+                                 i.get("timesteps")]) for i in resolved["items"]})
+    groups = sorted(json.dumps([i["width"], i["height"], i["num_inference_steps"], i["guidance_scale"], i.get("timesteps")])
+                    for i in resolved["items"])
+    key = {"model": resolved["model"]["component_hashes"], "dtype": resolved["dtype"], "device": resolved["device"].partition(":")[0],
+           "pipeline": resolved.get("pipeline"), "tokens": resolved["max_sequence_length"], "texts": len(_texts(resolved["items"])),
+           "shapes": shapes, "groups": groups, "budget": _floor(budget_bytes), "host": _floor(host_budget_bytes),
+           "tiling": allow_tiling, "exact": exact, "code": _code_version()}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _read_plan_cache(job_dir: Path) -> dict:
+    try:
+        data = json.loads((Path(job_dir) / PLAN_CACHE).read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}  # none yet, or damaged: plan again
+
+
+def remember_plan(job_dir: Path, runtime: dict) -> None:
+    """Keep a freshly made plan in the job folder's plan cache (`orchestrate run` calls this once
+    the folder exists; `plan` and `status` write nothing)."""
+    if runtime.get("plan_key") and runtime.get("plan_cache") is None and Path(job_dir).is_dir():
+        _write_plan_cache(job_dir, runtime["plan_key"], runtime)
+
+
+def _write_plan_cache(job_dir: Path, key: str, runtime: dict) -> None:
+    """Atomic, like every file here; the newest PLAN_CACHE_ENTRIES plans are kept."""
+    import time
+
+    from stages.contract import publish_json
+
+    cache = {k: v for k, v in _read_plan_cache(job_dir).items() if isinstance(v, dict)}
+    cache[key] = {"at": time.time(), "runtime": {k: v for k, v in runtime.items() if k not in ("budget_source", "plan_cache", "flags")}}
+    newest = sorted(cache, key=lambda k: cache[k].get("at", 0))[-PLAN_CACHE_ENTRIES:]
+    publish_json(Path(job_dir) / PLAN_CACHE, {k: cache[k] for k in newest})
 
 
 # ---------------------------------------------------------------------------------------------

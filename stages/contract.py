@@ -745,6 +745,7 @@ def stage_main(stage: str, make_units, argv: list[str] | None = None, imports: t
             for tmp in remove_temp_files(job_dir / stage):
                 log.info("%s: removed half-written %s", stage, tmp.name)
             todo, fresh = select_units(job_dir, job, stage, args.force, log, args.units)
+            job["forced"] = args.force  # e.g. encode then makes every unit itself, never from the store
             summary = {"stage": stage, "units_done": 0, "units_up_to_date": fresh}
             if todo:
                 warm_up_math_kernels()  # before any model is built: the same bits in every fresh process

@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from stages import contract, family
+from stages import contract, family, store
 
 
 def load_text_encoder(job: dict, device):
@@ -131,6 +131,32 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
     strategy, batch_size = plan.get("strategy", "resident"), max(1, plan.get("batch_size") or 1)
     clock = contract.Clock()
     host_rss_at_start = contract.reset_peak_memory(device)
+    # 0. The embedding store (stages/store.py): units other jobs already encoded are taken, not made;
+    # a forced run (--force encode, `orchestrate stage encode`) makes every unit itself.
+    store_dir = job.get("embedding_store")
+    taken = []
+    if store_dir and not job.get("forced"):
+        context = contract.record_context(job, "encode", device)
+        for unit in todo:
+            started = contract.Clock()
+            entry = store.take(Path(store_dir), job_dir, unit, log)
+            if entry is None:
+                continue
+            out = job_dir / "encode" / f"{unit.key}.safetensors"
+            contract.write_record(unit.record_path(job_dir), {
+                "stage": "encode", "key": unit.key, "items": list(unit.items), "params": unit.params, "inputs": {},
+                "outputs": {out.name: contract.output_entry(out)}, "tensors": entry["tensors"],
+                "strategy": {"strategy": "store", "batch_size": 1}, "from_store": True, **context,
+                "seconds": started.seconds(), "peak": contract.peak_memory(device),
+            })
+            taken.append(unit)
+        if taken:
+            log.info("encode: %d of %d artifacts taken from the embedding store %s", len(taken), len(todo), store_dir)
+        todo = [unit for unit in todo if unit not in taken]
+        if not todo:
+            log.info("encode: every artifact came from the embedding store; T5 was not loaded")
+            return {"load_seconds": 0.0, "peak": contract.peak_memory(device), "host_rss_at_start_bytes": host_rss_at_start,
+                    "strategy": "store", "batch_size": 1, "from_store": len(taken), "weight_passes": 0}
     # 1. Load the tokenizer and the text encoder (streamed: only its skeleton, on meta).
     with contract.oom_guard(job, *todo):  # loading can run out of memory too
         pipe, stream_state = (load_text_encoder(job, device), None) if strategy == "resident" else (None, {})
@@ -171,12 +197,16 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
             "outputs": {out.name: contract.output_entry(out)},
             "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in tensors.items()},
             "strategy": {"strategy": strategy, "batch_size": batch_size},
+            "from_store": False,
             **context,
             "seconds": started.seconds(),
             "peak": contract.peak_memory(device),
         })
+        if store_dir:  # after the job's own record: the store never holds what the job has not accepted
+            store.put(Path(store_dir), job_dir, unit, {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in tensors.items()})
         log.info("encode: %d/%d %s (%d items) %.2f s", n, len(todo), unit.key, len(unit.items), started.seconds())
-    summary = {"load_seconds": load_seconds, "peak": contract.peak_memory(device), "host_rss_at_start_bytes": host_rss_at_start, "strategy": strategy, "batch_size": batch_size}
+    summary = {"load_seconds": load_seconds, "peak": contract.peak_memory(device), "host_rss_at_start_bytes": host_rss_at_start, "strategy": strategy,
+               "batch_size": batch_size, "from_store": len(taken)}
     if pipe is not None:
         summary.update(weight_passes=1, weight_bytes_moved=sum(p.numel() * p.element_size() for p in pipe.text_encoder.parameters()))
     if stream_state:

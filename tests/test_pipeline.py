@@ -50,7 +50,7 @@ def made(runs) -> dict:
 # Record keys are a contract with users and later stages: change them deliberately, here.
 RECORD_KEYS = {
     "encode": {"checksum", "device", "dtype", "format", "inputs", "items", "key", "model", "outputs", "params", "peak",
-               "seconds", "stage", "strategy", "tensors", "versions"},
+               "seconds", "stage", "strategy", "tensors", "versions", "from_store"},  # from_store: issue 11
     "denoise": {"binned_size", "checksum", "device", "dtype", "format", "inputs", "items", "key", "latent_shape", "model",
                 "outputs", "params", "peak", "requested_size", "seconds", "seed", "stage", "strategy", "versions", "vae_scale_factor"},
     "decode": {"checksum", "device", "dtype", "format", "inputs", "items", "key", "model", "outputs", "params", "peak",
