@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import signal
 import os
@@ -298,6 +299,36 @@ def plan_memory(
         echo(memory.format_plan(chosen, budget_bytes))
     if failed:
         raise JobFileError(memory.no_fit_message(chosen, budget_bytes, not no_tiling, host_budget_bytes))
+
+
+@app.command()
+@expected_errors
+def clean(
+    job_file: Path = typer.Argument(..., help="The job's TOML file."),
+    workdir: Path = WORKDIR,
+    device: str = typer.Option("auto", "--device", help="As for run (auto: the device of the job's last run), since it decides the dtype."),
+    yes: bool = typer.Option(False, "--yes", help="Remove what is listed (without it, only list)."),
+    store: bool = typer.Option(False, "--store", help="Also clean embedding-store entries that no job folder in the workdir holds."),
+) -> None:
+    """List the files of a job that no current item uses (embeddings of edited prompts, latents and
+    images of removed items, half-written files), with sizes; remove them with --yes. Never touches
+    what a current item uses, nor anything while a run or stage holds the job.
+
+    Example: orchestrate clean job.toml --yes --store
+    """
+    import json
+
+    from orchestrator.clean import clean as clean_job
+
+    job = jobfile.load_job(job_file)
+    job_dir = jobfile.job_dir_for(job, workdir)
+    if not job_dir.is_dir():
+        raise JobFileError(f"job folder {job_dir} does not exist; nothing was run for {job_file} in {workdir}")
+    if device == "auto":
+        with contextlib.suppress(OSError, ValueError):
+            device = json.loads((job_dir / "job.resolved.json").read_text())["device"]
+    resolved = jobfile.resolve_job(job, job_dir, resolve_device(device), require_weights=False)
+    clean_job(job_dir, resolved, Path(workdir).resolve(), yes, store, echo)
 
 
 @app.command()
