@@ -684,3 +684,34 @@ def test_a_folder_that_is_not_a_pixart_pipeline_is_a_one_line_error(tiny_model, 
     (other / "transformer" / "config.json").write_text(json.dumps(dict(config, _class_name="UNet2DConditionModel")))
     with pytest.raises(JobFileError, match=r"is a 'UNet2DConditionModel' \(norm_type 'ada_norm_single'\), not a PixArt transformer"):
         jobfile.resolve_job(jobfile.load_job(path), tmp_path / "w", "cpu")
+
+
+@pytest.mark.parametrize(("transformer", "side", "budget", "denoise"), [
+    ("PixArt-Sigma-XL-2-2K-MS", 2048, "2GiB", "offload"),
+    ("PixArt-Sigma-XL-2-1024-MS", 1024, "2GiB", "resident"),
+])
+def test_plan_works_for_sigma_from_configs_alone(tmp_path, transformer, side, budget, denoise):
+    """`orchestrate plan` on the real configs, no weights anywhere: Σ composed on its base repo."""
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    base, sigma = REFERENCE_CONFIGS / "pixart_sigma_sdxlvae_T5_diffusers", REFERENCE_CONFIGS / "PixArt-Sigma-XL-2-1024-MS"
+    job = write_job(tmp_path, f"""
+    [job]
+    model = "{base}"
+    [job.components]
+    text_encoder = "{sigma}"   # the base copy here holds no T5 configs
+    tokenizer = "{sigma}"
+    transformer = "{REFERENCE_CONFIGS / transformer}"
+    [[generation]]
+    prompt = "a lighthouse"
+    width = {side}
+    height = {side}
+    """)
+    result = CliRunner().invoke(app, ["plan", str(job), "--device", "cuda", "--max-vram", budget, "--workdir", str(tmp_path / "w")])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("model: PixArt-Σ (PixArtSigmaPipeline, from the transformer config"), result.output
+    assert f"  transformer  {REFERENCE_CONFIGS / transformer} ([job.components])" in result.output
+    assert next(line for line in result.output.splitlines() if line.startswith("denoise")).split()[1] == denoise
+    assert not (tmp_path / "w").exists()
