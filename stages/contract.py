@@ -700,9 +700,21 @@ def wait_for_go(imports: tuple[str, ...]) -> bool:
         return sys.stdin.readline().strip() == "go"
     except KeyboardInterrupt:
         return False
+    except Exception:
+        if _INTERRUPTS:  # a library's import machinery turned our KeyboardInterrupt into another error
+            return False
+        raise
+
+
+# Signals received (SIGINT, SIGTERM, SIGHUP). A KeyboardInterrupt raised inside an import can come
+# out as another exception (numpy's lazy attributes, transformers' and diffusers' lazy modules wrap
+# it in RecursionError / ModuleNotFoundError / RuntimeError); with a signal on record, any error is
+# the interruption, reported as one (exit 130, one line), not a traceback.
+_INTERRUPTS: list[int] = []
 
 
 def _interrupted(signum, frame) -> None:
+    _INTERRUPTS.append(signum)
     raise KeyboardInterrupt
 
 
@@ -729,7 +741,7 @@ def stage_main(stage: str, make_units, argv: list[str] | None = None, imports: t
     parser.add_argument("--wait", action="store_true", help="import libraries, then wait for a line `go` on stdin "
                         "before reading or writing anything (used by orchestrate to overlap start-up with the previous stage)")
     args = parser.parse_args(argv)
-    for signum in (signal.SIGTERM, signal.SIGHUP):  # a scheduler, a closed terminal: as Ctrl-C (cleanup, exit 130)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # Ctrl-C, a scheduler, a closed terminal: cleanup, exit 130
         signal.signal(signum, _interrupted)
     if args.wait and not wait_for_go(("torch", "diffusers", "transformers", *imports)):
         return 0
@@ -761,19 +773,27 @@ def stage_main(stage: str, make_units, argv: list[str] | None = None, imports: t
                 format_bytes(summary.get("peak", {}).get("device_max_allocated_bytes", summary.get("peak", {}).get("host_peak_rss_bytes"))),
             )
         return 0
-    except (JobFileError, ArtifactError) as exc:
+    except (JobFileError, ArtifactError, ResourceError) as exc:
+        if _INTERRUPTS:  # e.g. a load cut short by the signal: the interruption is the news
+            return _stop_interrupted(job_dir, stage, log)
         log.error("error: %s", exc)
-        return EXIT_USER_ERROR
-    except ResourceError as exc:
-        log.error("error: %s", exc)
-        return EXIT_RESOURCE_ERROR
+        return EXIT_RESOURCE_ERROR if isinstance(exc, ResourceError) else EXIT_USER_ERROR
+    except Exception:
+        if not _INTERRUPTS:
+            raise
+        return _stop_interrupted(job_dir, stage, log)
     except KeyboardInterrupt:
-        # Ctrl-C reaches us twice (from the terminal and forwarded by the orchestrator): the second
-        # must not cut this cleanup short.
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            remove_temp_files(job_dir / stage)
-            log.warning("%s: interrupted; finished items are kept, run the same command again to resume", stage)
-        finally:
-            signal.signal(signal.SIGINT, previous)
-        return EXIT_INTERRUPTED
+        return _stop_interrupted(job_dir, stage, log)
+
+
+def _stop_interrupted(job_dir: Path, stage: str, log) -> int:
+    """After Ctrl-C, SIGTERM or SIGHUP: remove half-written files, say how to resume, exit 130."""
+    # Ctrl-C reaches us twice (from the terminal and forwarded by the orchestrator): the second
+    # must not cut this cleanup short.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        remove_temp_files(job_dir / stage)
+        log.warning("%s: interrupted; finished items are kept, run the same command again to resume", stage)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return EXIT_INTERRUPTED

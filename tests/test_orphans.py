@@ -30,7 +30,7 @@ import pytest
 
 from orchestrator.runner import PROJECT_ROOT
 from stages.contract import STAGES
-from tests.conftest import artifact_bytes
+from tests.conftest import artifact_bytes, write_job
 from tests.test_faults import FAULT_JOB, JOB_NAME, UNITS, Harness, accepted_records, temp_files
 
 SEED = 11_2026
@@ -149,3 +149,32 @@ def test_a_stage_whose_orchestrator_is_already_gone_exits_at_once():
                             env=dict(os.environ, PYTHONPATH=str(PROJECT_ROOT), PIXART_ORCHESTRATOR_PID="1"),
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 130 and result.stdout == "" and result.stderr == ""
+
+
+def test_an_interrupt_that_a_library_turns_into_another_error_is_still_an_interrupt(tiny_model, tmp_path):
+    """Found by the stress trials: SIGINT, forwarded while a stage imported diffusers, surfaced as a
+    RuntimeError (numpy's and transformers' lazy imports wrap the KeyboardInterrupt) and printed a
+    traceback. With a signal on record, any error is the interruption: exit 130, one line."""
+    from orchestrator import job as jobfile
+    from stages.contract import RESOLVED_JOB, publish_json
+
+    job_file = write_job(tmp_path, f'[job]\nmodel = "{tiny_model}"\n[[generation]]\nprompt = "an owl"\nseed = 1\n')
+    job = jobfile.load_job(job_file)
+    job_dir = jobfile.job_dir_for(job, tmp_path / "work")
+    job_dir.mkdir(parents=True)
+    publish_json(job_dir / RESOLVED_JOB, jobfile.resolve_job(job, job_dir, "cpu"))
+    script = (
+        "import os, signal, sys, time\n"
+        "from stages import contract\n"
+        "def make_units(job, job_dir, todo, log):\n"
+        "    try:\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "        time.sleep(5)\n"
+        "    except KeyboardInterrupt as exc:  # what a lazy import wrapper does with it\n"
+        "        raise RuntimeError('Failed to import diffusers.pipelines because of the following error') from exc\n"
+        f"sys.exit(contract.stage_main('encode', make_units, [{str(job_dir)!r}]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, PYTHONPATH=str(PROJECT_ROOT)),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 130, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "encode: interrupted; finished items are kept" in result.stderr
