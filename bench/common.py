@@ -184,9 +184,12 @@ def fresh_folder(path: Path) -> Path:
     return path
 
 
-def write_job(path: Path, model: Path, items: list[dict], name: str, written_by: str) -> None:
-    """A job file with one [[generation]] per item (each item's keys as TOML values)."""
+def write_job(path: Path, model: Path, items: list[dict], name: str, written_by: str, components: dict | None = None) -> None:
+    """A job file with one [[generation]] per item (each item's keys as TOML values); `components`
+    ({component: folder}) becomes its [job.components] table."""
     lines = [f"# Written by {written_by}", "[job]", f'name = "{name}"', f'model = "{model}"', ""]
+    if components:
+        lines += ["[job.components]", *(f'{part} = "{folder}"' for part, folder in components.items()), ""]
     for item in items:
         lines.append("[[generation]]")
         lines += [f"{k} = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}" for k, v in item.items()]

@@ -107,10 +107,9 @@ def job_items(settings: dict, model: str = "alpha") -> list[dict]:
 
 
 def write_job(path: Path, model: Path, items: list[dict], name: str = "bench", text_encoder_from: Path | None = None) -> None:
-    common.write_job(path, model, items, name, "bench/gpu_bench.py")
-    if text_encoder_from is not None:  # composed: T5 from the α model folder (the same T5-XXL)
-        text = path.read_text().replace("\n\n", f'\n\n[job.components]\ntext_encoder = "{text_encoder_from}"\ntokenizer = "{text_encoder_from}"\n\n', 1)
-        path.write_text(text)
+    # Composed: T5 from the α model folder (the same T5-XXL).
+    components = {"text_encoder": text_encoder_from, "tokenizer": text_encoder_from} if text_encoder_from is not None else None
+    common.write_job(path, model, items, name, "bench/gpu_bench.py", components)
 
 
 # ---------------------------------------------------------------------------------------------

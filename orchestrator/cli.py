@@ -130,8 +130,10 @@ def _runtime_if_nothing_to_do(job_dir: Path, resolved: dict, flags: dict) -> dic
     same = {k: v for k, v in previous.items() if k != "runtime"} == {k: v for k, v in resolved.items() if k != "runtime"}
     if not same or not runtime.get("stages") or runtime.get("flags") != flags:
         return None
-    states = plan_job(job_dir, dict(resolved, runtime=runtime))
-    if any(s.state != "done" for stage in states.values() for s in stage):
+    from stages.contract import plan_units, unit_status
+
+    units = plan_units(dict(resolved, runtime=runtime))  # in stage order: the first stale unit ends the check
+    if not all(unit_status(job_dir, unit)[0] for stage in STAGES for unit in units[stage]):
         return None
     return dict(runtime, plan_cache="not needed: nothing to do")
 

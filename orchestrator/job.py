@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from stages import family
-from stages.contract import FORMAT_VERSION, JobFileError, canonical_json, slugify
+from stages.contract import FORMAT_VERSION, JobFileError, canonical_json, hub_snapshot, slugify
 
 DTYPES = ("float16", "bfloat16", "float32")
 MAX_ITEMS = 10_000  # a queue larger than this is almost certainly a typo in `count`
@@ -276,23 +276,18 @@ def component_hashes(roots) -> dict:
             by_root.setdefault(Path(roots[part]), []).append(pattern)
         digests = []
         for root, patterns in by_root.items():
-            commit = _hub_commit(root)
-            if commit is None:
+            snapshot = hub_snapshot(root)
+            if snapshot is None:
                 digests.append(_hash_files(root, patterns))
             else:
                 configs = [p.replace("/*", "/*.json") if p.split("/")[0] in ("text_encoder", "transformer", "vae") else p for p in patterns]
-                digests.append(f"{_hash_files(root, configs)}@{root.parent.parent.name}@{commit}")
+                digests.append(f"{_hash_files(root, configs)}@{root.parent.parent.name}@{snapshot[1]}")
         hashes[stage] = digests[0] if len(digests) == 1 and "@" not in digests[0] else _combine(*digests)
     return hashes
 
 
 def _combine(*digests: str) -> str:
     return hashlib.sha256("\n".join(digests).encode()).hexdigest()[:16]
-
-
-def _hub_commit(root: Path) -> str | None:
-    """The commit of a Hugging Face cache snapshot (<cache>/models--org--name/snapshots/<commit>)."""
-    return root.name if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--") else None
 
 
 # What the orchestrator fetches from the hub to plan (configs, tokenizer, scheduler); each stage

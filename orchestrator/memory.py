@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.estimate import estimate_host_bytes, Estimate, ModelConfigs, estimate_decode, estimate_denoise, estimate_encode
-from stages.contract import JobFileError, format_bytes, uses_guidance
+from stages.contract import JobFileError, component_folder, format_bytes, uses_guidance
 
 KIB, MIB, GIB = 1024, 1024**2, 1024**3
 # Not in peak_bytes, since max_memory_allocated does not see it: the CUDA context of each stage
@@ -121,11 +121,9 @@ def _latent_size(item: dict, sample_size: int, pipeline: str | None) -> tuple[in
 
 
 def model_roots(resolved: dict) -> dict:
-    """{component: folder holding <component>/} of a resolved job (base model or [job.components])."""
-    model = resolved["model"]
-    components = model.get("components") or {}
-    return {part: Path(components[part]["path"]) if part in components else Path(model["path"])
-            for part in ("text_encoder", "tokenizer", "transformer", "vae", "scheduler")}
+    """{component: folder holding <component>/} of a resolved job (base model or [job.components]);
+    configs only, never a download of weights."""
+    return {part: component_folder(resolved, part) for part in ("text_encoder", "tokenizer", "transformer", "vae", "scheduler")}
 
 
 # ---------------------------------------------------------------------------------------------

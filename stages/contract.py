@@ -395,22 +395,31 @@ def output_entry(path: Path, shape=None, dtype=None) -> dict:
 # Process helpers for stage entry points
 
 
-def component_root(job: dict, part: str) -> Path:
-    """The folder holding <part>/ for this job: the base model's, or the one [job.components] names.
-    A component from the hub arrives with its configs only (the orchestrator plans from them); its
-    weights are fetched here, by the one stage that uses them, so encode never fetches the
-    transformer. Offline (HF_HUB_OFFLINE=1) they must already be in the cache."""
+def component_folder(job: dict, part: str) -> Path:
+    """The folder holding <part>/ for this job: the base model's, or the one [job.components] names."""
     entry = (job["model"].get("components") or {}).get(part)
-    root = Path(entry["path"] if entry else job["model"]["path"])
-    if part in ("text_encoder", "transformer", "vae") and _hub_repo(root) and not any((root / part).glob("*.safetensors")):
-        root = _fetch_weights(_hub_repo(root), root.name, part)
+    return Path(entry["path"] if entry else job["model"]["path"])
+
+
+def component_root(job: dict, part: str) -> Path:
+    """component_folder, with the weights there. A component from the hub arrives with its configs
+    only (the orchestrator plans from them); its weights are fetched here, by the one stage that
+    uses them, so encode never fetches the transformer. Offline (HF_HUB_OFFLINE=1) they must
+    already be in the cache."""
+    root = component_folder(job, part)
+    snapshot = hub_snapshot(root)
+    if part in ("text_encoder", "transformer", "vae") and snapshot and not any((root / part).glob("*.safetensors")):
+        root = _fetch_weights(*snapshot, part)
     return root
 
 
-def _hub_repo(root: Path) -> str | None:
-    """'org/name' for a Hugging Face cache snapshot folder (<cache>/models--org--name/snapshots/<commit>)."""
-    repo = root.parent.parent.name
-    return repo[len("models--"):].replace("--", "/", 1) if root.parent.name == "snapshots" and repo.startswith("models--") else None
+def hub_snapshot(root: Path) -> tuple[str, str] | None:
+    """('org/name', commit) for a Hugging Face cache snapshot folder
+    (<cache>/models--org--name/snapshots/<commit>), else None."""
+    repo = Path(root).parent.parent.name
+    if Path(root).parent.name != "snapshots" or not repo.startswith("models--"):
+        return None
+    return repo[len("models--"):].replace("--", "/", 1), Path(root).name
 
 
 # What a stage fetches from the hub for its component: safetensors weights and configs, never pickles.
@@ -431,7 +440,7 @@ def _fetch_weights(repo: str, commit: str, part: str) -> Path:
                            + ("in the Hugging Face cache and HF_HUB_OFFLINE is set; download them once with "
                               f"`hf download {repo}`, or use a local folder" if offline else
                               "in the repository (weights are loaded from safetensors only, never pickle); "
-                              f"download the repo and convert it with `orchestrate convert`"))
+                              "download the repo and convert it with `orchestrate convert`"))
     return root
 
 

@@ -59,18 +59,12 @@ def decode_latents(vae, latents, denoise_record: dict, retry_tile_size: int | No
 
     processor = PixArtImageProcessor(vae_scale_factor=denoise_record["vae_scale_factor"])
     image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]  # [1, 3, H, W]
-    upcast = False
-    if not torch.isfinite(image).all():
-        if vae.dtype == torch.float32:
-            raise contract.ArtifactError(
-                f"decode: item {denoise_record['key']} decodes to NaN/inf even with the VAE in float32: its latents are broken; "
-                f"remake them with `orchestrate run JOB.toml --force denoise`"
-            )
+    upcast = not torch.isfinite(image).all() and vae.dtype != torch.float32
+    if upcast:
         if log is not None:
             log.warning("decode: %s overflowed in %s (NaN/inf); decoding it again with the VAE in float32", denoise_record["key"],
                         str(vae.dtype).replace("torch.", ""))
-        dtype, tiled = vae.dtype, vae.use_tiling
-        tile_size = vae.tile_sample_min_size if tiled else None
+        dtype, tile_size = vae.dtype, vae.tile_sample_min_size if vae.use_tiling else None
         vae.to(torch.float32)  # 16-bit values are exact in float32, and back again
         set_tiling(vae, retry_tile_size)
         try:
@@ -78,12 +72,11 @@ def decode_latents(vae, latents, denoise_record: dict, retry_tile_size: int | No
         finally:
             vae.to(dtype)
             set_tiling(vae, tile_size)
-        upcast = True
-        if not torch.isfinite(image).all():
-            raise contract.ArtifactError(
-                f"decode: item {denoise_record['key']} decodes to NaN/inf even with the VAE in float32: its latents are broken; "
-                f"remake them with `orchestrate run JOB.toml --force denoise`"
-            )
+    if not torch.isfinite(image).all():
+        raise contract.ArtifactError(
+            f"decode: item {denoise_record['key']} decodes to NaN/inf even with the VAE in float32: its latents are broken; "
+            f"remake them with `orchestrate run JOB.toml --force denoise`"
+        )
     if denoise_record["params"]["use_resolution_binning"]:
         requested = denoise_record["requested_size"]
         image = processor.resize_and_crop_tensor(image, requested["width"], requested["height"])

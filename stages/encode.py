@@ -25,8 +25,9 @@ def load_text_encoder(job: dict, device):
     import torch
     from transformers import T5EncoderModel, T5Tokenizer
 
-    with contract.loading("encode", contract.component_root(job, "tokenizer"), "tokenizer"):
-        tokenizer = T5Tokenizer.from_pretrained(contract.component_root(job, "tokenizer"), subfolder="tokenizer")
+    tokenizer_root = contract.component_root(job, "tokenizer")
+    with contract.loading("encode", tokenizer_root, "tokenizer"):
+        tokenizer = T5Tokenizer.from_pretrained(tokenizer_root, subfolder="tokenizer")
     path = contract.component_root(job, "text_encoder")
     # from_pretrained (not .to(fp16) afterwards) keeps T5's `wo` in fp32: see PIXART-NOTES.md.
     # On a GPU the weights go straight from the safetensors files to the device (device_map), so
@@ -37,7 +38,7 @@ def load_text_encoder(job: dict, device):
             path, subfolder="text_encoder", dtype=contract.torch_dtype(job["dtype"]), use_safetensors=True, **placement
         ).to(device).eval()
     if all(i == tokenizer.unk_token_id for i in tokenizer("a photo of a cat").input_ids[:-1]):
-        raise contract.ArtifactError(f"encode: the tokenizer in {contract.component_root(job, 'tokenizer')}/tokenizer maps every word to <unk>; its vocabulary is broken")
+        raise contract.ArtifactError(f"encode: the tokenizer in {tokenizer_root}/tokenizer maps every word to <unk>; its vocabulary is broken")
     # The family's own pipeline class (stages/family.py): its encode_prompt is what the pipeline runs.
     pipeline_class = getattr(diffusers, family.of(job.get("pipeline")).pipeline)
     pipe = pipeline_class(tokenizer=tokenizer, text_encoder=text_encoder, vae=None, transformer=None, scheduler=None)
@@ -71,8 +72,9 @@ def stream_encode(job: dict, device, texts: list[str], loader_state: dict) -> di
     path = contract.component_root(job, "text_encoder")
     dtype = contract.torch_dtype(job["dtype"])
     if "loader" not in loader_state:  # built once per process, reused for every batch
-        with contract.loading("encode", str(contract.component_root(job, "tokenizer")), "tokenizer"):
-            tokenizer = T5Tokenizer.from_pretrained(contract.component_root(job, "tokenizer"), subfolder="tokenizer")
+        tokenizer_root = contract.component_root(job, "tokenizer")
+        with contract.loading("encode", str(tokenizer_root), "tokenizer"):
+            tokenizer = T5Tokenizer.from_pretrained(tokenizer_root, subfolder="tokenizer")
         with contract.loading("encode", str(path), "text_encoder"):
             config = T5Config.from_pretrained(path / "text_encoder")
             index = WeightIndex(path / "text_encoder")
@@ -186,6 +188,7 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
             tensors[f"{prefix}prompt_embeds"] = embeds.detach().to("cpu").contiguous().clone()  # [1, seq, dim]; own storage
             tensors[f"{prefix}prompt_attention_mask"] = mask.to("cpu").contiguous().clone()  # [1, seq]
         # 3. Publish the artifact, then its record.
+        described = {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in tensors.items()}
         out = job_dir / "encode" / f"{unit.key}.safetensors"
         contract.publish(out, lambda tmp: save_file(tensors, str(tmp), metadata=contract.safetensors_metadata("encode", unit.key)))
         contract.write_record(unit.record_path(job_dir), {
@@ -195,7 +198,7 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
             "params": unit.params,
             "inputs": {},
             "outputs": {out.name: contract.output_entry(out)},
-            "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in tensors.items()},
+            "tensors": described,
             "strategy": {"strategy": strategy, "batch_size": batch_size},
             "from_store": False,
             **context,
@@ -203,7 +206,7 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
             "peak": contract.peak_memory(device),
         })
         if store_dir:  # after the job's own record: the store never holds what the job has not accepted
-            store.put(Path(store_dir), job_dir, unit, {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in tensors.items()})
+            store.put(Path(store_dir), job_dir, unit, described)
         log.info("encode: %d/%d %s (%d items) %.2f s", n, len(todo), unit.key, len(unit.items), started.seconds())
     summary = {"load_seconds": load_seconds, "peak": contract.peak_memory(device), "host_rss_at_start_bytes": host_rss_at_start, "strategy": strategy,
                "batch_size": batch_size, "from_store": len(taken)}

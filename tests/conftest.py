@@ -66,6 +66,14 @@ def inprocess_stage(stage: str, job_dir: Path, force: bool, echo) -> StageRun:
     return StageRun(stage, clock.seconds(), json.loads((job_dir / stage / "summary.json").read_text()))
 
 
+@pytest.fixture
+def cli_in_process(monkeypatch):
+    """`orchestrate run` through the CLI's own code (cli._run, _prepare) with in-process stages."""
+    from orchestrator import cli
+
+    monkeypatch.setattr(cli, "run_job", lambda job_dir, resolved, echo, force: run_job(job_dir, resolved, echo, force, launch=inprocess_stage))
+
+
 def run_inprocess(job_file: Path, workdir: Path, force=(), device="cpu", runtime=None) -> tuple[Path, list[StageRun], list[str]]:
     """`orchestrate run` with in-process stages: (job_dir, stage runs, printed lines).
     `runtime` is the memory plan (docs/memory.md) to write into the resolved job."""

@@ -4,18 +4,16 @@ only with --yes; never touches a current item's files; refuses while a run holds
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import time
 
 from typer.testing import CliRunner
 
-from orchestrator import cli, runner
+from orchestrator import cli
 from orchestrator.cli import app
 from orchestrator.runner import PROJECT_ROOT
-from tests.conftest import inprocess_stage, write_job
+from tests.conftest import write_job
 
 JOB = """
 [job]
@@ -35,8 +33,7 @@ seed = 2
 """
 
 
-def test_clean_lists_then_removes_only_what_no_current_item_uses(tiny_model, tmp_path, monkeypatch):
-    monkeypatch.setattr(cli, "run_job", lambda job_dir, resolved, echo, force: runner.run_job(job_dir, resolved, echo, force, launch=inprocess_stage))
+def test_clean_lists_then_removes_only_what_no_current_item_uses(tiny_model, tmp_path, cli_in_process):
     workdir = tmp_path / "work"
     job_file = write_job(tmp_path, JOB.format(model=tiny_model, second="a red apple"))
     cli._run(job_file, workdir, "cpu", ())
@@ -70,7 +67,7 @@ def test_clean_refuses_while_a_run_holds_the_job(tiny_model, tmp_path):
     job_file = write_job(tmp_path, JOB.format(model=tiny_model, second="a red apple"))
     (workdir / "tidy").mkdir(parents=True)
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from stages.contract import exclusive_lock\n"
-                               f"with exclusive_lock(sys.argv[1], 'job tidy'):\n    print('held', flush=True); time.sleep(60)",
+                               "with exclusive_lock(sys.argv[1], 'job tidy'):\n    print('held', flush=True); time.sleep(60)",
                                str(workdir / "tidy" / "run.lock")], env=dict(os.environ, PYTHONPATH=str(PROJECT_ROOT)),
                               stdout=subprocess.PIPE, text=True)
     try:

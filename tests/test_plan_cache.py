@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 
-from orchestrator import cli, memory, runner
-from tests.conftest import inprocess_stage, write_job
+from orchestrator import cli, memory
+from tests.conftest import write_job
 
 JOB = """
 [job]
@@ -29,8 +29,7 @@ seed = {b}
 """
 
 
-def test_a_plan_is_made_once_per_shape_and_budget(tiny_model, tmp_path, monkeypatch):
-    monkeypatch.setattr(cli, "run_job", lambda job_dir, resolved, echo, force: runner.run_job(job_dir, resolved, echo, force, launch=inprocess_stage))
+def test_a_plan_is_made_once_per_shape_and_budget(tiny_model, tmp_path, monkeypatch, cli_in_process):
     plans = []
     real = memory.plan_memory
     monkeypatch.setattr(memory, "plan_memory", lambda *a, **k: plans.append(a[5]) or real(*a, **k))
@@ -56,8 +55,7 @@ def test_a_plan_is_made_once_per_shape_and_budget(tiny_model, tmp_path, monkeypa
     assert len(json.loads((job_dir / memory.PLAN_CACHE).read_text())) == 2
 
 
-def test_a_damaged_plan_cache_is_planned_over(tiny_model, tmp_path, monkeypatch):
-    monkeypatch.setattr(cli, "run_job", lambda job_dir, resolved, echo, force: runner.run_job(job_dir, resolved, echo, force, launch=inprocess_stage))
+def test_a_damaged_plan_cache_is_planned_over(tiny_model, tmp_path, cli_in_process):
     job_file = write_job(tmp_path, JOB.format(model=tiny_model, a=1, b=2))
     (tmp_path / "work" / "cached").mkdir(parents=True)
     (tmp_path / "work" / "cached" / memory.PLAN_CACHE).write_text("{half")

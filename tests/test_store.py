@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 
-from orchestrator import cli, runner
+from orchestrator import cli
 from stages import encode
-from tests.conftest import inprocess_stage, load_png, resolved_items, write_job
+from tests.conftest import load_png, resolved_items, write_job
 
 JOB = """
 [job]
@@ -36,11 +35,6 @@ seed = {b}
 """
 
 
-@pytest.fixture
-def in_process(monkeypatch):
-    monkeypatch.setattr(cli, "run_job", lambda job_dir, resolved, echo, force: runner.run_job(job_dir, resolved, echo, force, launch=inprocess_stage))
-
-
 def run(tmp_path, workdir, model, name, a, b, store=True, force=()):
     job_file = write_job(tmp_path, JOB.format(name=name, model=model, a=a, b=b), f"{name}.toml")
     cli._run(job_file, workdir, "cpu", force, store=store)
@@ -52,7 +46,7 @@ def no_t5(*args, **kwargs):
     raise AssertionError("T5 was loaded although every embedding is in the store")
 
 
-def test_a_second_job_takes_its_embeddings_from_the_store_and_never_loads_t5(tiny_model, tmp_path, monkeypatch, in_process):
+def test_a_second_job_takes_its_embeddings_from_the_store_and_never_loads_t5(tiny_model, tmp_path, monkeypatch, cli_in_process):
     workdir = tmp_path / "work"
     _, first = run(tmp_path, workdir, tiny_model, "first", 1, 2)
     assert first["from_store"] == 0 and first["units_done"] == 2
@@ -80,7 +74,7 @@ def test_a_second_job_takes_its_embeddings_from_the_store_and_never_loads_t5(tin
         sorted(p.read_bytes() for p in (alone_dir / "encode").glob("*.safetensors"))
 
 
-def test_a_damaged_store_entry_is_detected_by_hash_and_computed_again(tiny_model, tmp_path, in_process):
+def test_a_damaged_store_entry_is_detected_by_hash_and_computed_again(tiny_model, tmp_path, cli_in_process):
     workdir = tmp_path / "work"
     first_dir, _ = run(tmp_path, workdir, tiny_model, "first", 1, 2)
     store = workdir / ".store" / "encode"
@@ -96,7 +90,7 @@ def test_a_damaged_store_entry_is_detected_by_hash_and_computed_again(tiny_model
     assert victim.read_bytes() == (first_dir / "encode" / victim.name).read_bytes()  # the entry is whole again
 
 
-def test_no_store_and_forced_encode_leave_the_store_alone(tiny_model, tmp_path, in_process):
+def test_no_store_and_forced_encode_leave_the_store_alone(tiny_model, tmp_path, cli_in_process):
     workdir = tmp_path / "work"
     run(tmp_path, workdir, tiny_model, "first", 1, 2, store=False)
     assert not (workdir / ".store").exists()
