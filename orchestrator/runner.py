@@ -17,7 +17,8 @@ from pathlib import Path
 
 import stages
 from stages import lifeline
-from orchestrator.plan import describe_stage, plan_stage
+from orchestrator import chunks
+from orchestrator.plan import describe_stage, plan_job, plan_stage
 from stages.contract import (
     EXIT_INTERRUPTED,
     EXIT_RESOURCE_ERROR,
@@ -88,11 +89,12 @@ def start_stage(stage: str, job_dir: Path, force: bool, wait: bool = False, unit
     return subprocess.Popen(command, env=env, stdin=subprocess.PIPE if wait else None, text=True, start_new_session=wait)
 
 
-def go_stage(process: subprocess.Popen, go: bool) -> None:
-    """Release (go=True) or dismiss (go=False: it exits without touching anything) a waiting stage."""
+def go_stage(process: subprocess.Popen, go: bool, units: list[str] | None = None) -> None:
+    """Release (go=True; for `units` only, when given) or dismiss (go=False: it exits without
+    touching anything) a waiting stage."""
     try:
         if go:
-            process.stdin.write("go\n")
+            process.stdin.write("go" + (" --units " + ",".join(units) if units else "") + "\n")
         process.stdin.close()
     except (BrokenPipeError, OSError):
         pass
@@ -144,14 +146,18 @@ def finish_stage(stage: str, job_dir: Path, process: subprocess.Popen, clock: Cl
     return StageRun(stage, clock.seconds(), summary)
 
 
-def run_job(job_dir: Path, resolved: dict, echo, force: tuple[str, ...] = (), launch=None) -> list[StageRun]:
+def run_job(job_dir: Path, resolved: dict, echo, force: tuple[str, ...] = (), launch=None, chunk: int | None = 0,
+            on_images=None) -> list[StageRun]:
     """Write the resolved job, then run each stage that has work, in order, under the job lock.
-    `launch(stage, job_dir, force, echo)` runs one stage; by default a `run_stage` subprocess,
-    with the next stage's process started ahead (`--wait`) so its imports overlap this one."""
+    `launch(stage, job_dir, force, echo, units)` runs one stage; by default a `run_stage`
+    subprocess, with the next stage's process started ahead (`--wait`) so its imports overlap this
+    one. `chunk`: items per denoise/decode process after the one encode pass (0: the whole queue
+    in one process each; None: chosen by orchestrator/chunks.py). `on_images(job_dir)` is called
+    after each decode process (e.g. to refresh the gallery)."""
     warm: dict[str, subprocess.Popen] = {}
     active: list[subprocess.Popen] = []
     try:
-        return _run_stages(job_dir, resolved, echo, force, launch, warm, active)
+        return _Run(job_dir, resolved, echo, force, launch, warm, active, on_images).all_stages(chunk)
     finally:
         for process in warm.values():  # a stage started ahead but not needed: dismiss it
             go_stage(process, False)
@@ -160,42 +166,128 @@ def run_job(job_dir: Path, resolved: dict, echo, force: tuple[str, ...] = (), la
                 _interrupt(process)
 
 
-def _run_stages(job_dir: Path, resolved: dict, echo, force: tuple[str, ...], launch, warm: dict, active: list) -> list[StageRun]:
-    job_dir.mkdir(parents=True, exist_ok=True)
-    runs = []
-    with exclusive_lock(job_dir / "run.lock", f"job {job_dir.name}"):
-        publish_json(job_dir / RESOLVED_JOB, resolved)
-        job = read_job(job_dir)
-        for stage in STAGES:
-            states = plan_stage(job_dir, job, stage)  # after the stages before it: their real records
-            forced = stage in force
-            if forced:
-                echo(f"{stage}: forced, remaking all {len(states)}")
+class _Run:
+    """One `orchestrate run` under the job lock: the stage processes it starts, in order."""
+
+    def __init__(self, job_dir: Path, resolved: dict, echo, force, launch, warm: dict, active: list, on_images) -> None:
+        self.job_dir, self.resolved, self.echo, self.force = job_dir, resolved, echo, force
+        self.launch, self.warm, self.active, self.on_images = launch, warm, active, on_images
+        self.runs: list[StageRun] = []
+
+    def all_stages(self, chunk: int | None) -> list[StageRun]:
+        self.job_dir.mkdir(parents=True, exist_ok=True)
+        with exclusive_lock(self.job_dir / "run.lock", f"job {self.job_dir.name}"):
+            publish_json(self.job_dir / RESOLVED_JOB, self.resolved)
+            self.job = read_job(self.job_dir)
+            if self._announce("encode", plan_stage(self.job_dir, self.job, "encode")):
+                self.stage("encode", None, then="denoise")
+            predicted = plan_job(self.job_dir, self.job) if chunk != 0 else None  # after encode: its real records
+            if predicted and _has_work(predicted["denoise"], "denoise" in self.force) and _has_work(predicted["decode"], "decode" in self.force):
+                self.chunked({stage: self._announce(stage, predicted[stage]) for stage in ("denoise", "decode")}, chunk)
+            else:  # each stage planned after the one before it has run: its real records
+                if self._announce("denoise", plan_stage(self.job_dir, self.job, "denoise")):
+                    self.stage("denoise", None, then="decode")
+                if self._announce("decode", plan_stage(self.job_dir, self.job, "decode")):
+                    self.stage("decode", None)
+            _publish_merged(self.job_dir, self.runs)
+        return self.runs
+
+    def _announce(self, stage: str, states) -> list[str]:
+        """Print the stage's decision; the keys of its units to make (all when forced)."""
+        if stage in self.force:
+            self.echo(f"{stage}: forced, remaking all {len(states)}")
+            return [s.unit.key for s in states]
+        for line in describe_stage(stage, states):
+            self.echo(line)
+        todo = [s.unit.key for s in states if s.state != "done"]
+        if not todo:
+            _remove_leftovers(self.job_dir, stage, self.echo)
+        return todo
+
+    def chunked(self, todo: dict[str, list[str]], chunk: int | None) -> None:
+        """Denoise and decode alternate over chunks of the items that need either (job order)."""
+        wanted = set(todo["denoise"]) | set(todo["decode"])
+        items = [item["id"] for item in self.job["items"] if item["id"] in wanted]
+        start, made, shown = 0, 0, None
+        while start < len(items):
+            if chunk:
+                size, why = chunk, "--chunk"
             else:
-                for line in describe_stage(stage, states):
-                    echo(line)
-                if all(s.state == "done" for s in states):
-                    _remove_leftovers(job_dir, stage, echo)
-                    continue
-            if launch is not None:
-                runs.append(launch(stage, job_dir, forced, echo))
+                size, why = self._auto_chunk(len(items), made, len(items) - start)
+            if why != shown:
+                self.echo(f"chunks of {size} item{'s' if size > 1 else ''} ({why})" if chunk else f"chunks: {why}")
+                shown = why
+            ids = items[start:start + size]
+            start, made = start + size, made + 1
+            denoise = [key for key in todo["denoise"] if key in ids]
+            decode = [key for key in todo["decode"] if key in ids]
+            if denoise:
+                self.stage("denoise", denoise, then="decode" if decode else None)
+            if decode:
+                self.stage("decode", decode, then="denoise" if start < len(items) else None)
+            self.echo(f"images: {start} of {len(items)} made in {os.path.relpath(self.job_dir / 'decode')}/")
+
+    def _auto_chunk(self, total: int, made: int, remaining: int) -> tuple[int, str]:
+        """The next chunk's size from this run's measurements, else earlier runs', else estimates."""
+        costs, sources = {}, set()
+        for stage in ("denoise", "decode"):
+            mine = [(r.summary, r.seconds) for r in self.runs if r.stage == stage and r.summary.get("units_done")]
+            cost = chunks.measured_cost(chunks.merge_summaries(mine)) if mine else chunks.read_cost(self.job_dir, stage)
+            costs[stage] = cost or chunks.estimate_costs(self.job)[stage]
+            sources.add("measured" if cost else "estimated")
+        size = chunks.next_chunk(total, made, remaining, costs)
+        planned = chunks.max_chunks(total, costs)
+        how = sources.pop() if len(sources) == 1 else "partly measured"
+        return size, (f"{planned} for {total} items, the first of {size}; extra model loads ~"
+                      f"{chunks.extra_share(total, planned, costs):.0%} of the run ({how} costs); --chunk 0: one process per stage")
+
+    def stage(self, stage: str, units: list[str] | None, then: str | None = None) -> None:
+        """Run one stage process (for `units`, or all its stale units); start `then` ahead of it."""
+        forced = stage in self.force
+        if self.launch is not None:
+            self.runs.append(self.launch(stage, self.job_dir, forced, self.echo, units))
+        else:
+            self.echo(f"> {_shown(stage_command(stage, self.job_dir, forced, units))}")
+            clock = Clock()
+            process = self.warm.pop(stage, None)
+            if process is None:
+                process = start_stage(stage, self.job_dir, forced, units=units)
             else:
-                echo(f"> {_shown(stage_command(stage, job_dir, forced))}")
-                clock = Clock()
-                process = warm.pop(stage, None)
-                if process is None:
-                    process = start_stage(stage, job_dir, forced)
-                else:
-                    go_stage(process, True)
-                active[:] = [process]
-                later = STAGES[STAGES.index(stage) + 1:]
-                if later:  # it will most likely have work once this stage has made new artifacts
-                    warm[later[0]] = start_stage(later[0], job_dir, later[0] in force, wait=True)
-                runs.append(finish_stage(stage, job_dir, process, clock))
-            over = budget_overrun(runs[-1].summary, job.get("runtime", {}))
-            if over:
-                echo(f"warning: {stage} {over}")
-    return runs
+                go_stage(process, True, units)
+            self.active[:] = [process]
+            if then:  # it will most likely have work once this stage has made new artifacts
+                self.warm[then] = start_stage(then, self.job_dir, then in self.force, wait=True)
+            self.runs.append(finish_stage(stage, self.job_dir, process, clock))
+        over = budget_overrun(self.runs[-1].summary, self.job.get("runtime", {}))
+        if over:
+            self.echo(f"warning: {stage} {over}")
+        if stage == "decode" and self.on_images is not None:
+            self.on_images(self.job_dir)
+
+
+def _has_work(states, forced: bool) -> bool:
+    return forced or any(s.state != "done" for s in states)
+
+
+def _publish_merged(job_dir: Path, runs: list[StageRun]) -> None:
+    """A stage run in several processes (chunks) gets one summary.json for the whole run."""
+    for stage in STAGES:
+        mine = [(r.summary, r.seconds) for r in runs if r.stage == stage]
+        if len(mine) > 1:
+            publish_json(job_dir / stage / "summary.json", chunks.merge_summaries(mine))
+
+
+def merge_runs(runs: list[StageRun]) -> list[StageRun]:
+    """One StageRun per stage, its processes' summaries merged (orchestrator/chunks.py)."""
+    merged = []
+    for stage in STAGES:
+        mine = [r for r in runs if r.stage == stage]
+        if len(mine) == 1:
+            merged.append(mine[0])
+        elif mine:
+            merged.append(StageRun(stage, round(sum(r.seconds for r in mine), 3),
+                                   chunks.merge_summaries([(r.summary, r.seconds) for r in mine])))
+    return merged
 
 
 def measured_peak(summary: dict, device_type: str) -> int | None:
@@ -237,7 +329,7 @@ def summary_table(runs: list[StageRun]) -> str:
     """Items, seconds and peak memory per stage that ran."""
     header = ("stage", "made", "up to date", "seconds", "load s", "peak device alloc", "peak device reserved", "peak host RSS")
     rows = [header]
-    for run in runs:
+    for run in merge_runs(runs):
         s, peak = run.summary, run.summary.get("peak", {})
         rows.append((
             run.stage, str(s.get("units_done", "?")), str(s.get("units_up_to_date", "?")), f"{run.seconds:.1f}",

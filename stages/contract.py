@@ -695,8 +695,9 @@ def select_units(job_dir: Path, job: dict, stage: str, force: bool, log: logging
     return todo, len(units) - len(todo)
 
 
-def wait_for_go(imports: tuple[str, ...]) -> bool:
-    """Import the stage's libraries, then block until stdin says `go` (True) or closes (False).
+def wait_for_go(imports: tuple[str, ...]) -> tuple[bool, list[str] | None]:
+    """Import the stage's libraries, then block until stdin says `go` (True) or closes (False);
+    `go --units KEY,...` also names the units (a chunked run knows them only then).
     The orchestrator starts the next stage this way while the current one works, so the next
     process's start-up (seconds of imports) overlaps it; nothing is loaded or written before `go`,
     and torch never touches the GPU before it, so one model at a time still holds."""
@@ -706,13 +707,16 @@ def wait_for_go(imports: tuple[str, ...]) -> bool:
         for name in imports:
             importlib.import_module(name)
         warm_up_math_kernels()  # while we wait anyway; see its docstring
-        return sys.stdin.readline().strip() == "go"
+        words = sys.stdin.readline().split()
     except KeyboardInterrupt:
-        return False
+        return False, None
     except Exception:
         if _INTERRUPTS:  # a library's import machinery turned our KeyboardInterrupt into another error
-            return False
+            return False, None
         raise
+    if words[:1] != ["go"]:
+        return False, None
+    return True, (_unit_list(words[2]) if words[1:2] == ["--units"] and len(words) > 2 else None)
 
 
 # Signals received (SIGINT, SIGTERM, SIGHUP). A KeyboardInterrupt raised inside an import can come
@@ -752,8 +756,11 @@ def stage_main(stage: str, make_units, argv: list[str] | None = None, imports: t
     args = parser.parse_args(argv)
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # Ctrl-C, a scheduler, a closed terminal: cleanup, exit 130
         signal.signal(signum, _interrupted)
-    if args.wait and not wait_for_go(("torch", "diffusers", "transformers", *imports)):
-        return 0
+    if args.wait:
+        go, units = wait_for_go(("torch", "diffusers", "transformers", *imports))
+        if not go:
+            return 0
+        args.units = units or args.units
     job_dir = args.job_dir.resolve()
     if not (job_dir / RESOLVED_JOB).exists():
         print(f"error: {job_dir / RESOLVED_JOB} not found; run `orchestrate run JOB.toml` to resolve the job first", file=sys.stderr)

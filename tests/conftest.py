@@ -56,11 +56,11 @@ def write_job(folder: Path, body: str, name: str = "job.toml") -> Path:
     return path
 
 
-def inprocess_stage(stage: str, job_dir: Path, force: bool, echo) -> StageRun:
+def inprocess_stage(stage: str, job_dir: Path, force: bool, echo, units: list[str] | None = None) -> StageRun:
     """Run a stage's `main` in this process (fast); raises if it fails, like run_stage does."""
     module = importlib.import_module(f"stages.{stage}")
     clock = Clock()
-    code = module.main([str(job_dir)] + (["--force"] if force else []))
+    code = module.main([str(job_dir)] + (["--force"] if force else []) + (["--units", ",".join(units)] if units else []))
     if code != 0:
         raise RuntimeError(f"stage {stage} exited {code}")
     return StageRun(stage, clock.seconds(), json.loads((job_dir / stage / "summary.json").read_text()))
@@ -71,17 +71,18 @@ def cli_in_process(monkeypatch):
     """`orchestrate run` through the CLI's own code (cli._run, _prepare) with in-process stages."""
     from orchestrator import cli
 
-    monkeypatch.setattr(cli, "run_job", lambda job_dir, resolved, echo, force: run_job(job_dir, resolved, echo, force, launch=inprocess_stage))
+    monkeypatch.setattr(cli, "run_job", lambda job_dir, resolved, echo, force, **kw: run_job(job_dir, resolved, echo, force, launch=inprocess_stage, **kw))
 
 
-def run_inprocess(job_file: Path, workdir: Path, force=(), device="cpu", runtime=None) -> tuple[Path, list[StageRun], list[str]]:
+def run_inprocess(job_file: Path, workdir: Path, force=(), device="cpu", runtime=None, chunk=0, launch=None) -> tuple[Path, list[StageRun], list[str]]:
     """`orchestrate run` with in-process stages: (job_dir, stage runs, printed lines).
-    `runtime` is the memory plan (docs/memory.md) to write into the resolved job."""
+    `runtime` is the memory plan (docs/memory.md) to write into the resolved job; `chunk` as
+    `--chunk` (0: one process per stage); `launch` replaces the in-process launcher."""
     job = jobfile.load_job(job_file)
     job_dir = jobfile.job_dir_for(job, workdir)
     resolved = jobfile.resolve_job(job, job_dir, device, runtime=runtime)
     lines: list[str] = []
-    runs = run_job(job_dir, resolved, lines.append, tuple(force), launch=inprocess_stage)
+    runs = run_job(job_dir, resolved, lines.append, tuple(force), launch=launch or inprocess_stage, chunk=chunk)
     return job_dir, runs, lines
 
 
