@@ -22,7 +22,6 @@ import argparse
 import json
 import re
 import sys
-import time
 from pathlib import Path
 
 import common
@@ -95,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.threads} torch thread(s); fastest of {args.repeat} alternated runs per side; `python bench/first_image.py --repeat {args.repeat}`",
         f"- job: {ITEMS} images {SIZE}x{SIZE}, {STEPS} steps, guidance 4.5, on the narrowed random PixArt-alpha of bench/overhead.py "
         f"(float32, CPU); each run from an empty workdir",
-        f"- goal (issue 10): first image before 25% of the wall time, total within 1.05x of --chunk 0",
+        "- goal (issue 10): first image before 25% of the wall time, total within 1.05x of --chunk 0",
         f"- images equal between the two sides: {same['equal']} of {same['compared']} (max abs diff {same['max_abs_diff']})",
         "",
         common.markdown_table(["run", "wall s", "first image s", "first / wall", "wall ratio", "first-image ratio", "chunk sizes", "denoise / decode processes"], rows),

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import markdown_table  # noqa: E402
 from orchestrator import memory  # noqa: E402
 from orchestrator.tiny import REFERENCE_CONFIGS  # noqa: E402
-from stages.contract import format_bytes  # noqa: E402
+from stages.measure import format_bytes  # noqa: E402
 
 MODEL = REFERENCE_CONFIGS / "PixArt-XL-2-1024-MS"
 BUDGETS = (None, 8 * memory.GIB, 4 * memory.GIB, 2 * memory.GIB, 1 * memory.GIB)

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     import diffusers
 
     report["import_diffusers_seconds"] = round(time.perf_counter() - clock, 3)
-    from stages.contract import warm_up_math_kernels
+    from stages.entry import warm_up_math_kernels
 
     warm_up_math_kernels()  # the reference gets the same fix as the stages (docs/determinism.md)
 

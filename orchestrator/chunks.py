@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.contract import component_folder, uses_guidance
+from stages.resolved import component_folder, uses_guidance
 
 OVERHEAD = 0.03  # the share of the run that extra model loads may cost (issue 10)
 

@@ -14,7 +14,10 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from stages.contract import STAGES, TMP_PREFIX, exclusive_lock, format_bytes, plan_units
+from stages.contract import STAGES, TMP_PREFIX
+from stages.locks import exclusive_lock
+from stages.measure import format_bytes
+from stages.units import plan_units
 
 KEEP = {"summary.json", "stage.log", ".lock"}  # a stage folder's own files
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import signal
+import inspect
 import os
+import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
@@ -13,7 +15,8 @@ import typer
 from orchestrator import job as jobfile
 from orchestrator.plan import describe_stage, plan_job
 from orchestrator.runner import StageFailedError, run_job, summary_table
-from stages.contract import STAGES, ArtifactError, JobFileError, ResourceError, format_bytes
+from stages.contract import STAGES, ArtifactError, JobFileError, ResourceError
+from stages.measure import format_bytes
 
 app = typer.Typer(
     add_completion=False,
@@ -29,6 +32,51 @@ MAX_RAM = typer.Option(None, "--max-ram", help="Host memory budget, e.g. 8GiB; o
 NO_TILING = typer.Option(False, "--no-tiling", help="Fail instead of tiling a decode that fits only tiled.")
 NO_STORE = typer.Option(False, "--no-store", help="Neither take nor add prompt embeddings in the workdir's embedding store (<workdir>/.store/encode).")
 EXACT = typer.Option(False, "--exact", help="Plan for parity with the diffusers pipeline: denoise batch 1 (decode is untiled whenever it fits).")
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """What every command about one job takes: the job file, where it runs, and the memory flags."""
+
+    job_file: Path
+    workdir: Path
+    device: str
+    max_vram: str | None
+    max_ram: str | None
+    no_tiling: bool
+    exact: bool
+
+    @property
+    def memory(self) -> tuple:
+        """(--max-vram, --max-ram, tiling allowed, --exact), as the planner takes them."""
+        return (self.max_vram, self.max_ram, not self.no_tiling, self.exact)
+
+
+_JOB_OPTIONS = (  # name, type, typer parameter: JobOptions' fields, in the order --help shows them
+    ("job_file", Path, typer.Argument(..., help="The job's TOML file.")),
+    ("workdir", Path, WORKDIR),
+    ("device", str, DEVICE),
+    ("max_vram", str, MAX_VRAM),
+    ("max_ram", str, MAX_RAM),
+    ("no_tiling", bool, NO_TILING),
+    ("exact", bool, EXACT),
+)
+
+
+def job_command(command):
+    """Give `command(job, ...)` the options shared by every job command, gathered in one JobOptions:
+    its own arguments come first (e.g. `stage NAME JOB_FILE`), then the shared ones, then its own options."""
+    own = [p for p in inspect.signature(command).parameters.values() if p.name != "job"]
+    shared = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=kind)
+              for name, kind, default in _JOB_OPTIONS]
+    arguments = [p for p in own if isinstance(p.default, typer.models.ArgumentInfo)]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        return command(JobOptions(**{name: kwargs.pop(name) for name, _, _ in _JOB_OPTIONS}), **kwargs)
+
+    wrapper.__signature__ = inspect.Signature(arguments + shared + [p for p in own if p not in arguments])
+    return wrapper
 
 
 def echo(message: str) -> None:
@@ -130,7 +178,7 @@ def _runtime_if_nothing_to_do(job_dir: Path, resolved: dict, flags: dict) -> dic
     same = {k: v for k, v in previous.items() if k != "runtime"} == {k: v for k, v in resolved.items() if k != "runtime"}
     if not same or not runtime.get("stages") or runtime.get("flags") != flags:
         return None
-    from stages.contract import plan_units, unit_status
+    from stages.units import plan_units, unit_status
 
     units = plan_units(dict(resolved, runtime=runtime))  # in stage order: the first stale unit ends the check
     if not all(unit_status(job_dir, unit)[0] for stage in STAGES for unit in units[stage]):
@@ -163,15 +211,10 @@ def _run(job_file: Path, workdir: Path, device: str, force: tuple[str, ...], mem
 
 @app.command()
 @expected_errors
+@job_command
 def run(
-    job_file: Path = typer.Argument(..., help="The job's TOML file."),
-    workdir: Path = WORKDIR,
-    device: str = DEVICE,
+    job: JobOptions,
     force: list[str] = typer.Option([], "--force", help="Remake this stage for every item (repeatable)."),
-    max_vram: str = MAX_VRAM,
-    max_ram: str = MAX_RAM,
-    no_tiling: bool = NO_TILING,
-    exact: bool = EXACT,
     no_store: bool = NO_STORE,
     chunk: int = typer.Option(None, "--chunk", help="Items per denoise/decode process, so the first images come early "
                               "(default: chosen so extra model loads cost ~3% of the run; 0: the whole queue per stage)."),
@@ -185,20 +228,15 @@ def run(
             raise JobFileError(f"--force {stage!r} is not a stage; use one of {', '.join(STAGES)}")
     if chunk is not None and chunk < 0:
         raise JobFileError(f"--chunk {chunk} is negative; give a number of items, or 0 for the whole queue per stage")
-    _run(job_file, workdir, device, tuple(force), (max_vram, max_ram, not no_tiling, exact), not no_store, chunk)
+    _run(job.job_file, job.workdir, job.device, tuple(force), job.memory, not no_store, chunk)
 
 
 @app.command()
 @expected_errors
+@job_command
 def stage(
+    job: JobOptions,
     name: str = typer.Argument(..., help="encode | denoise | decode"),
-    job_file: Path = typer.Argument(..., help="The job's TOML file."),
-    workdir: Path = WORKDIR,
-    device: str = DEVICE,
-    max_vram: str = MAX_VRAM,
-    max_ram: str = MAX_RAM,
-    no_tiling: bool = NO_TILING,
-    exact: bool = EXACT,
     units: str = typer.Option(None, "--units", help="Only these units, comma-separated (item ids; encode also takes its keys)."),
     no_store: bool = NO_STORE,
 ) -> None:
@@ -208,11 +246,11 @@ def stage(
     """
     if name not in STAGES:
         raise JobFileError(f"stage {name!r} does not exist; use one of {', '.join(STAGES)}")
-    job_dir, resolved = _prepare(job_file, workdir, device, (max_vram, max_ram, not no_tiling, exact), not no_store)
+    job_dir, resolved = _prepare(job.job_file, job.workdir, job.device, job.memory, not no_store)
     states = plan_job(job_dir, resolved)
     wanted = [u.strip() for u in units.split(",") if u.strip()] if units is not None else None
     if wanted is not None:
-        from stages.contract import pick_units
+        from stages.units import pick_units
 
         if not wanted:
             raise JobFileError("--units is empty; give unit keys separated by commas, e.g. --units 0003-a-red-apple")
@@ -228,9 +266,11 @@ def stage(
     missing = [f"{s} {u.unit.key}" for s in upstream for u in states[s]
                if u.state != "done" and (wanted is None or (s, u.unit.key) in needed)]
     if missing:
-        raise ArtifactError(f"{name}: {missing[0]} is not up to date ({len(missing)} upstream units); run `orchestrate run {job_file}` first")
+        raise ArtifactError(f"{name}: {missing[0]} is not up to date ({len(missing)} upstream units); run `orchestrate run {job.job_file}` first")
     from orchestrator.runner import run_stage
-    from stages.contract import RESOLVED_JOB, exclusive_lock, publish_json
+    from stages.contract import RESOLVED_JOB
+    from stages.files import publish_json
+    from stages.locks import exclusive_lock
 
     with exclusive_lock(job_dir / "run.lock", f"job {job_dir.name}"):
         publish_json(job_dir / RESOLVED_JOB, resolved)
@@ -240,21 +280,14 @@ def stage(
 
 @app.command()
 @expected_errors
-def status(
-    job_file: Path = typer.Argument(..., help="The job's TOML file."),
-    workdir: Path = WORKDIR,
-    device: str = DEVICE,
-    max_vram: str = MAX_VRAM,
-    max_ram: str = MAX_RAM,
-    no_tiling: bool = NO_TILING,
-    exact: bool = EXACT,
-) -> None:
+@job_command
+def status(job: JobOptions) -> None:
     """Per stage and item: done, to do, or stale and why. Runs nothing. Give the memory flags of
     `run`: the decode strategy they plan (tiled or not) is part of decode's params.
 
     Example: orchestrate status job.toml
     """
-    job_dir, resolved = _prepare(job_file, workdir, device, (max_vram, max_ram, not no_tiling, exact))
+    job_dir, resolved = _prepare(job.job_file, job.workdir, job.device, job.memory)
     for line in describe_model(resolved):
         echo(line)
     states = plan_job(job_dir, resolved)
@@ -265,14 +298,9 @@ def status(
 
 @app.command("plan")
 @expected_errors
+@job_command
 def plan_memory(
-    job_file: Path = typer.Argument(..., help="The job's TOML file."),
-    workdir: Path = WORKDIR,
-    device: str = DEVICE,
-    max_vram: str = MAX_VRAM,
-    max_ram: str = MAX_RAM,
-    no_tiling: bool = NO_TILING,
-    exact: bool = EXACT,
+    job: JobOptions,
     json_output: bool = typer.Option(False, "--json", help="Print the plan as JSON instead of a table."),
 ) -> None:
     """Per stage: the strategy, batch size and estimated peak memory under the budget, from the
@@ -285,12 +313,12 @@ def plan_memory(
 
     from orchestrator import memory
 
-    job = jobfile.load_job(job_file)
+    loaded = jobfile.load_job(job.job_file)
     # Planning needs no GPU: with --max-vram, plan for CUDA on a machine without one too.
-    target = device if max_vram is not None and re.fullmatch(r"cuda(:\d+)?", device) else resolve_device(device)
-    resolved = jobfile.resolve_job(job, jobfile.job_dir_for(job, workdir), target, require_weights=False)
-    budget_bytes, host_budget_bytes = memory.budgets(resolved["device"], max_vram, max_ram)
-    chosen = memory.choose_for_job(resolved, budget_bytes, not no_tiling, exact, host_budget_bytes)
+    target = job.device if job.max_vram is not None and re.fullmatch(r"cuda(:\d+)?", job.device) else resolve_device(job.device)
+    resolved = jobfile.resolve_job(loaded, jobfile.job_dir_for(loaded, job.workdir), target, require_weights=False)
+    budget_bytes, host_budget_bytes = memory.budgets(resolved["device"], job.max_vram, job.max_ram)
+    chosen = memory.choose_for_job(resolved, budget_bytes, not job.no_tiling, job.exact, host_budget_bytes)
     failed = any(isinstance(c, memory.NoFit) for c in chosen.values())
     if json_output and not failed:
         plan = memory.plan_json(chosen, resolved["device"], budget_bytes, host_budget_bytes)
@@ -301,10 +329,10 @@ def plan_memory(
             echo(line)
         echo(f"memory plan for {resolved['name']}: {len(resolved['items'])} images, {resolved['dtype']} on {resolved['device']}, "
              f"budget {format_bytes(budget_bytes) if budget_bytes is not None else 'unlimited'} "
-             f"({memory.budget_source(resolved['device'], max_vram, max_ram, budget_bytes)})")
+             f"({memory.budget_source(resolved['device'], job.max_vram, job.max_ram, budget_bytes)})")
         echo(memory.format_plan(chosen, budget_bytes))
     if failed:
-        raise JobFileError(memory.no_fit_message(chosen, budget_bytes, not no_tiling, host_budget_bytes))
+        raise JobFileError(memory.no_fit_message(chosen, budget_bytes, not job.no_tiling, host_budget_bytes))
 
 
 @app.command()

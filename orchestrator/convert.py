@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from stages.contract import JobFileError, format_bytes, publish, publish_json
+from stages.contract import JobFileError
+from stages.files import publish, publish_json
+from stages.measure import format_bytes
 
 
 def _target_name(name: str) -> str:

@@ -252,7 +252,7 @@ def _fake_model(part: str, config_text: str, dtype_name: str, depth: int | None 
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from stages.contract import torch_dtype
+    from stages.resolved import torch_dtype
 
     dtype = torch_dtype(dtype_name)
     config = json.loads(config_text)
@@ -338,7 +338,7 @@ def _encode_phases(config_text: str, dtype_name: str, device_type: str, strategy
     import torch
     from transformers.masking_utils import create_bidirectional_mask
 
-    from stages.contract import torch_dtype
+    from stages.resolved import torch_dtype
 
     mode, model = _fake_model("text_encoder", config_text, dtype_name, ACTIVATION_DEPTH)
     dtype = torch_dtype(dtype_name)
@@ -404,7 +404,7 @@ def _denoise_activations(config_text: str, dtype_name: str, device_type: str, ba
     """Peak activation bytes of one step at this (binned) size; the same for resident and offload."""
     import torch
 
-    from stages.contract import torch_dtype
+    from stages.resolved import torch_dtype
 
     mode, model = _fake_model("transformer", config_text, dtype_name, ACTIVATION_DEPTH)
     counter = _counter(model, device_type)
@@ -437,7 +437,7 @@ def _decode_activations(config_text: str, dtype_name: str, device_type: str, hei
                         requested: tuple | None, tile_size: int | None) -> int:
     import torch
 
-    from stages.contract import torch_dtype
+    from stages.resolved import torch_dtype
 
     mode, vae = _fake_model("vae", config_text, dtype_name)
     counter = _counter(vae, device_type)

@@ -17,7 +17,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from stages import family
-from stages.contract import FORMAT_VERSION, JobFileError, canonical_json, hub_snapshot, slugify
+from stages.contract import FORMAT_VERSION, JobFileError
+from stages.files import canonical_json
+from stages.resolved import hub_snapshot, slugify
 
 DTYPES = ("float16", "bfloat16", "float32")
 MAX_ITEMS = 10_000  # a queue larger than this is almost certainly a typo in `count`
@@ -291,7 +293,7 @@ def _combine(*digests: str) -> str:
 
 
 # What the orchestrator fetches from the hub to plan (configs, tokenizer, scheduler); each stage
-# fetches its own component's weights (stages/contract.py component_root).
+# fetches its own component's weights (stages/resolved.py component_root).
 _HUB_CONFIGS = ["model_index.json", "*/config.json", "*/*.safetensors.index.json", "scheduler/*.json", "tokenizer/*"]
 
 

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.estimate import estimate_host_bytes, Estimate, ModelConfigs, estimate_decode, estimate_denoise, estimate_encode
-from stages.contract import JobFileError, component_folder, format_bytes, uses_guidance
+from stages.contract import JobFileError
+from stages.measure import format_bytes
+from stages.resolved import component_folder, uses_guidance
 
 KIB, MIB, GIB = 1024, 1024**2, 1024**3
 # Not in peak_bytes, since max_memory_allocated does not see it: the CUDA context of each stage
@@ -342,7 +344,7 @@ def _write_plan_cache(job_dir: Path, key: str, runtime: dict) -> None:
     """Atomic, like every file here; the newest PLAN_CACHE_ENTRIES plans are kept."""
     import time
 
-    from stages.contract import publish_json
+    from stages.files import publish_json
 
     cache = {k: v for k, v in _read_plan_cache(job_dir).items() if isinstance(v, dict)}
     cache[key] = {"at": time.time(), "runtime": {k: v for k, v in runtime.items() if k not in ("budget_source", "plan_cache", "flags")}}

@@ -1,6 +1,6 @@
 """What is stale and why: per item and stage, predicted before anything runs.
 
-The per-unit test is `stages.contract.unit_status`, the same function each stage uses to pick its
+The per-unit test is `stages.units.unit_status`, the same function each stage uses to pick its
 work. Here it is applied to all stages at once, and a unit whose upstream will rerun is reported
 stale because of it (the stage itself re-checks against the real upstream records when it runs).
 """
@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.contract import STAGES, Unit, plan_units, read_record, unit_status
+from stages.contract import STAGES
+from stages.records import read_record
+from stages.units import Unit, plan_units, unit_status
 
 
 @dataclass(frozen=True)

@@ -19,20 +19,11 @@ import stages
 from stages import lifeline
 from orchestrator import chunks
 from orchestrator.plan import describe_stage, plan_job, plan_stage
-from stages.contract import (
-    EXIT_INTERRUPTED,
-    EXIT_RESOURCE_ERROR,
-    RESOLVED_JOB,
-    STAGES,
-    TMP_PREFIX,
-    Clock,
-    JobFileError,
-    exclusive_lock,
-    format_bytes,
-    publish_json,
-    read_job,
-    remove_temp_files,
-)
+from stages.contract import EXIT_INTERRUPTED, EXIT_RESOURCE_ERROR, RESOLVED_JOB, STAGES, TMP_PREFIX, JobFileError
+from stages.files import publish_json, remove_temp_files
+from stages.locks import exclusive_lock
+from stages.measure import Clock, format_bytes
+from stages.resolved import read_job
 
 PROJECT_ROOT = Path(stages.__file__).resolve().parent.parent
 

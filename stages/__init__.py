@@ -1,4 +1,4 @@
-"""The three stage processes (encode, denoise, decode); see stages/contract.py."""
+"""The three stage processes (encode, denoise, decode); their shared contract is listed in stages/contract.py."""
 
 from stages.lifeline import bind_to_parent as _bind_to_parent
 

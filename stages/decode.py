@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from stages import contract
+from stages import contract, entry, files, measure, records, resolved, units
 
 
 def load_vae(job: dict, device, tile_size: int | None = None):
@@ -28,10 +28,10 @@ def load_vae(job: dict, device, tile_size: int | None = None):
     import torch
     from diffusers import AutoencoderKL
 
-    root = contract.component_root(job, "vae")
-    with contract.loading("decode", root, "vae"):
+    root = resolved.component_root(job, "vae")
+    with entry.loading("decode", root, "vae"):
         vae = AutoencoderKL.from_pretrained(
-            root, subfolder="vae", torch_dtype=contract.torch_dtype(job["dtype"]), use_safetensors=True
+            root, subfolder="vae", torch_dtype=resolved.torch_dtype(job["dtype"]), use_safetensors=True
         ).to(device).eval()
     if tile_size:
         set_tiling(vae, tile_size)
@@ -90,7 +90,7 @@ def png_bytes(image, metadata: dict) -> bytes:
     info = PngInfo()
     for key, value in sorted(metadata.items()):
         info.add_text(key, json.dumps(value) if not isinstance(value, str) else value)
-    info.add_text("pixart", contract.canonical_json(metadata))
+    info.add_text("pixart", files.canonical_json(metadata))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
@@ -102,38 +102,38 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
     from diffusers.image_processor import PixArtImageProcessor  # noqa: F401
     from safetensors.torch import load_file
 
-    device = contract.open_device(job)
-    dtype = contract.torch_dtype(job["dtype"])
+    device = entry.open_device(job)
+    dtype = resolved.torch_dtype(job["dtype"])
     inputs = {}
     for unit in todo:
         (upstream, key), = unit.inputs
-        path, digest = contract.verified_input(job_dir, "decode", unit, upstream, key)
-        record, _ = contract.read_record(job_dir / upstream / f"{key}.json")
+        path, digest = units.verified_input(job_dir, "decode", unit, upstream, key)
+        record, _ = records.read_record(job_dir / upstream / f"{key}.json")
         inputs[unit.key] = (path, digest, record)
-    vae_config = json.loads((contract.component_root(job, "vae") / "vae" / "config.json").read_text())
+    vae_config = json.loads((resolved.component_root(job, "vae") / "vae" / "config.json").read_text())
     scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
     for unit in todo:
         record = inputs[unit.key][2]
         if record["vae_scale_factor"] != scale:
             raise contract.ArtifactError(
                 f"decode: item {unit.key} was denoised for a VAE scale factor of {record['vae_scale_factor']}, "
-                f"but {contract.component_root(job, 'vae')}/vae has {scale}; rerun denoise with `orchestrate stage denoise JOB.toml`"
+                f"but {resolved.component_root(job, 'vae')}/vae has {scale}; rerun denoise with `orchestrate stage denoise JOB.toml`"
             )
     plan = job.get("runtime", {}).get("stages", {}).get("decode", {})
     tile_size = plan.get("tile_size") if plan.get("strategy") == "tiled" else None
     retry_tile_size = (plan.get("upcast_retry") or {}).get("tile_size", tile_size)
     upcasts = 0
-    clock = contract.Clock()
-    host_rss_at_start = contract.reset_peak_memory(device)
-    with contract.oom_guard(job, *todo):  # loading can run out of memory too
+    clock = measure.Clock()
+    host_rss_at_start = measure.reset_peak_memory(device)
+    with entry.oom_guard(job, *todo):  # loading can run out of memory too
         vae = load_vae(job, device, tile_size)
     log.info("decode: %d items, %s", len(todo), f"tiled, {tile_size} px tiles" if tile_size else "untiled")
     load_seconds = clock.seconds()
-    context = contract.record_context(job, "decode", device)
+    context = records.record_context(job, "decode", device)
     for n, unit in enumerate(todo, 1):
-        started = contract.Clock()
+        started = measure.Clock()
         in_path, in_hash, denoise_record = inputs[unit.key]
-        with contract.oom_guard(job, unit):
+        with entry.oom_guard(job, unit):
             latents = load_file(str(in_path))["latents"].to(device=device, dtype=dtype)  # [1, C, h, w]
             image, upcast = decode_latents(vae, latents, denoise_record, retry_tile_size, log)
         upcasts += upcast
@@ -142,28 +142,28 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
         metadata = dict(unit.params["metadata"], vae_tiling=f"{used_tile} px" if used_tile else "off")
         if upcast:
             metadata["vae_upcast"] = f"float32 ({job['dtype']} overflowed)"
-        contract.publish_bytes(out, png_bytes(image, metadata))
-        contract.write_record(unit.record_path(job_dir), {
+        files.publish_bytes(out, png_bytes(image, metadata))
+        records.write_record(unit.record_path(job_dir), {
             "stage": "decode",
             "key": unit.key,
             "items": [unit.key],
             "params": unit.params,
             "inputs": {f"denoise/{in_path.name}": in_hash},
-            "outputs": {out.name: contract.output_entry(out, (image.height, image.width, 3), "uint8")},
+            "outputs": {out.name: records.output_entry(out, (image.height, image.width, 3), "uint8")},
             "tiled": bool(used_tile),
             "strategy": {"strategy": "tiled" if used_tile else "full", "tile_size": used_tile},
             "vae_upcast": upcast,
             **context,
             "seconds": started.seconds(),
-            "peak": contract.peak_memory(device),
+            "peak": measure.peak_memory(device),
         })
         log.info("decode: %d/%d %s -> %s %.2f s", n, len(todo), unit.key, out.relative_to(job_dir), started.seconds())
-    return {"load_seconds": load_seconds, "peak": contract.peak_memory(device), "host_rss_at_start_bytes": host_rss_at_start,
+    return {"load_seconds": load_seconds, "peak": measure.peak_memory(device), "host_rss_at_start_bytes": host_rss_at_start,
             "vae_upcasts": upcasts}
 
 
 def main(argv: list[str] | None = None) -> int:
-    return contract.stage_main("decode", make_units, argv, imports=("diffusers.models.autoencoders.autoencoder_kl", "diffusers.image_processor", "safetensors.torch", "PIL.PngImagePlugin"))
+    return entry.stage_main("decode", make_units, argv, imports=("diffusers.models.autoencoders.autoencoder_kl", "diffusers.image_processor", "safetensors.torch", "PIL.PngImagePlugin"))
 
 
 if __name__ == "__main__":

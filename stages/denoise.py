@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from stages import contract, family
+from stages import contract, entry, family, files, measure, records, resolved, units
 
 
 def vae_scale_factor(model_path: str) -> int:
@@ -42,10 +42,10 @@ def load_transformer(job: dict, device, strategy: str = "resident"):
     import torch
     from diffusers import PixArtTransformer2DModel
 
-    path = contract.component_root(job, "transformer")
-    dtype = contract.torch_dtype(job["dtype"])
+    path = resolved.component_root(job, "transformer")
+    dtype = resolved.torch_dtype(job["dtype"])
     loader = None
-    with contract.loading("denoise", path, "transformer"):
+    with entry.loading("denoise", path, "transformer"):
         if strategy == "offload" and device.type == "cpu":
             # On the CPU under a memory budget: the small modules stay resident, and each block's
             # weights are read from safetensors just before it runs and dropped after it.
@@ -72,7 +72,7 @@ def load_transformer(job: dict, device, strategy: str = "resident"):
                     ) from exc
             else:
                 transformer.to(device)
-    scheduler_path = contract.component_root(job, "scheduler")
+    scheduler_path = resolved.component_root(job, "scheduler")
     scheduler_config = json.loads((scheduler_path / "scheduler" / "scheduler_config.json").read_text())
     # The model's scheduler, or the job's override built from the model's scheduler config (as
     # `Class.from_config(pipe.scheduler.config)`).
@@ -184,33 +184,33 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
     from diffusers import PixArtTransformer2DModel  # noqa: F401  imported before the memory baseline
     from safetensors.torch import save_file
 
-    device = contract.open_device(job)
-    dtype = contract.torch_dtype(job["dtype"])
+    device = entry.open_device(job)
+    dtype = resolved.torch_dtype(job["dtype"])
     plan = job.get("runtime", {}).get("stages", {}).get("denoise", {})
     strategy, batch_size = plan.get("strategy", "resident"), max(1, plan.get("batch_size") or 1)
     items = {item["id"]: item for item in job["items"]}
-    scale = vae_scale_factor(contract.component_root(job, "vae"))
-    sample_size = json.loads((contract.component_root(job, "transformer") / "transformer" / "config.json").read_text())["sample_size"]
+    scale = vae_scale_factor(resolved.component_root(job, "vae"))
+    sample_size = json.loads((resolved.component_root(job, "transformer") / "transformer" / "config.json").read_text())["sample_size"]
     # Check every input before loading the model (diffusers' check_inputs comes first too).
     inputs, sizes = {}, {}
     for unit in todo:
         (upstream, key), = unit.inputs
-        inputs[unit.key] = contract.verified_input(job_dir, "denoise", unit, upstream, key)
+        inputs[unit.key] = units.verified_input(job_dir, "denoise", unit, upstream, key)
         item = items[unit.key]
         # 1. Resolution binning: the latents are made at the bin; decode resizes back.
         sizes[unit.key] = (binned_size(sample_size, item["height"], item["width"], job.get("pipeline"))
                            if item["use_resolution_binning"] else (item["height"], item["width"]))
-    clock = contract.Clock()
-    host_rss_at_start = contract.reset_peak_memory(device)
-    with contract.oom_guard(job, *todo):  # loading can run out of memory too
+    clock = measure.Clock()
+    host_rss_at_start = measure.reset_peak_memory(device)
+    with entry.oom_guard(job, *todo):  # loading can run out of memory too
         transformer, new_scheduler, loader = load_transformer(job, device, strategy)
     load_seconds = clock.seconds()
-    context = contract.record_context(job, "denoise", device)
+    context = records.record_context(job, "denoise", device)
     log.info("denoise: %d items, strategy %s, batch size %d", len(todo), strategy, batch_size)
     show_bar = sys.stderr.isatty()
     done = 0
     for group in _batches(todo, items, sizes, batch_size):
-        started = contract.Clock()
+        started = measure.Clock()
         height, width = sizes[group[0].key]
         group_items = [items[unit.key] for unit in group]
         embeds = [read_embeddings(inputs[unit.key][0]) for unit in group]
@@ -221,7 +221,7 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
 
             bar = tqdm(total=group_items[0]["num_inference_steps"], desc=f"denoise {done + 1}/{len(todo)} {name}", leave=False)
         latents = None
-        with contract.oom_guard(job, *group):
+        with entry.oom_guard(job, *group):
             for step, total, latents in generate_latents(transformer, new_scheduler(), embeds, group_items, height, width, scale, device, dtype,
                                                          job.get("pipeline")):
                 if bar is not None:
@@ -236,14 +236,14 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
             one = latents[b : b + 1].contiguous().clone()  # [1, C, h, w]
             in_path, in_hash = inputs[unit.key]
             out = job_dir / "denoise" / f"{unit.key}.safetensors"
-            contract.publish(out, lambda tmp: save_file({"latents": one}, str(tmp), metadata=contract.safetensors_metadata("denoise", unit.key)))
-            contract.write_record(unit.record_path(job_dir), {
+            files.publish(out, lambda tmp: save_file({"latents": one}, str(tmp), metadata=files.safetensors_metadata("denoise", unit.key)))
+            records.write_record(unit.record_path(job_dir), {
                 "stage": "denoise",
                 "key": unit.key,
                 "items": [unit.key],
                 "params": unit.params,
                 "inputs": {f"encode/{in_path.name}": in_hash},
-                "outputs": {out.name: contract.output_entry(out, one.shape, one.dtype)},
+                "outputs": {out.name: records.output_entry(out, one.shape, one.dtype)},
                 "requested_size": {"height": item["height"], "width": item["width"]},
                 "binned_size": {"height": height, "width": width},
                 "latent_shape": list(one.shape),
@@ -252,11 +252,11 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
                 "strategy": {"strategy": strategy, "batch_size": batch_size, "batched_with": len(group)},
                 **context,
                 "seconds": round(started.seconds() / len(group), 3),
-                "peak": contract.peak_memory(device),
+                "peak": measure.peak_memory(device),
             })
         done += len(group)
         log.info("denoise: %d/%d %s %dx%d %.2f s", done, len(todo), name, width, height, started.seconds())
-    summary = {"load_seconds": load_seconds, "peak": contract.peak_memory(device), "host_rss_at_start_bytes": host_rss_at_start, "strategy": strategy, "batch_size": batch_size}
+    summary = {"load_seconds": load_seconds, "peak": measure.peak_memory(device), "host_rss_at_start_bytes": host_rss_at_start, "strategy": strategy, "batch_size": batch_size}
     if loader is not None:
         loader.close()
         summary.update(weight_bytes_moved=loader.bytes_moved, peak_resident_weight_bytes=loader.peak_resident)
@@ -264,7 +264,7 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return contract.stage_main("denoise", make_units, argv, imports=("diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha", "diffusers.models.transformers.pixart_transformer_2d", "safetensors.torch"))
+    return entry.stage_main("denoise", make_units, argv, imports=("diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha", "diffusers.models.transformers.pixart_transformer_2d", "safetensors.torch"))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from stages import contract, family, store
+from stages import contract, entry, family, files, measure, records, resolved, store
 
 
 def load_text_encoder(job: dict, device):
@@ -25,17 +25,17 @@ def load_text_encoder(job: dict, device):
     import torch
     from transformers import T5EncoderModel, T5Tokenizer
 
-    tokenizer_root = contract.component_root(job, "tokenizer")
-    with contract.loading("encode", tokenizer_root, "tokenizer"):
+    tokenizer_root = resolved.component_root(job, "tokenizer")
+    with entry.loading("encode", tokenizer_root, "tokenizer"):
         tokenizer = T5Tokenizer.from_pretrained(tokenizer_root, subfolder="tokenizer")
-    path = contract.component_root(job, "text_encoder")
+    path = resolved.component_root(job, "text_encoder")
     # from_pretrained (not .to(fp16) afterwards) keeps T5's `wo` in fp32: see PIXART-NOTES.md.
     # On a GPU the weights go straight from the safetensors files to the device (device_map), so
     # host memory never holds the whole T5 (~9.5 GB in fp16) on the way.
     placement = {"device_map": str(device)} if device.type == "cuda" else {}
-    with contract.loading("encode", path, "text_encoder"):
+    with entry.loading("encode", path, "text_encoder"):
         text_encoder = T5EncoderModel.from_pretrained(
-            path, subfolder="text_encoder", dtype=contract.torch_dtype(job["dtype"]), use_safetensors=True, **placement
+            path, subfolder="text_encoder", dtype=resolved.torch_dtype(job["dtype"]), use_safetensors=True, **placement
         ).to(device).eval()
     if all(i == tokenizer.unk_token_id for i in tokenizer("a photo of a cat").input_ids[:-1]):
         raise contract.ArtifactError(f"encode: the tokenizer in {tokenizer_root}/tokenizer maps every word to <unk>; its vocabulary is broken")
@@ -69,13 +69,13 @@ def stream_encode(job: dict, device, texts: list[str], loader_state: dict) -> di
 
     from stages.weights import BlockLoader, WeightIndex, dtype_rule
 
-    path = contract.component_root(job, "text_encoder")
-    dtype = contract.torch_dtype(job["dtype"])
+    path = resolved.component_root(job, "text_encoder")
+    dtype = resolved.torch_dtype(job["dtype"])
     if "loader" not in loader_state:  # built once per process, reused for every batch
-        tokenizer_root = contract.component_root(job, "tokenizer")
-        with contract.loading("encode", str(tokenizer_root), "tokenizer"):
+        tokenizer_root = resolved.component_root(job, "tokenizer")
+        with entry.loading("encode", str(tokenizer_root), "tokenizer"):
             tokenizer = T5Tokenizer.from_pretrained(tokenizer_root, subfolder="tokenizer")
-        with contract.loading("encode", str(path), "text_encoder"):
+        with entry.loading("encode", str(path), "text_encoder"):
             config = T5Config.from_pretrained(path / "text_encoder")
             index = WeightIndex(path / "text_encoder")
         with torch.device("meta"):  # not accelerate's init_empty_weights: it unties T5's embedding
@@ -128,28 +128,28 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
     from transformers import T5EncoderModel, T5Tokenizer  # noqa: F401
     from safetensors.torch import save_file
 
-    device = contract.open_device(job)
+    device = entry.open_device(job)
     plan = job.get("runtime", {}).get("stages", {}).get("encode", {})
     strategy, batch_size = plan.get("strategy", "resident"), max(1, plan.get("batch_size") or 1)
-    clock = contract.Clock()
-    host_rss_at_start = contract.reset_peak_memory(device)
+    clock = measure.Clock()
+    host_rss_at_start = measure.reset_peak_memory(device)
     # 0. The embedding store (stages/store.py): units other jobs already encoded are taken, not made;
     # a forced run (--force encode, `orchestrate stage encode`) makes every unit itself.
     store_dir = job.get("embedding_store")
     taken = []
     if store_dir and not job.get("forced"):
-        context = contract.record_context(job, "encode", device)
+        context = records.record_context(job, "encode", device)
         for unit in todo:
-            started = contract.Clock()
-            entry = store.take(Path(store_dir), job_dir, unit, log)
-            if entry is None:
+            started = measure.Clock()
+            stored = store.take(Path(store_dir), job_dir, unit, log)
+            if stored is None:
                 continue
             out = job_dir / "encode" / f"{unit.key}.safetensors"
-            contract.write_record(unit.record_path(job_dir), {
+            records.write_record(unit.record_path(job_dir), {
                 "stage": "encode", "key": unit.key, "items": list(unit.items), "params": unit.params, "inputs": {},
-                "outputs": {out.name: contract.output_entry(out)}, "tensors": entry["tensors"],
+                "outputs": {out.name: records.output_entry(out)}, "tensors": stored["tensors"],
                 "strategy": {"strategy": "store", "batch_size": 1}, "from_store": True, **context,
-                "seconds": started.seconds(), "peak": contract.peak_memory(device),
+                "seconds": started.seconds(), "peak": measure.peak_memory(device),
             })
             taken.append(unit)
         if taken:
@@ -157,22 +157,22 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
         todo = [unit for unit in todo if unit not in taken]
         if not todo:
             log.info("encode: every artifact came from the embedding store; T5 was not loaded")
-            return {"load_seconds": 0.0, "peak": contract.peak_memory(device), "host_rss_at_start_bytes": host_rss_at_start,
+            return {"load_seconds": 0.0, "peak": measure.peak_memory(device), "host_rss_at_start_bytes": host_rss_at_start,
                     "strategy": "store", "batch_size": 1, "from_store": len(taken), "weight_passes": 0}
     # 1. Load the tokenizer and the text encoder (streamed: only its skeleton, on meta).
-    with contract.oom_guard(job, *todo):  # loading can run out of memory too
+    with entry.oom_guard(job, *todo):  # loading can run out of memory too
         pipe, stream_state = (load_text_encoder(job, device), None) if strategy == "resident" else (None, {})
     load_seconds = clock.seconds()
-    context = contract.record_context(job, "encode", device)
+    context = records.record_context(job, "encode", device)
     cache: dict[str, tuple] = {}  # text -> (embeds, mask); a text shared by many items is encoded once
     pending = list(dict.fromkeys(t for unit in todo for t in _texts(unit)))  # unique texts, job order
     log.info("encode: %d texts for %d artifacts, strategy %s%s", len(pending), len(todo), strategy,
              f", {batch_size} texts per pass over the weights" if strategy == "stream" else "")
     for n, unit in enumerate(todo, 1):
-        started = contract.Clock()
+        started = measure.Clock()
         # 2. Encode the prompt and, with guidance, the negative prompt (pipeline step 3).
         missing = [t for t in _texts(unit) if t not in cache]
-        with contract.oom_guard(job, unit):
+        with entry.oom_guard(job, unit):
             if missing and strategy == "stream":
                 batch = (missing + [t for t in pending if t not in cache and t not in missing])[:max(batch_size, len(missing))]
                 cache.update(stream_encode(job, device, batch, stream_state))
@@ -190,25 +190,25 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
         # 3. Publish the artifact, then its record.
         described = {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in tensors.items()}
         out = job_dir / "encode" / f"{unit.key}.safetensors"
-        contract.publish(out, lambda tmp: save_file(tensors, str(tmp), metadata=contract.safetensors_metadata("encode", unit.key)))
-        contract.write_record(unit.record_path(job_dir), {
+        files.publish(out, lambda tmp: save_file(tensors, str(tmp), metadata=files.safetensors_metadata("encode", unit.key)))
+        records.write_record(unit.record_path(job_dir), {
             "stage": "encode",
             "key": unit.key,
             "items": list(unit.items),
             "params": unit.params,
             "inputs": {},
-            "outputs": {out.name: contract.output_entry(out)},
+            "outputs": {out.name: records.output_entry(out)},
             "tensors": described,
             "strategy": {"strategy": strategy, "batch_size": batch_size},
             "from_store": False,
             **context,
             "seconds": started.seconds(),
-            "peak": contract.peak_memory(device),
+            "peak": measure.peak_memory(device),
         })
         if store_dir:  # after the job's own record: the store never holds what the job has not accepted
             store.put(Path(store_dir), job_dir, unit, described)
         log.info("encode: %d/%d %s (%d items) %.2f s", n, len(todo), unit.key, len(unit.items), started.seconds())
-    summary = {"load_seconds": load_seconds, "peak": contract.peak_memory(device), "host_rss_at_start_bytes": host_rss_at_start, "strategy": strategy,
+    summary = {"load_seconds": load_seconds, "peak": measure.peak_memory(device), "host_rss_at_start_bytes": host_rss_at_start, "strategy": strategy,
                "batch_size": batch_size, "from_store": len(taken)}
     if pipe is not None:
         summary.update(weight_passes=1, weight_bytes_moved=sum(p.numel() * p.element_size() for p in pipe.text_encoder.parameters()))
@@ -218,12 +218,12 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
         summary.update(weight_passes=stream_state.get("passes", 0), weight_bytes_moved=loader.bytes_moved,
                        peak_resident_weight_bytes=loader.peak_resident)
         log.info("encode: %d pass(es) over the T5 weights, %s moved, at most %s of weights resident",
-                 summary["weight_passes"], contract.format_bytes(loader.bytes_moved), contract.format_bytes(loader.peak_resident))
+                 summary["weight_passes"], measure.format_bytes(loader.bytes_moved), measure.format_bytes(loader.peak_resident))
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    return contract.stage_main("encode", make_units, argv, imports=("diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha", "transformers.models.t5.modeling_t5", "safetensors.torch"))
+    return entry.stage_main("encode", make_units, argv, imports=("diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha", "transformers.models.t5.modeling_t5", "safetensors.torch"))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
-from stages import contract
+from stages import files, records
 
 
 def entry_paths(store: Path, key: str) -> tuple[Path, Path]:
@@ -30,18 +30,18 @@ def take(store: Path, job_dir: Path, unit, log) -> dict | None:
     artifact, record_path = entry_paths(store, unit.key)
     if not record_path.exists():
         return None
-    record, why = contract.read_record(record_path)
+    record, why = records.read_record(record_path)
     if record is None or record.get("params") != unit.params or not artifact.exists():
         log.warning("encode: store entry %s unusable (%s); computing it again", unit.key, why or "params or file differ")
         remove(store, unit.key)
         return None
-    if contract.sha256_file(artifact) != record["sha256"]:
+    if files.sha256_file(artifact) != record["sha256"]:
         log.warning("encode: store entry %s is damaged (sha256 mismatch); removed, computing it again", unit.key)
         remove(store, unit.key)
         return None
     out = Path(job_dir) / "encode" / f"{unit.key}.safetensors"
-    contract.publish(out, lambda tmp: _link_or_copy(artifact, Path(tmp)))
-    if contract.sha256_file(out) != record["sha256"]:  # a copy that went wrong: never accepted
+    files.publish(out, lambda tmp: _link_or_copy(artifact, Path(tmp)))
+    if files.sha256_file(out) != record["sha256"]:  # a copy that went wrong: never accepted
         out.unlink()
         return None
     return record
@@ -53,9 +53,9 @@ def put(store: Path, job_dir: Path, unit, tensors: dict) -> None:
     store.mkdir(parents=True, exist_ok=True)
     source = Path(job_dir) / "encode" / f"{unit.key}.safetensors"
     artifact, record_path = entry_paths(store, unit.key)
-    contract.publish(artifact, lambda tmp: _link_or_copy(source, Path(tmp)))
-    contract.write_record(record_path, {"stage": "encode-store", "key": unit.key, "params": unit.params,
-                                        "sha256": contract.sha256_file(artifact), "bytes": artifact.stat().st_size, "tensors": tensors})
+    files.publish(artifact, lambda tmp: _link_or_copy(source, Path(tmp)))
+    records.write_record(record_path, {"stage": "encode-store", "key": unit.key, "params": unit.params,
+                                        "sha256": files.sha256_file(artifact), "bytes": artifact.stat().st_size, "tensors": tensors})
 
 
 def remove(store: Path, key: str) -> None:

@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 
 from orchestrator import job as jobfile  # noqa: E402
 from orchestrator.runner import StageRun, run_job  # noqa: E402
-from stages.contract import Clock  # noqa: E402
+from stages.measure import Clock  # noqa: E402
 
 
 def pytest_addoption(parser):
@@ -36,8 +36,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session", autouse=True)
 def _warm_math_kernels():
     """The reference pipelines computed in this process get the stages' VML warm-up too
-    (stages/contract.py warm_up_math_kernels), so a reference is never the odd one out."""
-    from stages.contract import warm_up_math_kernels
+    (stages/entry.py warm_up_math_kernels), so a reference is never the odd one out."""
+    from stages.entry import warm_up_math_kernels
 
     warm_up_math_kernels()
 

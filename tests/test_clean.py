@@ -66,7 +66,7 @@ def test_clean_refuses_while_a_run_holds_the_job(tiny_model, tmp_path):
     workdir = tmp_path / "work"
     job_file = write_job(tmp_path, JOB.format(model=tiny_model, second="a red apple"))
     (workdir / "tidy").mkdir(parents=True)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from stages.contract import exclusive_lock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from stages.locks import exclusive_lock\n"
                                "with exclusive_lock(sys.argv[1], 'job tidy'):\n    print('held', flush=True); time.sleep(60)",
                                str(workdir / "tidy" / "run.lock")], env=dict(os.environ, PYTHONPATH=str(PROJECT_ROOT)),
                               stdout=subprocess.PIPE, text=True)

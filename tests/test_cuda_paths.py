@@ -10,7 +10,7 @@ import types
 import pytest
 import torch
 
-from stages import contract
+from stages import contract, entry
 
 GIB = 1024**3
 
@@ -43,23 +43,23 @@ def fake_cuda(monkeypatch):
 
 
 def test_a_stage_on_cuda_1_makes_it_current_and_caps_it_at_the_budget(fake_cuda):
-    device = contract.open_device({"device": "cuda:1", "runtime": {"budget_bytes": 2 * GIB}})
+    device = entry.open_device({"device": "cuda:1", "runtime": {"budget_bytes": 2 * GIB}})
     assert device == torch.device("cuda", 1)
     assert fake_cuda.calls == [("set_device", torch.device("cuda", 1)), ("fraction", 2 / 16, torch.device("cuda", 1))]
 
 
 def test_plain_cuda_means_the_current_device_and_no_budget_means_no_cap(fake_cuda):
-    assert contract.open_device({"device": "cuda", "runtime": {}}) == torch.device("cuda", 0)
+    assert entry.open_device({"device": "cuda", "runtime": {}}) == torch.device("cuda", 0)
     assert fake_cuda.calls == [("set_device", torch.device("cuda", 0))]
 
 
 def test_a_budget_over_the_card_caps_at_the_whole_card(fake_cuda):
-    contract.open_device({"device": "cuda:0", "runtime": {"budget_bytes": 40 * GIB}})
+    entry.open_device({"device": "cuda:0", "runtime": {"budget_bytes": 40 * GIB}})
     assert fake_cuda.calls[-1] == ("fraction", 1.0, torch.device("cuda", 0))
 
 
 def test_the_cpu_touches_no_cuda_call(fake_cuda):
-    assert contract.open_device({"device": "cpu", "runtime": {"budget_bytes": GIB}}) == torch.device("cpu")
+    assert entry.open_device({"device": "cpu", "runtime": {"budget_bytes": GIB}}) == torch.device("cpu")
     assert fake_cuda.calls == []
 
 
@@ -73,14 +73,14 @@ def test_library_allocation_failures_are_out_of_memory(said):
     job = {"runtime": {"budget_bytes": GIB}}
     unit = types.SimpleNamespace(stage="decode", items=["0001-a"])
     with pytest.raises(contract.ResourceError, match=r"^decode: out of memory on item 0001-a \(budget 1\.00 GiB"):
-        with contract.oom_guard(job, unit):
+        with entry.oom_guard(job, unit):
             raise RuntimeError(said)
 
 
 def test_other_runtime_errors_are_not_out_of_memory():
     unit = types.SimpleNamespace(stage="decode", items=["0001-a"])
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        with contract.oom_guard({}, unit):
+        with entry.oom_guard({}, unit):
             raise RuntimeError("shape mismatch")
 
 

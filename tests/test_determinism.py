@@ -5,7 +5,7 @@ The defect this guards (issue 12): about one fresh denoise process in ten comput
 because oneMKL resolves each vector-math (VML) kernel lazily on its first call, and a first call
 made by several threads at once can run one thread's chunk with the low-accuracy kernel
 (pytorch/pytorch#188792). The first such call in a stage built the transformer's sin-cos position
-table, which every item then used. `stages.contract.warm_up_math_kernels` resolves every VML
+table, which every item then used. `stages.entry.warm_up_math_kernels` resolves every VML
 kernel single-threaded before any model work; these tests check that it runs first, that it
 covers every VML op the three models use, and (marked `stress`, run by .ci/run) that 20 fresh
 processes per stage give one result.
@@ -24,13 +24,13 @@ import numpy as np
 import pytest
 import torch
 
-from stages import contract
+from stages import contract, entry
 from tests.conftest import load_png, resolved_items, run_inprocess, write_job
 
 ROOT = Path(__file__).resolve().parent.parent
 
 # The unary float ops aten/src/ATen/cpu/vml.h routes to oneMKL VML (IMPLEMENT_VML_MKL, across the
-# torch 2.x versions): written out here from upstream, not from stages/contract.py, so that
+# torch 2.x versions): written out here from upstream, not from stages/entry.py, so that
 # dropping one from VML_OPS that a model uses makes the coverage test fail.
 UPSTREAM_VML_OPS = {"abs", "acos", "asin", "atan", "cos", "erf", "erfc", "erfinv", "exp", "expm1", "log",
                     "log10", "log1p", "log2", "sin", "sqrt", "tan", "tanh", "trunc"}
@@ -62,7 +62,7 @@ def test_every_stage_warms_up_the_math_kernels_before_loading_its_model(tiny_mod
     """The warm-up must come before the model is built (the position table is made in __init__)."""
     job_dir, _, _ = run_inprocess(write_job(tmp_path, JOB.format(model=tiny_model)), tmp_path / "work")
     events: list[str] = []
-    monkeypatch.setattr(contract, "warm_up_math_kernels", lambda: events.append("warm-up"))
+    monkeypatch.setattr(entry, "warm_up_math_kernels", lambda: events.append("warm-up"))
     import stages.decode
     import stages.denoise
     import stages.encode
@@ -105,7 +105,7 @@ def test_the_warm_up_covers_every_vml_op_the_three_models_use(tiny_model):
              generator=torch.Generator("cpu").manual_seed(0))
     used = recorder.names & UPSTREAM_VML_OPS
     assert {"sin", "cos"} <= used, used  # the position table: if this fails, the recorder is broken
-    assert used <= set(contract.VML_OPS), f"not warmed up: {sorted(used - set(contract.VML_OPS))}"
+    assert used <= set(entry.VML_OPS), f"not warmed up: {sorted(used - set(entry.VML_OPS))}"
 
 
 def _digest(paths: list[Path]) -> str:

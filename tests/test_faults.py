@@ -36,8 +36,11 @@ from typer.testing import CliRunner
 
 from orchestrator.cli import app
 from orchestrator.runner import PROJECT_ROOT, stage_command
-from stages import contract
-from stages.contract import STAGES, TMP_PREFIX, plan_units, read_job, read_record, unit_status
+from stages import contract, files
+from stages.contract import STAGES, TMP_PREFIX
+from stages.records import read_record
+from stages.resolved import read_job
+from stages.units import plan_units, unit_status
 from tests.conftest import artifact_bytes, run_inprocess, write_job
 
 SEED = 4_2024
@@ -99,9 +102,9 @@ def _kill_self() -> None:
 
 
 def _arm_fault(stage: str, point: str, index) -> None:
-    """Wrap `contract.publish` (every artifact, record and summary goes through it) so that this
+    """Wrap `files.publish` (every artifact, record and summary goes through it) so that this
     process dies by SIGKILL, or gets a real write error, at the chosen point of the chosen unit."""
-    real_publish = contract.publish
+    real_publish = files.publish
     seen = {"artifact": 0, "record": 0}
 
     def publish(path, write):
@@ -133,7 +136,7 @@ def _arm_fault(stage: str, point: str, index) -> None:
                 resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
         return real_publish(path, write)
 
-    contract.publish = publish
+    files.publish = publish
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing us
 
 

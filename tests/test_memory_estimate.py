@@ -21,7 +21,8 @@ from typer.testing import CliRunner
 from orchestrator import estimate, memory
 from orchestrator.cli import app
 from orchestrator.tiny import REFERENCE_CONFIGS
-from stages.contract import JobFileError, plan_units
+from stages.contract import JobFileError
+from stages.units import plan_units
 from tests.conftest import write_job
 
 TOLERANCE = 0.05  # the bar for estimated vs measured peak

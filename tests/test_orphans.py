@@ -156,7 +156,8 @@ def test_an_interrupt_that_a_library_turns_into_another_error_is_still_an_interr
     RuntimeError (numpy's and transformers' lazy imports wrap the KeyboardInterrupt) and printed a
     traceback. With a signal on record, any error is the interruption: exit 130, one line."""
     from orchestrator import job as jobfile
-    from stages.contract import RESOLVED_JOB, publish_json
+    from stages.contract import RESOLVED_JOB
+    from stages.files import publish_json
 
     job_file = write_job(tmp_path, f'[job]\nmodel = "{tiny_model}"\n[[generation]]\nprompt = "an owl"\nseed = 1\n')
     job = jobfile.load_job(job_file)
@@ -165,14 +166,14 @@ def test_an_interrupt_that_a_library_turns_into_another_error_is_still_an_interr
     publish_json(job_dir / RESOLVED_JOB, jobfile.resolve_job(job, job_dir, "cpu"))
     script = (
         "import os, signal, sys, time\n"
-        "from stages import contract\n"
+        "from stages import entry\n"
         "def make_units(job, job_dir, todo, log):\n"
         "    try:\n"
         "        os.kill(os.getpid(), signal.SIGINT)\n"
         "        time.sleep(5)\n"
         "    except KeyboardInterrupt as exc:  # what a lazy import wrapper does with it\n"
         "        raise RuntimeError('Failed to import diffusers.pipelines because of the following error') from exc\n"
-        f"sys.exit(contract.stage_main('encode', make_units, [{str(job_dir)!r}]))\n"
+        f"sys.exit(entry.stage_main('encode', make_units, [{str(job_dir)!r}]))\n"
     )
     result = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, PYTHONPATH=str(PROJECT_ROOT)),
                             capture_output=True, text=True, timeout=120)

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from stages import contract
+from stages import contract, files
 from tests.conftest import resolved_items, run_inprocess, write_job
 
 JOB = """
@@ -69,7 +69,7 @@ def test_records_pin_their_keys_and_list_exactly_the_files_written(job):
             assert set(record) == RECORD_KEYS[stage], stage
             assert record["format"] == contract.FORMAT_VERSION
             for name, meta in record["outputs"].items():
-                assert contract.sha256_file(folder / name) == meta["sha256"]
+                assert files.sha256_file(folder / name) == meta["sha256"]
                 listed.add(name)
         artifacts = {p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".png")}
         assert artifacts == listed, f"{stage}: unlisted or missing artifacts"
@@ -207,7 +207,7 @@ def test_each_stage_loads_only_its_own_weights(job, tiny_model, tmp_path):
         shutil.copytree(job_dir, stage_dir)  # upstream artifacts from the full run
         resolved = json.loads((stage_dir / contract.RESOLVED_JOB).read_text())
         resolved["model"]["path"] = str(model)
-        contract.publish_json(stage_dir / contract.RESOLVED_JOB, resolved)
+        files.publish_json(stage_dir / contract.RESOLVED_JOB, resolved)
         module = __import__(f"stages.{stage}", fromlist=["main"])
         assert module.main([str(stage_dir), "--force"]) == 0, stage
         # And the same folder really lacks what the other stages need:

@@ -30,8 +30,10 @@ from orchestrator import job as jobfile
 from orchestrator import runner
 from orchestrator.cli import app
 from orchestrator.plan import plan_job
-from stages import contract, decode, denoise, encode
-from stages.contract import EXIT_RESOURCE_ERROR, EXIT_USER_ERROR, STAGES, TMP_PREFIX, plan_units, read_job, unit_status
+from stages import contract, decode, denoise, encode, entry, files
+from stages.contract import EXIT_RESOURCE_ERROR, EXIT_USER_ERROR, STAGES, TMP_PREFIX
+from stages.resolved import read_job
+from stages.units import plan_units, unit_status
 from tests.conftest import artifact_bytes, run_inprocess, toml_string, tree_state, write_job
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -195,7 +197,7 @@ def test_a_stage_run_by_hand_refuses_a_corrupt_upstream_artifact(reference, tmp_
 
 HOLD_LOCK = """
 import sys
-from stages.contract import exclusive_lock
+from stages.locks import exclusive_lock
 with exclusive_lock(sys.argv[1], "test holder"):
     print("locked", flush=True)
     sys.stdin.readline()
@@ -280,7 +282,7 @@ def fail_on_call(monkeypatch, owner, name: str, fail_at: int, error: BaseExcepti
 def set_budget(job_dir: Path, budget) -> None:
     job = json.loads((job_dir / "job.resolved.json").read_text())
     job["runtime"] = {"budget_bytes": budget} if budget is not None else {}
-    contract.publish_json(job_dir / "job.resolved.json", job)
+    files.publish_json(job_dir / "job.resolved.json", job)
 
 
 def oom_cases():
@@ -599,7 +601,7 @@ def test_weights_are_loaded_from_safetensors_only_and_no_remote_code():
                 flag = {k.arg: ast.unparse(k.value) for k in node.keywords}.get("use_safetensors")
                 assert flag == "True", f"{source.name}:{node.lineno} {receiver}.from_pretrained without use_safetensors=True"
     assert loads >= 3  # T5, transformer, VAE
-    from stages.contract import HUB_WEIGHT_PATTERNS
+    from stages.resolved import HUB_WEIGHT_PATTERNS
 
     fetched = [*jobfile._HUB_CONFIGS, *(p for part in jobfile.COMPONENTS for p in jobfile.component_patterns(part)),
                *(p.format(part=part) for part in ("text_encoder", "transformer", "vae") for p in HUB_WEIGHT_PATTERNS)]
@@ -612,9 +614,9 @@ def test_oom_guard_converts_out_of_memory_only(reference):
     """Guards point 5 from the other side: other errors (bugs) keep their type and traceback."""
     job, unit = read_job(reference.job_dir), reference.units["denoise"][0]
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
-        with contract.oom_guard(job, unit):
+        with entry.oom_guard(job, unit):
             raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)")
     for error in (torch.OutOfMemoryError("CUDA out of memory."), MemoryError(), RuntimeError("HIP out of memory")):
         with pytest.raises(contract.ResourceError, match=f"denoise: out of memory on item {unit.key} \\(budget no budget set"):
-            with contract.oom_guard(job, unit):
+            with entry.oom_guard(job, unit):
                 raise error

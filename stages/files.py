@@ -1,0 +1,100 @@
+"""Hashing and atomic writes: a reader sees the old file, the whole new one, or none."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+
+from pathlib import Path
+
+from stages.contract import TMP_PREFIX, ResourceError
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    """Content hash of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def canonical_json(obj) -> str:
+    """Stable JSON text: sorted keys, no spaces; what params and checksums are computed over."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def short_hash(obj) -> str:
+    return sha256_bytes(canonical_json(obj).encode())[:16]
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(path: Path, write) -> None:
+    """Write `path` atomically: `write(tmp_path)` fills a temporary file in the same folder, which
+    is flushed to disk and renamed into place. On any failure the temporary file is removed, so a
+    reader sees either the old file, the complete new one, or none."""
+    path = Path(path)
+    tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{path.name}")
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException as exc:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        reason = _write_error_reason(exc)
+        if reason:
+            raise ResourceError(f"could not write {path}: {reason}; free disk space or fix the folder, then run again") from exc
+        raise
+
+
+def _write_error_reason(exc: BaseException) -> str | None:
+    """What the OS said when a write failed, or None for other errors. safetensors' Rust writer
+    reports a full disk as SafetensorError("... I/O error: No space left on device (os error 28)")."""
+    if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+        return exc.strerror or str(exc)
+    match = re.search(r"I/O error: (.+)|IoError\((.+)\)", str(exc)) if type(exc).__name__ == "SafetensorError" else None
+    return (match.group(1) or match.group(2)) if match else None
+
+
+def safetensors_metadata(stage: str, key: str) -> dict:
+    """ONE str->str entry: safetensors keeps metadata in a hash map whose order varies between
+    processes, so two keys would make byte-different files (and hashes) for equal tensors."""
+    return {"artifact": f"{stage}/{key}"}
+
+
+def publish_bytes(path: Path, data: bytes) -> None:
+    publish(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def publish_json(path: Path, obj) -> None:
+    publish_bytes(path, (json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode())
+
+
+def remove_temp_files(directory: Path) -> list[Path]:
+    """Delete half-written files left by an interrupted writer (call under the stage lock)."""
+    removed = []
+    for tmp in Path(directory).glob(f"{TMP_PREFIX}*"):
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed

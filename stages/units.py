@@ -1,0 +1,181 @@
+"""Work units: what each stage makes from which inputs, and whether a unit is up to date."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stages.contract import ArtifactError, JobFileError
+from stages.files import sha256_file, short_hash
+from stages.records import read_record
+from stages.resolved import slugify, uses_guidance
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One artifact a stage makes: `key` names its files, `params` decide it, `inputs` feed it."""
+
+    stage: str
+    key: str
+    params: dict
+    inputs: tuple = ()  # (upstream stage, upstream key) pairs
+    items: tuple = ()  # ids of the items that use it
+    outputs: tuple = field(default=())  # file names, relative to the stage folder
+
+    def record_path(self, job_dir: Path) -> Path:
+        return Path(job_dir) / self.stage / f"{self.key}.json"
+
+
+def encode_params(job: dict, item: dict) -> dict:
+    return {
+        "model": job["model"]["component_hashes"]["encode"],
+        "dtype": job["dtype"],
+        "prompt": item["prompt"],
+        # Without guidance the pipeline never encodes the negative prompt.
+        "negative_prompt": item["negative_prompt"] if uses_guidance(item) else None,
+        "clean_caption": job["clean_caption"],
+        "max_sequence_length": job["max_sequence_length"],
+    }
+
+
+def encode_key(params: dict) -> str:
+    return f"{slugify(params['prompt'], 24)}-{short_hash(params)}"
+
+
+def decode_strategy(job: dict) -> dict:
+    """The planned decode strategy's pixel-relevant fields (docs/memory.md): a tiled decode differs
+    slightly from an untiled one, so switching re-decodes; peak_bytes is left out, since a new
+    estimate alone must not."""
+    planned = (job.get("runtime") or {}).get("stages", {}).get("decode", {})
+    return {"strategy": planned.get("strategy", "full"), "tile_size": planned.get("tile_size")}
+
+
+def plan_units(job: dict) -> dict[str, list[Unit]]:
+    """All units of all stages, in job order. Items with equal encode params share one unit."""
+    encode: dict[str, Unit] = {}
+    denoise, decode = [], []
+    for item in job["items"]:
+        e_params = encode_params(job, item)
+        e_key = encode_key(e_params)
+        if e_key in encode:
+            prev = encode[e_key]
+            encode[e_key] = Unit("encode", e_key, prev.params, items=prev.items + (item["id"],), outputs=prev.outputs)
+        else:
+            encode[e_key] = Unit("encode", e_key, e_params, items=(item["id"],), outputs=(f"{e_key}.safetensors",))
+        d_params = {
+            "model": job["model"]["component_hashes"]["denoise"],
+            "dtype": job["dtype"],
+            **{k: item[k] for k in DENOISE_ITEM_KEYS},
+        }
+        # Keys that newer jobs may set enter only when set, so older artifacts stay valid.
+        if job.get("pipeline", "PixArtAlphaPipeline") != "PixArtAlphaPipeline":
+            d_params["pipeline"] = job["pipeline"]
+        if job.get("scheduler"):
+            d_params["scheduler"] = job["scheduler"]
+        if item.get("timesteps"):
+            d_params["timesteps"] = item["timesteps"]
+        denoise.append(
+            Unit("denoise", item["id"], d_params, inputs=(("encode", e_key),), items=(item["id"],),
+                 outputs=(f"{item['id']}.safetensors",))
+        )
+        c_params = {
+            "model": job["model"]["component_hashes"]["decode"],
+            "dtype": job["dtype"],
+            "decode": decode_strategy(job),
+            # PNG text metadata carries these, so they decide the file's bytes too.
+            "metadata": {k: item[k] for k in ("prompt", "negative_prompt", *DENOISE_ITEM_KEYS)} | {"model": job["model"]["given"]}
+                        | {k: v for k, v in (("scheduler", job.get("scheduler")), ("timesteps", item.get("timesteps"))) if v},
+        }
+        decode.append(
+            Unit("decode", item["id"], c_params, inputs=(("denoise", item["id"]),), items=(item["id"],),
+                 outputs=(f"{item['id']}.png",))
+        )
+    return {"encode": list(encode.values()), "denoise": denoise, "decode": decode}
+
+
+DENOISE_ITEM_KEYS = ("seed", "width", "height", "guidance_scale", "num_inference_steps", "use_resolution_binning")
+
+
+def _diff_params(old: dict, new: dict) -> str:
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    parts = []
+    for key in changed[:3]:
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) or isinstance(b, dict) or len(repr(a)) + len(repr(b)) > 60:
+            parts.append(f"{key} changed")
+        else:
+            parts.append(f"{key} {a!r} -> {b!r}")
+    return ", ".join(parts) + (" ..." if len(changed) > 3 else "")
+
+
+def upstream_output_hash(job_dir: Path, stage: str, key: str) -> tuple[str | None, str]:
+    """The sha256 the upstream record lists for its artifact, or (None, why not)."""
+    record, why = read_record(Path(job_dir) / stage / f"{key}.json")
+    if record is None:
+        return None, f"{stage} {key}: {why}"
+    outputs = record.get("outputs", {})
+    if len(outputs) != 1:
+        return None, f"{stage} {key}: record lists {len(outputs)} outputs"
+    return next(iter(outputs.values()))["sha256"], ""
+
+
+def unit_status(job_dir: Path, unit: Unit, check_outputs: bool = True) -> tuple[bool, str]:
+    """(up to date, reason). Compares content hashes, never mtimes."""
+    job_dir = Path(job_dir)
+    record, why = read_record(unit.record_path(job_dir))
+    if record is None:
+        return False, why
+    if record.get("params") != unit.params:
+        return False, _diff_params(record.get("params") or {}, unit.params)
+    recorded_inputs = record.get("inputs", {})
+    for stage, key in unit.inputs:
+        expected, why = upstream_output_hash(job_dir, stage, key)
+        name = f"{stage}/{key}.safetensors"
+        if expected is None or recorded_inputs.get(name) != expected:
+            return False, f"input {name} changed"
+    if set(record.get("outputs", {})) != set(unit.outputs):
+        return False, "outputs differ from the expected files"
+    if check_outputs:
+        for name, meta in record["outputs"].items():
+            path = job_dir / unit.stage / name
+            if not path.exists():
+                return False, f"{name} is missing"
+            if sha256_file(path) != meta["sha256"]:
+                return False, f"{name} is corrupt (sha256 mismatch)"
+    return True, "up to date"
+
+
+def verified_input(job_dir: Path, stage_name: str, unit: Unit, upstream: str, key: str) -> tuple[Path, str]:
+    """Path and hash of an upstream artifact after checking it against its record, or ArtifactError."""
+    job_dir = Path(job_dir)
+    expected, why = upstream_output_hash(job_dir, upstream, key)
+    path = job_dir / upstream / f"{key}.safetensors"
+    fix = f"run `orchestrate run {job_dir / 'job.toml'}` (or `orchestrate run` on your job file) to rebuild {upstream}"
+    if expected is None:
+        raise ArtifactError(f"{stage_name}: missing {upstream} artifact for item {unit.key} ({why}); {fix}")
+    if not path.exists():
+        raise ArtifactError(f"{stage_name}: {upstream} artifact {path} for item {unit.key} is missing; {fix}")
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ArtifactError(f"{stage_name}: {upstream} artifact {path} for item {unit.key} does not match its record; {fix}")
+    return path, actual
+
+
+def pick_units(units: list[Unit], stage: str, wanted: list[str] | None) -> list[Unit]:
+    """The units named in `wanted` (`--units`), in job order; all when None. A name is a unit key,
+    or for encode (keyed by text) also the id of an item it serves. Unknown names: JobFileError."""
+    if wanted is None:
+        return units
+    by_name = {unit.key: unit for unit in units}
+    for unit in units:
+        for item in unit.items:
+            by_name.setdefault(item, unit)
+    unknown = [name for name in wanted if name not in by_name]
+    if unknown:
+        example = ", ".join(unit.key for unit in units[:2])
+        raise JobFileError(
+            f"{stage}: --units names {len(unknown)} unknown unit{'s' if len(unknown) > 1 else ''} ({', '.join(unknown[:3])}"
+            f"{' ...' if len(unknown) > 3 else ''}); use keys from `orchestrate status`, e.g. {example}"
+        )
+    chosen = {by_name[name].key for name in wanted}
+    return [unit for unit in units if unit.key in chosen]
