@@ -202,11 +202,11 @@ class _Run:
         start, made, shown = 0, 0, None
         while start < len(items):
             if chunk:
-                size, why = chunk, "--chunk"
+                size, why = chunk, f"chunks of {chunk} item{'s' if chunk > 1 else ''} (--chunk)"
             else:
                 size, why = self._auto_chunk(len(items), made, len(items) - start)
             if why != shown:
-                self.echo(f"chunks of {size} item{'s' if size > 1 else ''} ({why})" if chunk else f"chunks: {why}")
+                self.echo(why)
                 shown = why
             ids = items[start:start + size]
             start, made = start + size, made + 1
@@ -219,18 +219,20 @@ class _Run:
             self.echo(f"images: {start} of {len(items)} made in {os.path.relpath(self.job_dir / 'decode')}/")
 
     def _auto_chunk(self, total: int, made: int, remaining: int) -> tuple[int, str]:
-        """The next chunk's size from this run's measurements, else earlier runs', else estimates."""
+        """The next chunk's size, and the plan in words, from this run's measurements, else an
+        earlier run's summaries, else the weights' size."""
         costs, sources = {}, set()
         for stage in ("denoise", "decode"):
             mine = [(r.summary, r.seconds) for r in self.runs if r.stage == stage and r.summary.get("units_done")]
             cost = chunks.measured_cost(chunks.merge_summaries(mine)) if mine else chunks.read_cost(self.job_dir, stage)
             costs[stage] = cost or chunks.estimate_costs(self.job)[stage]
             sources.add("measured" if cost else "estimated")
-        size = chunks.next_chunk(total, made, remaining, costs)
         planned = chunks.max_chunks(total, costs)
         how = sources.pop() if len(sources) == 1 else "partly measured"
-        return size, (f"{planned} for {total} items, the first of {size}; extra model loads ~"
-                      f"{chunks.extra_share(total, planned, costs):.0%} of the run ({how} costs); --chunk 0: one process per stage")
+        first = f", the first of {chunks.next_chunk(total, 0, total, costs)} items" if planned > 1 else ""
+        return chunks.next_chunk(total, made, remaining, costs), (
+            f"chunks: {planned} in all for {total} items{first}; extra model loads ~{chunks.extra_share(total, planned, costs):.0%} "
+            f"of the run ({how} costs); --chunk N to choose, --chunk 0 for one process per stage")
 
     def stage(self, stage: str, units: list[str] | None, then: str | None = None) -> None:
         """Run one stage process (for `units`, or all its stale units); start `then` ahead of it."""
