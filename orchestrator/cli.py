@@ -96,10 +96,11 @@ def resolve_device(device: str) -> str:
 
 
 def _prepare(job_file: Path, workdir: Path, device: str, memory: tuple = (None, None, True, False),
-             store: bool = True) -> tuple[Path, dict]:
+             store: bool = True, model: str | None = None) -> tuple[Path, dict]:
     """The job dir and resolved job; `memory` (--max-vram, --max-ram, tiling allowed) plans its
-    runtime section; `store` names the workdir's embedding store (stages/store.py) in it."""
-    job = jobfile.load_job(job_file)
+    runtime section; `store` names the workdir's embedding store (stages/store.py) in it; `model`
+    is --model, for a prompt list (.txt) given instead of a job file."""
+    job = jobfile.load_job(job_file, model)
     job_dir = jobfile.job_dir_for(job, workdir)
     resolved = jobfile.resolve_job(job, job_dir, resolve_device(device))
     resolved["embedding_store"] = str(Path(workdir).resolve() / ".store" / "encode") if store else None
@@ -139,8 +140,8 @@ def _runtime_if_nothing_to_do(job_dir: Path, resolved: dict, flags: dict) -> dic
 
 
 def _run(job_file: Path, workdir: Path, device: str, force: tuple[str, ...], memory: tuple = (None, None, True, False),
-         store: bool = True) -> None:
-    job_dir, resolved = _prepare(job_file, workdir, device, memory, store)
+         store: bool = True, model: str | None = None) -> None:
+    job_dir, resolved = _prepare(job_file, workdir, device, memory, store, model)
     echo(f"job {resolved['name']}: {len(resolved['items'])} images, model {resolved['model']['given']}, "
          f"{resolved['dtype']} on {resolved['device']}, folder {os.path.relpath(job_dir)}")
     if resolved["runtime"]:
@@ -164,7 +165,7 @@ def _run(job_file: Path, workdir: Path, device: str, force: tuple[str, ...], mem
 @app.command()
 @expected_errors
 def run(
-    job_file: Path = typer.Argument(..., help="The job's TOML file."),
+    job_file: Path = typer.Argument(..., help="The job's TOML file, or a prompt list (.txt, one prompt per line) with --model."),
     workdir: Path = WORKDIR,
     device: str = DEVICE,
     force: list[str] = typer.Option([], "--force", help="Remake this stage for every item (repeatable)."),
@@ -173,15 +174,18 @@ def run(
     no_tiling: bool = NO_TILING,
     exact: bool = EXACT,
     no_store: bool = NO_STORE,
+    model: str = typer.Option(None, "--model", help="For a prompt list (.txt) only: the model, a hub id or a local folder."),
 ) -> None:
-    """Run the job's stale stages in order; resumes an interrupted run.
+    """Run the job's stale stages in order; resumes an interrupted run. A prompt list (.txt) runs every line with the
+    default parameters, in the job folder <workdir>/<file name without .txt>.
 
     Example: orchestrate run job.toml --workdir workdir --max-vram 2GiB
+    Example: orchestrate run prompts.txt --model PixArt-alpha/PixArt-XL-2-1024-MS
     """
     for stage in force:
         if stage not in STAGES:
             raise JobFileError(f"--force {stage!r} is not a stage; use one of {', '.join(STAGES)}")
-    _run(job_file, workdir, device, tuple(force), (max_vram, max_ram, not no_tiling, exact), not no_store)
+    _run(job_file, workdir, device, tuple(force), (max_vram, max_ram, not no_tiling, exact), not no_store, model)
 
 
 @app.command()
