@@ -141,6 +141,8 @@ def _runtime_if_nothing_to_do(job_dir: Path, resolved: dict, flags: dict) -> dic
 
 def _run(job_file: Path, workdir: Path, device: str, force: tuple[str, ...], memory: tuple = (None, None, True, False),
          store: bool = True, model: str | None = None) -> None:
+    from orchestrator.gallery import write_gallery_after_run
+
     job_dir, resolved = _prepare(job_file, workdir, device, memory, store, model)
     echo(f"job {resolved['name']}: {len(resolved['items'])} images, model {resolved['model']['given']}, "
          f"{resolved['dtype']} on {resolved['device']}, folder {os.path.relpath(job_dir)}")
@@ -150,16 +152,22 @@ def _run(job_file: Path, workdir: Path, device: str, force: tuple[str, ...], mem
         echo(describe_runtime(resolved["runtime"]))
     try:
         runs = run_job(job_dir, resolved, echo, force)
+    except (StageFailedError, ResourceError, KeyboardInterrupt) as exc:
+        write_gallery_after_run(job_dir, resolved, echo, exc)  # the page says what is missing and why
+        raise
     finally:
         from orchestrator.memory import remember_plan
 
         remember_plan(job_dir, resolved["runtime"])  # a rerun with the same shapes and budget will not plan again
+    page = write_gallery_after_run(job_dir, resolved, echo)
     if not runs:
         echo(f"nothing to do: all {len(resolved['items'])} images are up to date in {os.path.relpath(job_dir / 'decode')}")
+        echo(f"gallery: {os.path.relpath(page)}")
         return
     echo("")
     echo(summary_table(runs))
     echo(f"images: {os.path.relpath(job_dir / 'decode')}/")
+    echo(f"gallery: {os.path.relpath(page)}")
 
 
 @app.command()
@@ -176,8 +184,10 @@ def run(
     no_store: bool = NO_STORE,
     model: str = typer.Option(None, "--model", help="For a prompt list (.txt) only: the model, a hub id or a local folder."),
 ) -> None:
-    """Run the job's stale stages in order; resumes an interrupted run. A prompt list (.txt) runs every line with the
-    default parameters, in the job folder <workdir>/<file name without .txt>.
+    """Run the job's stale stages in order; resumes an interrupted run.
+
+    Writes the job's gallery page, <workdir>/<job>/index.html, at the end. A prompt list (.txt)
+    runs each line at the default parameters, in the job folder <workdir>/<file name without .txt>.
 
     Example: orchestrate run job.toml --workdir workdir --max-vram 2GiB
     Example: orchestrate run prompts.txt --model PixArt-alpha/PixArt-XL-2-1024-MS
@@ -186,6 +196,30 @@ def run(
         if stage not in STAGES:
             raise JobFileError(f"--force {stage!r} is not a stage; use one of {', '.join(STAGES)}")
     _run(job_file, workdir, device, tuple(force), (max_vram, max_ram, not no_tiling, exact), not no_store, model)
+
+
+@app.command()
+@expected_errors
+def gallery(
+    job_file: Path = typer.Argument(..., help="The job's TOML file, or its prompt list (.txt)."),
+    workdir: Path = WORKDIR,
+    open_page: bool = typer.Option(False, "--open", help="Open the page in the default web browser."),
+) -> None:
+    """Write the job's gallery page, <workdir>/<job>/index.html; runs nothing, loads no model.
+
+    The page shows the job folder as last run: per item the image or why it is missing, its
+    parameters and timings, and a button that copies its job-file generation block.
+
+    Example: orchestrate gallery job.toml --open
+    """
+    from orchestrator.gallery import job_dir_of, write_gallery
+
+    path = write_gallery(job_dir_of(job_file, workdir))
+    echo(f"gallery: {os.path.relpath(path)}")
+    if open_page:
+        import webbrowser
+
+        webbrowser.open(path.resolve().as_uri())
 
 
 @app.command()

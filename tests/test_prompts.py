@@ -110,24 +110,15 @@ def test_any_prompts_file_value_gives_a_job_or_a_one_line_error(scratch, name, c
         assert isinstance(result, (jobfile.Job, JobFileError)), result
 
 
-@pytest.fixture(scope="module")
-def small_model(tmp_path_factory) -> Path:
-    """The tiny model with a 256-px default size (sample_size 32, the 256 bins): a prompt list runs
-    at the model's default size, and the default tiny model's is 1024 px."""
-    from orchestrator.tiny import save_tiny_model
-
-    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-256", sample_size=32)
-
-
-def test_run_a_txt_prompt_list_with_model_in_one_command(small_model, tmp_path, monkeypatch, cli_in_process):
+def test_run_a_txt_prompt_list_with_model_in_one_command(tiny_model_256, tmp_path, monkeypatch, cli_in_process):
     """Guards `orchestrate run list.txt --model M`: the folder is <workdir>/<list name>, one image
     per prompt line at the defaults with its seed recorded, the model relative to the current
     folder; a second run does nothing."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "lists").mkdir()
     (tmp_path / "lists" / "holiday.txt").write_text("a red apple\n# skipped\na blue owl\n", encoding="utf-8")
-    (tmp_path / "models").symlink_to(small_model.parent)
-    args = ["run", "lists/holiday.txt", "--model", f"models/{small_model.name}", "--workdir", "work", "--device", "cpu"]
+    (tmp_path / "models").symlink_to(tiny_model_256.parent)
+    args = ["run", "lists/holiday.txt", "--model", f"models/{tiny_model_256.name}", "--workdir", "work", "--device", "cpu"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     job_dir = tmp_path / "work" / "holiday"
@@ -138,7 +129,7 @@ def test_run_a_txt_prompt_list_with_model_in_one_command(small_model, tmp_path, 
                (256, 256, defaults.num_inference_steps, defaults.guidance_scale) for i in items)
     assert all((job_dir / i["image"]).is_file() for i in items)
     resolved = json.loads((job_dir / "job.resolved.json").read_text())
-    assert resolved["model"]["path"] == str(small_model.resolve())
+    assert resolved["model"]["path"] == str(tiny_model_256.resolve())
     assert len(resolved["drawn_seeds"]) == 2 and sorted(resolved["drawn_seeds"].values()) == sorted(i["seed"] for i in items)
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0 and "nothing to do" in again.stdout, again.output
