@@ -68,7 +68,7 @@ table.stages { border-collapse: collapse; margin: 0.6em 0; } table.stages th, ta
 dl { display: grid; grid-template-columns: max-content 1fr; gap: 0.1em 0.8em; margin: 0.6em 0; }
 dt { color: #666; } dd { margin: 0; overflow-wrap: anywhere; white-space: pre-wrap; }
 .id { font-family: ui-monospace, monospace; font-size: 0.85em; color: #666; overflow-wrap: anywhere; }
-pre { background: #f4f4f4; padding: 0.5em; overflow-x: auto; font-size: 12px; margin: 0.4em 0; }
+pre { background: #f4f4f4; padding: 0.5em; white-space: pre-wrap; overflow-wrap: anywhere; font-size: 12px; margin: 0.4em 0; }
 button.copy { cursor: pointer; }
 svg text { font: 12px system-ui, sans-serif; }
 """
@@ -316,6 +316,8 @@ def render_gallery(job_dir: Path, job: dict, outcome: str | None = None) -> str:
     for entry in entries.values():
         counts[entry["state"]] += 1
     rows = _stage_rows(job_dir, job)
+    decoded = sorted({_tiling(entry["records"]["decode"]) for entry in entries.values() if "decode" in entry["records"]})
+    rows[-1]["strategy"] = rows[-1]["strategy"] or ", ".join(decoded)  # decode's summary does not name it; its records do
     groups: list[list[dict]] = []
     for item in job["items"]:  # items of one [[generation]] entry (its `count`) are consecutive
         if groups and groups[-1][0].get("generation") == item.get("generation"):

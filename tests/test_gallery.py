@@ -276,3 +276,10 @@ def test_gallery_of_a_job_never_run_is_one_line(tiny_model_256, tmp_path):
     (line,) = result.stderr.splitlines()
     assert "has no job.resolved.json" in line and f"orchestrate run {job_file}" in line, line
     assert not (tmp_path / "work").exists()
+
+
+def test_ci_installs_chromium_before_the_readme_test_command():
+    """Guards .ci/run: the browser the gallery tests need is installed before the suite runs."""
+    ci = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
+    install = "command -v chromium || (apt-get update && apt-get install -y chromium)"
+    assert install in ci and ci.index(install) < ci.index('eval "$cmd"')
