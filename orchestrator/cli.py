@@ -162,12 +162,12 @@ def _run(job_file: Path, workdir: Path, device: str, force: tuple[str, ...], mem
     page = write_gallery_after_run(job_dir, resolved, echo)
     if not runs:
         echo(f"nothing to do: all {len(resolved['items'])} images are up to date in {os.path.relpath(job_dir / 'decode')}")
+    else:
+        echo("")
+        echo(summary_table(runs))
+        echo(f"images: {os.path.relpath(job_dir / 'decode')}/")
+    if page is not None:
         echo(f"gallery: {os.path.relpath(page)}")
-        return
-    echo("")
-    echo(summary_table(runs))
-    echo(f"images: {os.path.relpath(job_dir / 'decode')}/")
-    echo(f"gallery: {os.path.relpath(page)}")
 
 
 @app.command()

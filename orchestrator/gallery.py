@@ -26,7 +26,7 @@ from urllib.parse import quote
 
 from orchestrator.plan import plan_job
 from orchestrator.runner import measured_peak
-from stages.contract import RESOLVED_JOB, STAGES, JobFileError, format_bytes, publish_bytes, read_job, read_record
+from stages.contract import RESOLVED_JOB, STAGES, JobFileError, ResourceError, format_bytes, publish_bytes, read_job, read_record
 
 PAGE = "index.html"
 
@@ -104,9 +104,17 @@ def toml_string(text: str) -> str:
 def generation_block(item: dict, job: dict) -> str:
     """The item as a job-file `[[generation]]` entry (count 1, its own seed) that makes the same
     image in a job with the same [job] table, which the comment line names."""
+    from stages import family
+
     settings = [f"model = {toml_string(job['model']['given'])}", f"dtype = {toml_string(job['dtype'])}"]
     if job.get("scheduler"):
         settings.append(f"scheduler = {toml_string(job['scheduler'])}")
+    if not job.get("clean_caption", True):
+        settings.append("clean_caption = false")
+    if job.get("max_sequence_length") not in (None, family.of(job.get("pipeline")).max_sequence_length):
+        settings.append(f"max_sequence_length = {int(job['max_sequence_length'])}")
+    if job["model"].get("components"):
+        settings.append(f"and the [job.components] of job {job['name']}")
     lines = [
         f"# item {item['id']} of job {job['name']}",
         f"# same image in a job whose [job] has {', '.join(settings)}",
@@ -151,7 +159,7 @@ def _item_states(job_dir: Path, job: dict, outcome: str | None) -> dict[str, dic
         # The stage a failed run stopped in is the first with work left; its items named by the
         # error (or all of them, when it names none) failed, the rest were not reached.
         if outcome and outcome.startswith("failed") and stage == first_pending and (item_id in named or key in named or not named):
-            entry.update(state="failed", why=f"{stage}: {outcome}")
+            entry.update(state="failed", why=outcome.removeprefix("failed: "))
         else:
             entry.update(state=state, why=f"{stage}: {reason}")
     return by_item
@@ -372,19 +380,24 @@ def describe_outcome(exc: BaseException) -> str:
 
 
 def write_gallery_after_run(job_dir: Path, job: dict, echo, exc: BaseException | None = None) -> Path | None:
-    """After `orchestrate run`: write the page and return its path. After a run that raised `exc`,
-    the page says how it ended, the path is printed here, and a problem writing the page is one
-    warning line, never the run's news."""
-    if exc is None:
-        return write_gallery(job_dir, job)
-    if not Path(job_dir).is_dir():
+    """After `orchestrate run`: write the page and return its path (None when it could not be
+    written, which is one warning line: the images are what the run is for). After a run that
+    raised `exc`, the page says how it ended, its path is printed here, and no error of the page
+    replaces the run's own."""
+    if exc is not None and not Path(job_dir).is_dir():
         return None  # stopped before anything was made: no page to show
     try:
-        path = write_gallery(job_dir, job, describe_outcome(exc))
+        path = write_gallery(job_dir, job, describe_outcome(exc) if exc is not None else None)
+    except (OSError, ResourceError) as error:  # a full disk, a read-only folder
+        echo(f"warning: gallery page not written ({error})")
+        return None
     except Exception as error:
+        if exc is None:
+            raise  # a bug: keep its traceback
         echo(f"warning: gallery page not written ({type(error).__name__}: {error})")
         return None
-    echo(f"gallery: {os.path.relpath(path)}")
+    if exc is not None:
+        echo(f"gallery: {os.path.relpath(path)}")
     return path
 
 

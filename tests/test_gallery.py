@@ -283,3 +283,14 @@ def test_ci_installs_chromium_before_the_readme_test_command():
     ci = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
     install = "command -v chromium || (apt-get update && apt-get install -y chromium)"
     assert install in ci and ci.index(install) < ci.index('eval "$cmd"')
+
+
+def test_without_chromium_the_browser_tests_fail_saying_how_to_install_it(monkeypatch):
+    """Guards the fixture: no chromium is a failure (a skipped browser check would hide a broken
+    page), one line naming the package to install."""
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(pytest.fail.Exception) as failure:
+        find_chromium()
+    (line,) = str(failure.value).splitlines()
+    assert "chromium not found" in line and "apt-get install -y chromium" in line
