@@ -63,11 +63,15 @@ _JOB_OPTIONS = (  # name, type, typer parameter: JobOptions' fields, in the orde
 )
 
 
-def job_command(command):
+def job_command(command=None, *, job_file=None):
     """Give `command(job, ...)` the options shared by every job command, gathered in one JobOptions:
-    its own arguments come first (e.g. `stage NAME JOB_FILE`), then the shared ones, then its own options."""
+    its own arguments come first (e.g. `stage NAME JOB_FILE`), then the shared ones, then its own
+    options. `@job_command(job_file=typer.Argument(...))` words the job file's help otherwise."""
+    if command is None:
+        return functools.partial(job_command, job_file=job_file)
     own = [p for p in inspect.signature(command).parameters.values() if p.name != "job"]
-    shared = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=kind)
+    shared = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=kind,
+                                default=job_file if name == "job_file" and job_file is not None else default)
               for name, kind, default in _JOB_OPTIONS]
     arguments = [p for p in own if isinstance(p.default, typer.models.ArgumentInfo)]
 
@@ -144,10 +148,11 @@ def resolve_device(device: str) -> str:
 
 
 def _prepare(job_file: Path, workdir: Path, device: str, memory: tuple = (None, None, True, False),
-             store: bool = True) -> tuple[Path, dict]:
+             store: bool = True, model: str | None = None) -> tuple[Path, dict]:
     """The job dir and resolved job; `memory` (--max-vram, --max-ram, tiling allowed) plans its
-    runtime section; `store` names the workdir's embedding store (stages/store.py) in it."""
-    job = jobfile.load_job(job_file)
+    runtime section; `store` names the workdir's embedding store (stages/store.py) in it; `model`
+    is --model, for a prompt list (.txt) given instead of a job file."""
+    job = jobfile.load_job(job_file, model)
     job_dir = jobfile.job_dir_for(job, workdir)
     resolved = jobfile.resolve_job(job, job_dir, resolve_device(device))
     resolved["embedding_store"] = str(Path(workdir).resolve() / ".store" / "encode") if store else None
@@ -186,9 +191,27 @@ def _runtime_if_nothing_to_do(job_dir: Path, resolved: dict, flags: dict) -> dic
     return dict(runtime, plan_cache="not needed: nothing to do")
 
 
+def _gallery_refresher(resolved: dict):
+    """After each decode process of a chunked run: the gallery page again, so the first images show
+    there early (its path is said once)."""
+    from orchestrator.gallery import write_gallery_after_run
+
+    said: list[str] = []
+
+    def refresh(job_dir: Path) -> None:
+        page = write_gallery_after_run(job_dir, resolved, echo)
+        if page is not None and not said:
+            said.append(str(page))
+            echo(f"gallery: {os.path.relpath(page)} (refreshed after each chunk)")
+
+    return refresh
+
+
 def _run(job_file: Path, workdir: Path, device: str, force: tuple[str, ...], memory: tuple = (None, None, True, False),
-         store: bool = True, chunk: int | None = None) -> None:
-    job_dir, resolved = _prepare(job_file, workdir, device, memory, store)
+         store: bool = True, chunk: int | None = None, model: str | None = None) -> None:
+    from orchestrator.gallery import write_gallery_after_run
+
+    job_dir, resolved = _prepare(job_file, workdir, device, memory, store, model)
     echo(f"job {resolved['name']}: {len(resolved['items'])} images, model {resolved['model']['given']}, "
          f"{resolved['dtype']} on {resolved['device']}, folder {os.path.relpath(job_dir)}")
     if resolved["runtime"]:
@@ -196,39 +219,74 @@ def _run(job_file: Path, workdir: Path, device: str, force: tuple[str, ...], mem
 
         echo(describe_runtime(resolved["runtime"]))
     try:
-        runs = run_job(job_dir, resolved, echo, force, chunk=chunk)
+        runs = run_job(job_dir, resolved, echo, force, chunk=chunk, on_images=_gallery_refresher(resolved))
+    except (StageFailedError, ResourceError, KeyboardInterrupt) as exc:
+        write_gallery_after_run(job_dir, resolved, echo, exc)  # the page says what is missing and why
+        raise
     finally:
         from orchestrator.memory import remember_plan
 
         remember_plan(job_dir, resolved["runtime"])  # a rerun with the same shapes and budget will not plan again
+    page = write_gallery_after_run(job_dir, resolved, echo)
     if not runs:
         echo(f"nothing to do: all {len(resolved['items'])} images are up to date in {os.path.relpath(job_dir / 'decode')}")
-        return
-    echo("")
-    echo(summary_table(runs))
-    echo(f"images: {os.path.relpath(job_dir / 'decode')}/")
+    else:
+        echo("")
+        echo(summary_table(runs))
+        echo(f"images: {os.path.relpath(job_dir / 'decode')}/")
+    if page is not None:
+        echo(f"gallery: {os.path.relpath(page)}")
 
 
 @app.command()
 @expected_errors
-@job_command
+@job_command(job_file=typer.Argument(..., help="The job's TOML file, or a prompt list (.txt, one prompt per line) with --model."))
 def run(
     job: JobOptions,
     force: list[str] = typer.Option([], "--force", help="Remake this stage for every item (repeatable)."),
     no_store: bool = NO_STORE,
     chunk: int = typer.Option(None, "--chunk", help="Items per denoise/decode process, so the first images come early "
                               "(default: chosen so extra model loads cost ~3% of the run; 0: the whole queue per stage)."),
+    model: str = typer.Option(None, "--model", help="For a prompt list (.txt) only: the model, a hub id or a local folder."),
 ) -> None:
     """Run the job's stale stages in order; resumes an interrupted run.
 
+    Writes the job's gallery page, <workdir>/<job>/index.html, at the end. A prompt list (.txt)
+    runs each line at the default parameters, in the job folder <workdir>/<file name without .txt>.
+
     Example: orchestrate run job.toml --workdir workdir --max-vram 2GiB
+    Example: orchestrate run prompts.txt --model PixArt-alpha/PixArt-XL-2-1024-MS
     """
     for stage in force:
         if stage not in STAGES:
             raise JobFileError(f"--force {stage!r} is not a stage; use one of {', '.join(STAGES)}")
     if chunk is not None and chunk < 0:
         raise JobFileError(f"--chunk {chunk} is negative; give a number of items, or 0 for the whole queue per stage")
-    _run(job.job_file, job.workdir, job.device, tuple(force), job.memory, not no_store, chunk)
+    _run(job.job_file, job.workdir, job.device, tuple(force), job.memory, not no_store, chunk, model)
+
+
+@app.command()
+@expected_errors
+def gallery(
+    job_file: Path = typer.Argument(..., help="The job's TOML file, or its prompt list (.txt)."),
+    workdir: Path = WORKDIR,
+    open_page: bool = typer.Option(False, "--open", help="Open the page in the default web browser."),
+) -> None:
+    """Write the job's gallery page, <workdir>/<job>/index.html; runs nothing, loads no model.
+
+    The page shows the job folder as last run: per item the image or why it is missing, its
+    parameters and timings, and a button that copies its job-file generation block.
+
+    Example: orchestrate gallery job.toml --open
+    """
+    from orchestrator.gallery import job_dir_of, write_gallery
+
+    path = write_gallery(job_dir_of(job_file, workdir))
+    echo(f"gallery: {os.path.relpath(path)}")
+    if open_page:
+        import webbrowser
+
+        webbrowser.open(path.resolve().as_uri())
 
 
 @app.command()

@@ -16,6 +16,7 @@ import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from orchestrator.prompts import prompt_list_tables, read_prompt_lines
 from stages import family
 from stages.contract import FORMAT_VERSION, JobFileError
 from stages.files import canonical_json
@@ -108,14 +109,18 @@ def _shown(key: str) -> str:
     return repr(key)[1:-1]
 
 
-def _read_table(where: str, table, cls, exclude=()) -> dict:
+def _read_table(where: str, table, cls, exclude=(), also=()) -> dict:
+    """The table's values, type-checked against `cls`'s fields; `also` names keys the caller reads
+    itself (skipped here, offered as suggestions)."""
     if not isinstance(table, dict):
         raise JobFileError(f"{where} must be a table (a [header] followed by key = value lines), not {type(table).__name__}")
     valid = {f.name: f.type for f in fields(cls) if f.name not in exclude}
     out = {}
     for key, value in table.items():
+        if key in also:
+            continue
         if key not in valid:
-            raise JobFileError(f"{where}: unknown key '{_shown(key)}'{_suggest(key, valid)}")
+            raise JobFileError(f"{where}: unknown key '{_shown(key)}'{_suggest(key, [*valid, *also])}")
         out[key] = _check_type(where, key, value, valid[key])
     return out
 
@@ -146,9 +151,19 @@ def _check_range(where: str, gen: GenerationParams) -> None:
             )
 
 
-def load_job(path: Path) -> Job:
-    """Parse and check a job file. Raises JobFileError with a one-line message on any problem."""
+def load_job(path: Path, model: str | None = None) -> Job:
+    """Parse and check a job file, or a prompt list (a `.txt` file, one prompt per line) run with
+    `model` (orchestrator/prompts.py). Raises JobFileError with a one-line message on any problem."""
     path = Path(path)
+    if path.suffix.lower() == ".txt":
+        if not path.is_file():
+            raise JobFileError(f"prompt list {path} not found; check the path")
+        if not _NAME.match(path.stem):
+            raise JobFileError(f"prompt list {path.name}: its name {path.stem!r} names the job folder and is not a safe folder name; "
+                               f"rename the file using letters, digits, '.', '_' and '-'")
+        return _job_from_tables(prompt_list_tables(path, model), path)
+    if model is not None:
+        raise JobFileError(f"--model is only for a prompt list (.txt); {path.name} is a job file: set model in its [job] table and leave out --model")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -159,6 +174,12 @@ def load_job(path: Path) -> Job:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise JobFileError(f"{path.name}: not valid TOML ({exc}); fix the syntax at that line") from None
+    return _job_from_tables(data, path)
+
+
+def _job_from_tables(data: dict, path: Path) -> Job:
+    """The checked Job for a parsed job file's tables (`path` names it in messages and anchors
+    relative paths)."""
     for key in data:
         if key not in _TABLES:
             raise JobFileError(f"{path.name}: unknown table '[{_shown(key)}]'{_suggest(key, _TABLES)}")
@@ -195,17 +216,38 @@ def load_job(path: Path) -> Job:
     generations = []
     total = 0
     for n, entry in enumerate(entries, 1):
-        where = f"{path.name} [[generation]] #{n}"
-        values = {**defaults, **_read_table(where, entry, GenerationParams)}
-        if "prompt" not in values:
-            raise JobFileError(f"{where}: 'prompt' is required (use prompt = \"\" for an empty prompt)")
-        gen = GenerationParams(**values)
-        _check_range(where, gen)
-        total += gen.count
-        if total > MAX_ITEMS:
-            raise JobFileError(f"{where}: the queue would hold {total} images, more than {MAX_ITEMS}; lower 'count' or split the job")
-        generations.append(gen)
+        # A bare prompt list (`orchestrate run prompts.txt`) has one generated entry: name only its lines.
+        where = f"{path.name} [[generation]] #{n}" if path.suffix.lower() != ".txt" else ""
+        values = {**defaults, **_read_table(where, entry, GenerationParams, also=("prompts_file",))}
+        for where_line, gen in _expand_entry(where, entry, values, path):
+            _check_range(where_line, gen)
+            total += gen.count
+            if total > MAX_ITEMS:
+                raise JobFileError(f"{where_line}: the queue would hold {total} images, more than {MAX_ITEMS}; lower 'count' or split the job")
+            generations.append(gen)
     return Job(settings, tuple(generations), path.resolve(), components)
+
+
+def _expand_entry(where: str, entry: dict, values: dict, path: Path) -> list[tuple[str, GenerationParams]]:
+    """One [[generation]] entry as (where, generation) pairs: itself, or with `prompts_file` one per
+    prompt line, line k (from 0) seeded `seed + k * count` when the entry has a seed."""
+    if "prompts_file" not in entry:
+        if "prompt" not in values:
+            raise JobFileError(f"{where}: 'prompt' is required (use prompt = \"\" for an empty prompt, or prompts_file = \"prompts.txt\")")
+        return [(where, GenerationParams(**values))]
+    if "prompt" in entry:
+        raise JobFileError(f"{where}: 'prompt' and 'prompts_file' are both set; keep one (prompts_file makes one generation per line of the file)")
+    given = entry["prompts_file"]
+    if not isinstance(given, str) or not given.strip():
+        raise JobFileError(f"{where}: 'prompts_file' must be a file name (a string), not {type(given).__name__} {given!r}; "
+                           f"write e.g. prompts_file = \"prompts.txt\"")
+    file = path.parent / Path(given).expanduser()
+    out = []
+    for k, (line, prompt) in enumerate(read_prompt_lines(file, where)):
+        seed = values.get("seed")
+        gen = GenerationParams(**{**values, "prompt": prompt, **({"seed": seed + k * values.get("count", 1)} if seed is not None else {})})
+        out.append((f"{where} ({_shown(given)} line {line})" if where else f"{_shown(given)} line {line}", gen))
+    return out
 
 
 def _read_components(file_name: str, table) -> tuple:
@@ -412,6 +454,7 @@ def resolve_job(job: Job, job_dir: Path, device: str, runtime: dict | None = Non
     dtype = job.settings.dtype or ("float32" if device == "cpu" else "float16")
     previous = _previous_seeds(job_dir)
     drawn = {}
+    seen: dict[str, int] = {}
     items = []
     for n, gen in enumerate(job.generations, 1):
         width = gen.width or default_side
@@ -424,6 +467,11 @@ def resolve_job(job: Job, job_dir: Path, device: str, runtime: dict | None = Non
         if seed is None:
             # (fields added later count only when set, so seeds drawn by older versions are found again)
             entry_key = canonical_json({k: v for k, v in asdict(gen).items() if k != "seed" and not (k == "timesteps" and v is None)})
+            # Equal entries (a prompt repeated in a prompt list) each keep their own seed: the
+            # second and later ones are keyed by their rank too.
+            seen[entry_key] = seen.get(entry_key, 0) + 1
+            if seen[entry_key] > 1:
+                entry_key += f"#{seen[entry_key]}"
             seed = previous.get(entry_key)
             if seed is None:
                 seed = secrets.randbelow(2**31)  # recorded below, so a rerun reuses it

@@ -144,7 +144,7 @@ def run_job(job_dir: Path, resolved: dict, echo, force: tuple[str, ...] = (), la
     subprocess, with the next stage's process started ahead (`--wait`) so its imports overlap this
     one. `chunk`: items per denoise/decode process after the one encode pass (0: the whole queue
     in one process each; None: chosen by orchestrator/chunks.py). `on_images(job_dir)` is called
-    after each decode process (e.g. to refresh the gallery)."""
+    after each chunk's decode but the last (the CLI refreshes the gallery page)."""
     warm: dict[str, subprocess.Popen] = {}
     active: list[subprocess.Popen] = []
     try:
@@ -216,6 +216,8 @@ class _Run:
                 self.stage("denoise", denoise, then="decode" if decode else None)
             if decode:
                 self.stage("decode", decode, then="denoise" if start < len(items) else None)
+                if start < len(items) and self.on_images is not None:  # the run's end writes its own page
+                    self.on_images(self.job_dir)
             self.echo(f"images: {start} of {len(items)} made in {os.path.relpath(self.job_dir / 'decode')}/")
 
     def _auto_chunk(self, total: int, made: int, remaining: int) -> tuple[int, str]:
@@ -254,8 +256,6 @@ class _Run:
         over = budget_overrun(self.runs[-1].summary, self.job.get("runtime", {}))
         if over:
             self.echo(f"warning: {stage} {over}")
-        if stage == "decode" and self.on_images is not None:
-            self.on_images(self.job_dir)
 
 
 def _has_work(states, forced: bool) -> bool:

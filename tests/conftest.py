@@ -50,6 +50,15 @@ def tiny_model(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
 
 
+@pytest.fixture(scope="session")
+def tiny_model_256(tmp_path_factory) -> Path:
+    """The tiny model with a 256-px default size (sample_size 32, the 256 bins): for jobs that run
+    at the model's default size (the tiny model's is 1024 px) or bin their sizes, cheaply."""
+    from orchestrator.tiny import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-256", sample_size=32)
+
+
 def write_job(folder: Path, body: str, name: str = "job.toml") -> Path:
     path = Path(folder) / name
     path.write_text(textwrap.dedent(body))
