@@ -238,26 +238,26 @@ def test_run_writes_the_page_also_when_a_stage_fails_or_is_interrupted(tiny_mode
     job_dir = tmp_path / "work" / "hook"
     args = ["run", str(job_file), "--workdir", str(tmp_path / "work"), "--device", "cpu"]
 
-    def failing(stage, job_dir_, force, echo):
+    def failing(stage, job_dir_, force, echo, units=None):
         if stage == "denoise":
             raise StageFailedError("stage denoise failed (exit 3): denoise: out of memory on item 0000-a-red-apple", 3)
-        return inprocess_stage(stage, job_dir_, force, echo)
+        return inprocess_stage(stage, job_dir_, force, echo, units)
 
-    monkeypatch.setattr(cli, "run_job", lambda d, r, echo, force: run_job(d, r, echo, force, launch=failing))
+    monkeypatch.setattr(cli, "run_job", lambda d, r, echo, force, **kw: run_job(d, r, echo, force, **kw, launch=failing))
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 3 and "out of memory" in result.stderr, result.output
     html = (job_dir / "index.html").read_text()
     assert "last run failed: stage denoise failed" in html and 'class="placeholder failed"' in html
 
-    def interrupted(stage, job_dir_, force, echo):
+    def interrupted(stage, job_dir_, force, echo, units=None):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "run_job", lambda d, r, echo, force: run_job(d, r, echo, force, launch=interrupted))
+    monkeypatch.setattr(cli, "run_job", lambda d, r, echo, force, **kw: run_job(d, r, echo, force, **kw, launch=interrupted))
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 130, result.output
     assert "last run interrupted" in (job_dir / "index.html").read_text()
 
-    monkeypatch.setattr(cli, "run_job", lambda d, r, echo, force: run_job(d, r, echo, force, launch=inprocess_stage))
+    monkeypatch.setattr(cli, "run_job", lambda d, r, echo, force, **kw: run_job(d, r, echo, force, **kw, launch=inprocess_stage))
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0 and "gallery: " in result.stdout, result.output
     html = (job_dir / "index.html").read_text()
