@@ -6,7 +6,7 @@ generation entry (`count`) are grouped. A header gives the job's totals and each
 peak memory against the budget and its seconds, as an inline SVG chart.
 
 The page shows the job as last run: the items of `job.resolved.json`, judged by the same test as
-`orchestrate status` (orchestrator/plan.py, stages/contract.py unit_status). It is data, not code:
+`orchestrate status` (orchestrator/plan.py, stages/units.py unit_status). It is data, not code:
 every text is escaped with html.escape, no data goes into the one script (which only copies a
 `<pre>` to the clipboard), and a Content-Security-Policy lets nothing else run or load from the
 network. Written by `orchestrate run` after the stages (also after a failed or interrupted run)
