@@ -16,7 +16,7 @@ from pathlib import Path
 
 from stages.contract import STAGES, TMP_PREFIX, exclusive_lock, format_bytes, plan_units
 
-KEEP = {"summary.json", "stage.log", ".lock"}  # a stage folder's own files
+KEEP = {"summary.json", "stage.log", ".lock", ".units.lock"}  # a stage folder's own files
 
 
 def unused_files(job_dir: Path, job: dict) -> list[Path]:

@@ -139,7 +139,8 @@ def _runtime_if_nothing_to_do(job_dir: Path, resolved: dict, flags: dict) -> dic
 
 
 def _run(job_file: Path, workdir: Path, device: str, force: tuple[str, ...], memory: tuple = (None, None, True, False),
-         store: bool = True) -> None:
+         store: bool = True, executor: tuple = ("local", None, None)) -> None:
+    """`executor`: (name, --ray-address, --gpus-per-task)."""
     job_dir, resolved = _prepare(job_file, workdir, device, memory, store)
     echo(f"job {resolved['name']}: {len(resolved['items'])} images, model {resolved['model']['given']}, "
          f"{resolved['dtype']} on {resolved['device']}, folder {os.path.relpath(job_dir)}")
@@ -148,7 +149,12 @@ def _run(job_file: Path, workdir: Path, device: str, force: tuple[str, ...], mem
 
         echo(describe_runtime(resolved["runtime"]))
     try:
-        runs = run_job(job_dir, resolved, echo, force)
+        if executor[0] == "ray":
+            from orchestrator.ray_executor import run_job_on_ray
+
+            runs = run_job_on_ray(job_dir, resolved, echo, force, executor[1], executor[2])
+        else:
+            runs = run_job(job_dir, resolved, echo, force)
     finally:
         from orchestrator.memory import remember_plan
 
@@ -158,6 +164,11 @@ def _run(job_file: Path, workdir: Path, device: str, force: tuple[str, ...], mem
         return
     echo("")
     echo(summary_table(runs))
+    if executor[0] == "ray":
+        from orchestrator.ray_executor import worker_table
+
+        echo("")
+        echo(worker_table(runs))
     echo(f"images: {os.path.relpath(job_dir / 'decode')}/")
 
 
@@ -173,15 +184,24 @@ def run(
     no_tiling: bool = NO_TILING,
     exact: bool = EXACT,
     no_store: bool = NO_STORE,
+    executor: str = typer.Option("local", "--executor", help="local (this machine, one stage after another) | ray "
+                                 "(shards of each stage as Ray tasks over a cluster; docs/ray.md)."),
+    ray_address: str = typer.Option(None, "--ray-address", help="With --executor ray: `auto` or ray://host:port to join "
+                                    "a cluster (default: start a local Ray instance)."),
+    gpus_per_task: float = typer.Option(None, "--gpus-per-task", help="With --executor ray on CUDA: GPUs per task (default 1; 0.5 = two per GPU)."),
 ) -> None:
     """Run the job's stale stages in order; resumes an interrupted run.
 
-    Example: orchestrate run job.toml --workdir workdir --max-vram 2GiB
+    Example: orchestrate run job.toml --workdir workdir --max-vram 2GiB --executor ray --ray-address auto
     """
     for stage in force:
         if stage not in STAGES:
             raise JobFileError(f"--force {stage!r} is not a stage; use one of {', '.join(STAGES)}")
-    _run(job_file, workdir, device, tuple(force), (max_vram, max_ram, not no_tiling, exact), not no_store)
+    from orchestrator.ray_executor import check_executor
+
+    check_executor(executor, ray_address, gpus_per_task)
+    _run(job_file, workdir, device, tuple(force), (max_vram, max_ram, not no_tiling, exact), not no_store,
+         (executor, ray_address, gpus_per_task))
 
 
 @app.command()

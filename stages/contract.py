@@ -128,10 +128,15 @@ def publish_json(path: Path, obj) -> None:
     publish_bytes(path, (json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode())
 
 
-def remove_temp_files(directory: Path) -> list[Path]:
-    """Delete half-written files left by an interrupted writer (call under the stage lock)."""
+def remove_temp_files(directory: Path, keys=None) -> list[Path]:
+    """Delete half-written files left by an interrupted writer (call under the stage lock). With
+    `keys` (a shard's units), only the temporary files of those units' artifacts and records
+    (`.tmp-<pid>-<key>.<ext>`): shards of one stage run side by side, each writing its own."""
     removed = []
     for tmp in Path(directory).glob(f"{TMP_PREFIX}*"):
+        target = re.sub(r"^\d+-", "", tmp.name[len(TMP_PREFIX):])  # publish names it .tmp-<pid>-<name>
+        if keys is not None and target.rsplit(".", 1)[0] not in keys:
+            continue
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
             removed.append(tmp)
@@ -139,14 +144,15 @@ def remove_temp_files(directory: Path) -> list[Path]:
 
 
 @contextlib.contextmanager
-def exclusive_lock(lock_path: Path, what: str):
+def exclusive_lock(lock_path: Path, what: str, shared: bool = False):
     """Hold an flock on `lock_path` (written with our pid) or fail naming the holder's pid.
-    The kernel drops the lock when its process dies, so a lock left by a killed run is taken over."""
+    The kernel drops the lock when its process dies, so a lock left by a killed run is taken over.
+    `shared`: many holders at once (the shards of one stage), none while an exclusive one holds it."""
     lock_path = Path(lock_path)
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)  # without touching the file: the holder's pid stays readable
@@ -156,15 +162,62 @@ def exclusive_lock(lock_path: Path, what: str):
         ) from None
     try:
         previous = os.pread(fd, 64, 0).decode(errors="replace").strip()
-        if previous and previous != str(os.getpid()):
+        if previous and previous != str(os.getpid()) and not shared:  # a shared one may be a live fellow shard's
             logging.getLogger(__name__).info("taking over the lock left by pid %s (no longer running)", previous)
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
         with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
+            if not shared or os.pread(fd, 64, 0).decode(errors="replace").strip() == str(os.getpid()):
+                os.ftruncate(fd, 0)
         os.close(fd)
+
+
+UNIT_LOCKS = ".units.lock"
+
+
+@contextlib.contextmanager
+def stage_lock(job_dir: Path, stage: str, units: list | None = None):
+    """What a stage process holds while it works. The whole stage (`units` None): `<stage>/.lock`,
+    exclusively, as always. Some units (`--units`, a shard of the Ray executor): that lock shared,
+    so shards of one stage run side by side while a whole-stage run or `orchestrate clean` is
+    refused, and one byte per unit of `<stage>/.units.lock` (a POSIX record lock at an offset drawn
+    from the unit's key: one file descriptor for any number of units), so no two processes ever
+    make the same unit. The kernel drops them all when the process dies."""
+    stage_dir = Path(job_dir) / stage
+    what = f"stage {stage} of {Path(job_dir).name}"
+    if units is None:
+        with exclusive_lock(stage_dir / ".lock", what):
+            yield
+        return
+    with exclusive_lock(stage_dir / ".lock", what, shared=True):
+        fd = os.open(stage_dir / UNIT_LOCKS, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            for unit in units:
+                offset = int(sha256_bytes(unit.key.encode())[:12], 16)  # 48 bits: collisions are negligible
+                try:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
+                except OSError:
+                    raise JobFileError(
+                        f"{stage}: unit {unit.key} is being made by another process (pid {_record_lock_holder(fd, offset)}, "
+                        f"lock {stage_dir / UNIT_LOCKS}); wait for it to finish or stop it, then run again"
+                    ) from None
+            yield
+        finally:
+            os.close(fd)  # releases every record lock of this file
+
+
+def _record_lock_holder(fd: int, offset: int) -> str:
+    """The pid holding a POSIX record lock at `offset` (F_GETLK; Linux's struct flock), or 'unknown'."""
+    import struct
+
+    try:
+        query = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
+        kind, _, _, _, pid = struct.unpack("hhqqi4x", fcntl.fcntl(fd, fcntl.F_GETLK, query))
+        return str(pid) if kind != fcntl.F_UNLCK and pid > 0 else "unknown"
+    except (OSError, struct.error):
+        return "unknown"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -747,6 +800,8 @@ def stage_main(stage: str, make_units, argv: list[str] | None = None, imports: t
     parser.add_argument("--force", action="store_true", help="remake every unit, even those up to date")
     parser.add_argument("--units", type=_unit_list, default=None, metavar="KEY,KEY,...",
                         help="make only these units (item ids; encode also takes its own keys), e.g. 0003-a-red-apple")
+    parser.add_argument("--summary", type=Path, default=None, metavar="FILE",
+                        help="write this run's summary.json here (default <stage>/summary.json; shards running at once each name their own)")
     parser.add_argument("--wait", action="store_true", help="import libraries, then wait for a line `go` on stdin "
                         "before reading or writing anything (used by orchestrate to overlap start-up with the previous stage)")
     args = parser.parse_args(argv)
@@ -760,10 +815,13 @@ def stage_main(stage: str, make_units, argv: list[str] | None = None, imports: t
         return EXIT_USER_ERROR
     log = setup_logging(job_dir, stage)
     clock = Clock()
+    keys = None if args.units is None else set()  # a shard's cleanup touches only its own units' files
     try:
         job = read_job(job_dir)
-        with exclusive_lock(job_dir / stage / ".lock", f"stage {stage} of {job_dir.name}"):
-            for tmp in remove_temp_files(job_dir / stage):
+        owned = None if args.units is None else pick_units(plan_units(job)[stage], stage, args.units)
+        keys = None if owned is None else {unit.key for unit in owned}
+        with stage_lock(job_dir, stage, owned):
+            for tmp in remove_temp_files(job_dir / stage, keys):
                 log.info("%s: removed half-written %s", stage, tmp.name)
             todo, fresh = select_units(job_dir, job, stage, args.force, log, args.units)
             job["forced"] = args.force  # e.g. encode then makes every unit itself, never from the store
@@ -775,7 +833,9 @@ def stage_main(stage: str, make_units, argv: list[str] | None = None, imports: t
             else:
                 log.info("%s: all %d up to date, nothing to do", stage, fresh)
             summary["seconds"] = clock.seconds()
-            publish_json(job_dir / stage / "summary.json", summary)
+            summary_path = (args.summary or job_dir / stage / "summary.json").absolute()
+            summary_path.parent.mkdir(parents=True, exist_ok=True)
+            publish_json(summary_path, summary)
             log.info(
                 "%s: done %d, up to date %d, %.1f s (load %.1f s), peak %s",
                 stage, summary["units_done"], fresh, summary["seconds"], summary.get("load_seconds", 0.0),
@@ -784,24 +844,24 @@ def stage_main(stage: str, make_units, argv: list[str] | None = None, imports: t
         return 0
     except (JobFileError, ArtifactError, ResourceError) as exc:
         if _INTERRUPTS:  # e.g. a load cut short by the signal: the interruption is the news
-            return _stop_interrupted(job_dir, stage, log)
+            return _stop_interrupted(job_dir, stage, log, keys)
         log.error("error: %s", exc)
         return EXIT_RESOURCE_ERROR if isinstance(exc, ResourceError) else EXIT_USER_ERROR
     except Exception:
         if not _INTERRUPTS:
             raise
-        return _stop_interrupted(job_dir, stage, log)
+        return _stop_interrupted(job_dir, stage, log, keys)
     except KeyboardInterrupt:
-        return _stop_interrupted(job_dir, stage, log)
+        return _stop_interrupted(job_dir, stage, log, keys)
 
 
-def _stop_interrupted(job_dir: Path, stage: str, log) -> int:
+def _stop_interrupted(job_dir: Path, stage: str, log, keys=None) -> int:
     """After Ctrl-C, SIGTERM or SIGHUP: remove half-written files, say how to resume, exit 130."""
     # Ctrl-C reaches us twice (from the terminal and forwarded by the orchestrator): the second
     # must not cut this cleanup short.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        remove_temp_files(job_dir / stage)
+        remove_temp_files(job_dir / stage, keys)
         log.warning("%s: interrupted; finished items are kept, run the same command again to resume", stage)
     finally:
         signal.signal(signal.SIGINT, previous)
