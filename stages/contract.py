@@ -162,10 +162,11 @@ def exclusive_lock(lock_path: Path, what: str, shared: bool = False):
         ) from None
     try:
         previous = os.pread(fd, 64, 0).decode(errors="replace").strip()
-        if previous and previous != str(os.getpid()) and not shared:  # a shared one may be a live fellow shard's
+        if previous and previous != str(os.getpid()) and not shared:
             logging.getLogger(__name__).info("taking over the lock left by pid %s (no longer running)", previous)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        if not (shared and previous):  # a shared lock keeps the first holder's pid: it may be a live fellow shard's
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
         with contextlib.suppress(OSError):
