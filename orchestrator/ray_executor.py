@@ -300,7 +300,9 @@ def _connect(ray, address: str | None) -> bool:
     if address is None:
         options["include_dashboard"] = False
     try:
-        ray.init(address=address, **options)
+        # "local": always a new instance; ray.init() with no address would join whatever cluster
+        # /tmp/ray/ray_current_cluster names, and wait for it when it is gone.
+        ray.init(address=address or "local", **options)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         said = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise JobFileError(f"--ray-address {address}: cannot join the Ray cluster ({said}); start one with `ray start --head` "
