@@ -329,13 +329,15 @@ def probe_storage(ray, job_dir: Path, resources: dict) -> None:
 
     needed = "GPU" if "num_gpus" in resources else "CPU"
     nodes = [node for node in ray.nodes() if node["Alive"] and node["Resources"].get(needed, 0) > 0]
+    if not nodes:
+        raise JobFileError(f"no node of the Ray cluster has a {needed} to run shards on; add workers (`ray start --address=...`)")
     expected = sha256_file(job_dir / RESOLVED_JOB)
     probe = ray.remote(probe_job_folder)
     refs = {probe.options(num_cpus=0, max_retries=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
             .remote(str(job_dir), expected): node for node in nodes}
     ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=PROBE_SECONDS)
-    fix = (f"put the job folder on storage every node mounts at the same path (NFS, a shared volume) and pass "
-           f"--workdir there, or take that node out of the cluster")
+    fix = ("put the job folder on storage every node mounts at the same path (NFS, a shared volume) and pass "
+           "--workdir there, or take that node out of the cluster")
     for ref in late:
         ray.cancel(ref, force=True)
         raise JobFileError(f"node {_node_name(refs[ref])} did not answer the storage probe within {PROBE_SECONDS} s; "

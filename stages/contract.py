@@ -213,6 +213,8 @@ def _record_lock_holder(fd: int, offset: int) -> str:
     """The pid holding a POSIX record lock at `offset` (F_GETLK; Linux's struct flock), or 'unknown'."""
     import struct
 
+    if not sys.platform.startswith("linux"):  # struct flock's layout differs elsewhere
+        return "unknown"
     try:
         query = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
         kind, _, _, _, pid = struct.unpack("hhqqi4x", fcntl.fcntl(fd, fcntl.F_GETLK, query))

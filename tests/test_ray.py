@@ -25,8 +25,8 @@ ray = pytest.importorskip("ray")
 from orchestrator import job as jobfile  # noqa: E402
 from orchestrator.cli import app  # noqa: E402
 from orchestrator.ray_executor import run_job_on_ray  # noqa: E402
-from orchestrator.runner import PROJECT_ROOT, StageFailedError  # noqa: E402
-from stages.contract import STAGES, TMP_PREFIX, plan_units  # noqa: E402
+from orchestrator.runner import PROJECT_ROOT  # noqa: E402
+from stages.contract import TMP_PREFIX, plan_units, read_job, unit_status  # noqa: E402
 from tests.conftest import artifact_bytes, run_inprocess, write_job  # noqa: E402
 
 # 8 items, 4 encode units: sizes 64x64 and 96x64, guidance on (two scales, a negative prompt) and
@@ -135,8 +135,9 @@ def test_ray_run_makes_the_local_images_and_status(ray_cluster, reference, tmp_p
     assert not any(p.name.startswith(TMP_PREFIX) for p in job_dir.rglob("*"))
 
 
-def _denoise_shard(job_dir: Path) -> tuple[int, int, list[str]] | None:
-    """(stage pid, its Ray worker's pid, its units) of a running denoise shard of this job."""
+def _denoise_shards(job_dir: Path) -> list[tuple[int, int, list[str]]]:
+    """(stage pid, its Ray worker's pid, its units) of each running denoise shard of this job."""
+    shards = []
     for line in _processes_naming(f"stages.denoise {job_dir}"):
         pid, cmdline = line.split(": ", 1)
         if "--units" not in cmdline:
@@ -146,8 +147,8 @@ def _denoise_shard(job_dir: Path) -> tuple[int, int, list[str]] | None:
             parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, IndexError, ValueError):
             continue
-        return int(pid), parent, units
-    return None
+        shards.append((int(pid), parent, units))
+    return shards
 
 
 def test_a_worker_killed_mid_shard_is_retried_and_redoes_no_finished_unit(ray_cluster, reference, tmp_path):
@@ -173,12 +174,12 @@ def test_a_worker_killed_mid_shard_is_retried_and_redoes_no_finished_unit(ray_cl
     killed = None
     deadline = time.monotonic() + 180
     while killed is None and thread.is_alive() and time.monotonic() < deadline:
-        shard = _denoise_shard(job_dir)
-        if shard and len(shard[2]) >= 2:
-            stage_pid, worker_pid, units = shard
-            if (job_dir / "denoise" / f"{units[0]}.json").exists() and not (job_dir / "denoise" / f"{units[-1]}.json").exists():
+        for stage_pid, worker_pid, units in _denoise_shards(job_dir):
+            if len(units) >= 2 and (job_dir / "denoise" / f"{units[0]}.json").exists() \
+                    and not (job_dir / "denoise" / f"{units[-1]}.json").exists():
                 os.kill(worker_pid, signal.SIGKILL)
                 killed = (stage_pid, units)
+                break
         time.sleep(0.005)
     assert killed, f"no denoise shard of two or more units was caught between its units; {lines}"
     stage_pid, units = killed
@@ -270,6 +271,48 @@ def test_the_probe_refuses_a_node_that_cannot_write_the_job_folder(ray_cluster, 
         deadline = time.monotonic() + 60
         while any(n["Alive"] and n["NodeID"] not in before for n in ray.nodes()) and time.monotonic() < deadline:
             time.sleep(0.2)
+
+
+def _ray_service_pids() -> set[int]:
+    return {int(line.split(":", 1)[0]) for line in _processes_naming("raylet") + _processes_naming("gcs_server")}
+
+
+def test_ctrl_c_stops_every_task_and_leaves_no_process(reference, tmp_path):
+    """A real `orchestrate run --executor ray` (its own local Ray instance, as with no address) gets
+    Ctrl-C while a denoise shard runs: exit 130 with the resume hint, no stage process and no Ray
+    process of its instance left, no half-written file; what was finished is kept and up to date
+    (resuming after a failed task is the kill -9 test's subject)."""
+    ref_dir, job_file, _ = reference
+    job_dir = tmp_path / "work" / "rayjob"
+    job_dir.mkdir(parents=True)
+    shutil.copytree(ref_dir / "encode", job_dir / "encode")
+    services = _ray_service_pids()
+    command = [sys.executable, "-m", "orchestrator.cli", "run", str(job_file), "--workdir", str(tmp_path / "work"),
+               "--device", "cpu", "--executor", "ray"]
+    env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not _denoise_shards(job_dir):
+            assert run.poll() is None and time.monotonic() < deadline, run.stdout.read() if run.poll() is not None else "no shard"
+            time.sleep(0.05)
+        os.killpg(run.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
+        output, _ = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 130, output
+    assert "interrupted: finished items are kept; run the same command again to resume" in output
+    deadline = time.monotonic() + 30
+    while (left := _processes_naming(str(job_dir)) + [str(p) for p in _ray_service_pids() - services]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, left
+    assert not any(p.name.startswith(TMP_PREFIX) for p in job_dir.rglob("*"))
+    units = {unit.key: unit for unit in plan_units(read_job(job_dir))["denoise"]}
+    for record in (job_dir / "denoise").glob("0*.json"):  # what was finished before Ctrl-C is kept, intact
+        assert unit_status(job_dir, units[record.stem])[0]
+        latents = record.with_suffix(".safetensors")
+        assert latents.read_bytes() == (ref_dir / "denoise" / latents.name).read_bytes()
 
 
 def test_zz_no_ray_or_stage_process_is_left(ray_cluster, tmp_path_factory):
