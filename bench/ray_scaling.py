@@ -6,7 +6,7 @@ Writes: ray_scaling.md (the table) and ray_scaling.json into --out, else $OUT, e
 
 Each run is a fresh `orchestrate run job.toml --device cpu` from an empty workdir, as a user types
 it; the Ray runs add `--executor ray --ray-address ADDR` and join a cluster started beforehand with
-`ray start --head --num-cpus N` (N workers: one task per CPU), as on a real cluster, which is up
+`ray start --head --num-cpus N` (N workers: one task per CPU; joined with `--ray-address auto`), as on a real cluster, which is up
 before the job; its start-up time is reported apart. Torch uses 1 thread per process everywhere
 (`--threads`; Ray does the same for 1-CPU tasks), so N workers use N cores. Reported per run: wall
 seconds, seconds to the first PNG, that as a share of the wall time, the ratio to the local wall
@@ -52,15 +52,27 @@ def start_cluster(workers: int, threads: int, log_path: Path) -> tuple[subproces
     process = subprocess.Popen([str(ray_cli), "start", "--head", f"--port={port}", f"--num-cpus={workers}", "--num-gpus=0",
                                 "--include-dashboard=false", "--disable-usage-stats", "--block"],
                                stdout=log, stderr=subprocess.STDOUT, env=common.subprocess_env(threads))
-    address = f"127.0.0.1:{port}"
+    # `auto`: the cluster `ray start` just recorded in /tmp/ray/ray_current_cluster (one at a time
+    # here). With Ray 2.60 on this machine an explicit host:port failed to connect where `auto` did not.
+    address = "auto"
     probe = [sys.executable, "-c", f"import ray; ray.init(address={address!r}, logging_level='ERROR'); "
              f"assert ray.cluster_resources().get('CPU') == {workers}; ray.shutdown()"]
     deadline = time.monotonic() + 120
-    while subprocess.run(probe, capture_output=True, env=common.subprocess_env(threads)).returncode != 0:
+    while not _answers(probe, threads):
         if process.poll() is not None or time.monotonic() > deadline:
+            stop_cluster(process)
             raise SystemExit(f"error: the Ray cluster did not start; see {log_path}")
         time.sleep(0.5)
     return process, address, round(time.perf_counter() - clock, 2)
+
+
+def _answers(probe: list[str], threads: int) -> bool:
+    """The probe connected; a probe started before `ray start` wrote the new address may wait on the
+    previous (stopped) cluster forever, so each try gets 30 s."""
+    try:
+        return subprocess.run(probe, capture_output=True, env=common.subprocess_env(threads), timeout=30).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
 
 
 def stop_cluster(process: subprocess.Popen) -> None:
