@@ -208,7 +208,8 @@ def _gallery_refresher(resolved: dict):
 
 
 def _run(job_file: Path, workdir: Path, device: str, force: tuple[str, ...], memory: tuple = (None, None, True, False),
-         store: bool = True, chunk: int | None = None, model: str | None = None) -> None:
+         store: bool = True, chunk: int | None = None, model: str | None = None, executor: tuple = ("local", None, None)) -> None:
+    """`executor`: (name, --ray-address, --gpus-per-task)."""
     from orchestrator.gallery import write_gallery_after_run
 
     job_dir, resolved = _prepare(job_file, workdir, device, memory, store, model)
@@ -219,7 +220,12 @@ def _run(job_file: Path, workdir: Path, device: str, force: tuple[str, ...], mem
 
         echo(describe_runtime(resolved["runtime"]))
     try:
-        runs = run_job(job_dir, resolved, echo, force, chunk=chunk, on_images=_gallery_refresher(resolved))
+        if executor[0] == "ray":
+            from orchestrator.ray_executor import run_job_on_ray
+
+            runs = run_job_on_ray(job_dir, resolved, echo, force, executor[1], executor[2])
+        else:
+            runs = run_job(job_dir, resolved, echo, force, chunk=chunk, on_images=_gallery_refresher(resolved))
     except (StageFailedError, ResourceError, KeyboardInterrupt) as exc:
         write_gallery_after_run(job_dir, resolved, echo, exc)  # the page says what is missing and why
         raise
@@ -233,6 +239,11 @@ def _run(job_file: Path, workdir: Path, device: str, force: tuple[str, ...], mem
     else:
         echo("")
         echo(summary_table(runs))
+        if executor[0] == "ray":
+            from orchestrator.ray_executor import worker_table
+
+            echo("")
+            echo(worker_table(runs))
         echo(f"images: {os.path.relpath(job_dir / 'decode')}/")
     if page is not None:
         echo(f"gallery: {os.path.relpath(page)}")
@@ -248,6 +259,11 @@ def run(
     chunk: int = typer.Option(None, "--chunk", help="Items per denoise/decode process, so the first images come early "
                               "(default: chosen so extra model loads cost ~3% of the run; 0: the whole queue per stage)."),
     model: str = typer.Option(None, "--model", help="For a prompt list (.txt) only: the model, a hub id or a local folder."),
+    executor: str = typer.Option("local", "--executor", help="local (this machine, one stage after another) | ray "
+                                 "(shards of each stage as Ray tasks over a cluster; docs/ray.md)."),
+    ray_address: str = typer.Option(None, "--ray-address", help="With --executor ray: `auto` or ray://host:port to join "
+                                    "a cluster (default: start a local Ray instance)."),
+    gpus_per_task: float = typer.Option(None, "--gpus-per-task", help="With --executor ray on CUDA: GPUs per task (default 1; 0.5 = two per GPU)."),
 ) -> None:
     """Run the job's stale stages in order; resumes an interrupted run.
 
@@ -256,13 +272,19 @@ def run(
 
     Example: orchestrate run job.toml --workdir workdir --max-vram 2GiB
     Example: orchestrate run prompts.txt --model PixArt-alpha/PixArt-XL-2-1024-MS
+    Example: orchestrate run job.toml --executor ray --ray-address auto
     """
     for stage in force:
         if stage not in STAGES:
             raise JobFileError(f"--force {stage!r} is not a stage; use one of {', '.join(STAGES)}")
     if chunk is not None and chunk < 0:
         raise JobFileError(f"--chunk {chunk} is negative; give a number of items, or 0 for the whole queue per stage")
-    _run(job.job_file, job.workdir, job.device, tuple(force), job.memory, not no_store, chunk, model)
+    from orchestrator.ray_executor import check_executor
+
+    check_executor(executor, ray_address, gpus_per_task)
+    if executor == "ray" and chunk is not None:
+        raise JobFileError("--chunk is for the local executor; with --executor ray, stages already overlap shard by shard (docs/ray.md)")
+    _run(job.job_file, job.workdir, job.device, tuple(force), job.memory, not no_store, chunk, model, (executor, ray_address, gpus_per_task))
 
 
 @app.command()

@@ -6,12 +6,11 @@ import contextlib
 import logging
 import signal
 import sys
-
 from pathlib import Path
 
 from stages.contract import EXIT_INTERRUPTED, EXIT_RESOURCE_ERROR, EXIT_USER_ERROR, RESOLVED_JOB, ArtifactError, JobFileError, ResourceError
 from stages.files import publish_json, remove_temp_files
-from stages.locks import exclusive_lock
+from stages.locks import stage_lock
 from stages.measure import Clock, format_bytes
 from stages.resolved import read_job
 from stages.units import Unit, pick_units, plan_units, unit_status
@@ -202,6 +201,8 @@ def stage_main(stage: str, make_units, argv: list[str] | None = None, imports: t
     parser.add_argument("--force", action="store_true", help="remake every unit, even those up to date")
     parser.add_argument("--units", type=_unit_list, default=None, metavar="KEY,KEY,...",
                         help="make only these units (item ids; encode also takes its own keys), e.g. 0003-a-red-apple")
+    parser.add_argument("--summary", type=Path, default=None, metavar="FILE",
+                        help="write this run's summary.json here (default <stage>/summary.json; shards running at once each name their own)")
     parser.add_argument("--wait", action="store_true", help="import libraries, then wait for a line `go` on stdin "
                         "before reading or writing anything (used by orchestrate to overlap start-up with the previous stage)")
     args = parser.parse_args(argv)
@@ -218,10 +219,13 @@ def stage_main(stage: str, make_units, argv: list[str] | None = None, imports: t
         return EXIT_USER_ERROR
     log = setup_logging(job_dir, stage)
     clock = Clock()
+    keys = None if args.units is None else set()  # a shard's cleanup touches only its own units' files
     try:
         job = read_job(job_dir)
-        with exclusive_lock(job_dir / stage / ".lock", f"stage {stage} of {job_dir.name}"):
-            for tmp in remove_temp_files(job_dir / stage):
+        owned = None if args.units is None else pick_units(plan_units(job)[stage], stage, args.units)
+        keys = None if owned is None else {unit.key for unit in owned}
+        with stage_lock(job_dir, stage, owned):
+            for tmp in remove_temp_files(job_dir / stage, keys):
                 log.info("%s: removed half-written %s", stage, tmp.name)
             todo, fresh = select_units(job_dir, job, stage, args.force, log, args.units)
             job["forced"] = args.force  # e.g. encode then makes every unit itself, never from the store
@@ -233,7 +237,9 @@ def stage_main(stage: str, make_units, argv: list[str] | None = None, imports: t
             else:
                 log.info("%s: all %d up to date, nothing to do", stage, fresh)
             summary["seconds"] = clock.seconds()
-            publish_json(job_dir / stage / "summary.json", summary)
+            summary_path = (args.summary or job_dir / stage / "summary.json").absolute()
+            summary_path.parent.mkdir(parents=True, exist_ok=True)
+            publish_json(summary_path, summary)
             log.info(
                 "%s: done %d, up to date %d, %.1f s (load %.1f s), peak %s",
                 stage, summary["units_done"], fresh, summary["seconds"], summary.get("load_seconds", 0.0),
@@ -242,24 +248,24 @@ def stage_main(stage: str, make_units, argv: list[str] | None = None, imports: t
         return 0
     except (JobFileError, ArtifactError, ResourceError) as exc:
         if _INTERRUPTS:  # e.g. a load cut short by the signal: the interruption is the news
-            return _stop_interrupted(job_dir, stage, log)
+            return _stop_interrupted(job_dir, stage, log, keys)
         log.error("error: %s", exc)
         return EXIT_RESOURCE_ERROR if isinstance(exc, ResourceError) else EXIT_USER_ERROR
     except Exception:
         if not _INTERRUPTS:
             raise
-        return _stop_interrupted(job_dir, stage, log)
+        return _stop_interrupted(job_dir, stage, log, keys)
     except KeyboardInterrupt:
-        return _stop_interrupted(job_dir, stage, log)
+        return _stop_interrupted(job_dir, stage, log, keys)
 
 
-def _stop_interrupted(job_dir: Path, stage: str, log) -> int:
+def _stop_interrupted(job_dir: Path, stage: str, log, keys=None) -> int:
     """After Ctrl-C, SIGTERM or SIGHUP: remove half-written files, say how to resume, exit 130."""
     # Ctrl-C reaches us twice (from the terminal and forwarded by the orchestrator): the second
     # must not cut this cleanup short.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        remove_temp_files(job_dir / stage)
+        remove_temp_files(job_dir / stage, keys)
         log.warning("%s: interrupted; finished items are kept, run the same command again to resume", stage)
     finally:
         signal.signal(signal.SIGINT, previous)

@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import re
-
 from pathlib import Path
 
 from stages.contract import TMP_PREFIX, ResourceError
@@ -90,10 +89,15 @@ def publish_json(path: Path, obj) -> None:
     publish_bytes(path, (json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode())
 
 
-def remove_temp_files(directory: Path) -> list[Path]:
-    """Delete half-written files left by an interrupted writer (call under the stage lock)."""
+def remove_temp_files(directory: Path, keys=None) -> list[Path]:
+    """Delete half-written files left by an interrupted writer (call under the stage lock). With
+    `keys` (a shard's units), only the temporary files of those units' artifacts and records
+    (`.tmp-<pid>-<key>.<ext>`): shards of one stage run side by side, each writing its own."""
     removed = []
     for tmp in Path(directory).glob(f"{TMP_PREFIX}*"):
+        target = re.sub(r"^\d+-", "", tmp.name[len(TMP_PREFIX):])  # publish names it .tmp-<pid>-<name>
+        if keys is not None and target.rsplit(".", 1)[0] not in keys:
+            continue
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
             removed.append(tmp)

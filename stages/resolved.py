@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-
 from pathlib import Path
 
 from stages.contract import FORMAT_VERSION, RESOLVED_JOB, JobFileError

@@ -84,3 +84,69 @@ def test_orchestrate_stage_with_units_runs_the_real_process_for_those_only(tiny_
     assert f"--units {ids[1]}" in result.output  # the printed command, rerunnable by hand
     records = {n for n in _changed(before, tree_state(job_dir)) if n.startswith("denoise/") and n.endswith(".safetensors")}
     assert records == {f"denoise/{ids[1]}.safetensors"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards of one stage side by side (the Ray executor runs them at once): per-unit locks, and a
+# shard's start-up cleanup touches only its own units' half-written files.
+
+HOLD_UNITS = """
+import sys
+from pathlib import Path
+from stages.locks import stage_lock
+from stages.resolved import read_job
+from stages.units import plan_units
+job_dir, stage, keys = Path(sys.argv[1]), sys.argv[2], sys.argv[3].split(",")
+units = [u for u in plan_units(read_job(job_dir))[stage] if u.key in keys]
+with stage_lock(job_dir, stage, units):
+    print("locked", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def _hold_units(job_dir, stage: str, keys: list[str]):
+    """Another process that works on `keys` of `stage` (holds their locks) until its stdin closes."""
+    import os
+    import subprocess
+    import sys
+
+    from orchestrator.runner import PROJECT_ROOT
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_UNITS, str(job_dir), stage, ",".join(keys)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(PROJECT_ROOT)))
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_shards_of_a_stage_run_side_by_side_but_never_on_the_same_unit(tiny_model, tmp_path, capsys):
+    job_dir, _, _ = run_inprocess(write_job(tmp_path, JOB.format(model=tiny_model)), tmp_path / "work")
+    ids = [item["id"] for item in resolved_items(job_dir)]
+    holder = _hold_units(job_dir, "denoise", [ids[0]])
+    try:
+        before = tree_state(job_dir)
+        assert denoise.main([str(job_dir), "--force", "--units", f"{ids[1]},{ids[0]}"]) == 2  # one of its units is taken
+        message = capsys.readouterr().err
+        assert f"denoise: unit {ids[0]} is being made by another process (pid {holder.pid}" in message, message
+        assert denoise.main([str(job_dir), "--force"]) == 2  # nor may the whole stage run
+        assert f"pid {holder.pid}" in capsys.readouterr().err
+        assert {n for n in _changed(before, tree_state(job_dir)) if not n.endswith(".log")} == set()
+        assert denoise.main([str(job_dir), "--force", "--units", ids[1]]) == 0  # a disjoint shard runs meanwhile
+        assert {n for n in _changed(before, tree_state(job_dir)) if n.endswith(".safetensors")} == {f"denoise/{ids[1]}.safetensors"}
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
+    assert denoise.main([str(job_dir), "--force", "--units", ids[0]]) == 0  # released when its holder ended
+
+
+def test_a_shard_removes_only_its_own_units_half_written_files(tiny_model, tmp_path):
+    job_dir, _, _ = run_inprocess(write_job(tmp_path, JOB.format(model=tiny_model)), tmp_path / "work")
+    ids = [item["id"] for item in resolved_items(job_dir)]
+    mine = [job_dir / "denoise" / f".tmp-4242-{ids[0]}.safetensors", job_dir / "denoise" / f".tmp-4242-{ids[0]}.json"]
+    others = [job_dir / "denoise" / f".tmp-4343-{ids[1]}.safetensors", job_dir / "denoise" / ".tmp-4343-summary.json"]
+    for path in mine + others:
+        path.write_bytes(b"half")
+    assert denoise.main([str(job_dir), "--units", ids[0], "--summary", str(tmp_path / "shard.json")]) == 0
+    assert [p.exists() for p in mine + others] == [False, False, True, True]  # another shard may be writing those
+    assert (tmp_path / "shard.json").exists()
+    assert denoise.main([str(job_dir)]) == 0  # the whole stage owns every file of its folder
+    assert not any(p.exists() for p in others)
