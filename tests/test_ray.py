@@ -79,7 +79,7 @@ seed = 11
 def ray_cluster(tmp_path_factory):
     """A local Ray instance with 2 CPUs for this module, shut down at its end. Yields the Ray
     session folder, which every process of the instance names on its command line."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
+    ray.init(address="local", num_cpus=2, include_dashboard=False,  # a new instance, never a cluster found running log_to_driver=False, logging_level="WARNING",
              runtime_env={"env_vars": {"PYTHONPATH": str(PROJECT_ROOT)}})
     session = ray._private.worker.global_worker.node.get_session_dir_path()
     yield session
