@@ -79,7 +79,7 @@ seed = 11
 def ray_cluster(tmp_path_factory):
     """A local Ray instance with 2 CPUs for this module, shut down at its end. Yields the Ray
     session folder, which every process of the instance names on its command line."""
-    ray.init(address="local", num_cpus=2, include_dashboard=False,  # a new instance, never a cluster found running log_to_driver=False, logging_level="WARNING",
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
              runtime_env={"env_vars": {"PYTHONPATH": str(PROJECT_ROOT)}})
     session = ray._private.worker.global_worker.node.get_session_dir_path()
     yield session
@@ -109,7 +109,7 @@ def _processes_naming(text: str) -> list[str]:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if text in cmdline and (entry / "stat").read_text().split()[2] != "Z":
+        if text in cmdline and _alive(int(entry.name)):
             found.append(f"{entry.name}: {cmdline.strip()}")
     return found
 
@@ -139,6 +139,13 @@ def test_ray_run_makes_the_local_images_and_status(ray_cluster, reference, tmp_p
     again = _cli("run", str(job_file), "--workdir", str(tmp_path / "work"), "--device", "cpu", "--executor", "ray")
     assert again.exit_code == 0 and "nothing to do" in again.output, again.output
     assert not any(p.name.startswith(TMP_PREFIX) for p in job_dir.rglob("*"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _denoise_shards(job_dir: Path) -> list[tuple[int, int, list[str]]]:
@@ -189,7 +196,7 @@ def test_a_worker_killed_mid_shard_is_retried_and_redoes_no_finished_unit(ray_cl
         time.sleep(0.005)
     assert killed, f"no denoise shard of two or more units was caught between its units; {lines}"
     stage_pid, units = killed
-    while Path(f"/proc/{stage_pid}").exists() and (Path(f"/proc/{stage_pid}/stat").read_text().split()[2] != "Z"):
+    while _alive(stage_pid):
         time.sleep(0.01)  # the stage dies with its worker (stages/lifeline.py)
     finished = {p.name: (p.read_bytes(), p.stat().st_ino) for p in (job_dir / "denoise").glob("*.json")
                 if not p.name.startswith(TMP_PREFIX) and p.name != "summary.json"}
