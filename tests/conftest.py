@@ -77,7 +77,7 @@ def inprocess_stage(stage: str, job_dir: Path, force: bool, echo, units: list[st
 
 @pytest.fixture
 def cli_in_process(monkeypatch):
-    """`orchestrate run` through the CLI's own code (cli._run, _prepare) with in-process stages."""
+    """`orchestrate run` through the CLI's own code (cli._run, prepare.prepare_job) with in-process stages."""
     from orchestrator import cli
 
     monkeypatch.setattr(cli, "run_job", lambda job_dir, resolved, echo, force, **kw: run_job(job_dir, resolved, echo, force, launch=inprocess_stage, **kw))
