@@ -50,7 +50,7 @@ def run(job_file: Path, workdir: Path, chunk: list[str], threads: int) -> dict:
         raise RuntimeError(f"{len(pngs)} images made, expected {ITEMS}; see {workdir / 'orchestrate.log'}")
     said = (workdir / "orchestrate.log").read_text()
     result.update(first_image=common.first_file_seconds(job_dir / "decode", "*.png", result["start_epoch"]),
-                  chunks=re.findall(r"^chunks of (\d+) item", said, re.M),
+                  chunks=[str(len(units.split(","))) for units in re.findall(r"^> python -m stages\.denoise .* --units (\S+)$", said, re.M)],
                   processes={stage: said.count(f"> python -m stages.{stage} ") for stage in common.STAGES},
                   images=[str(p) for p in pngs])
     return result
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         "- goal (issue 10): first image before 25% of the wall time, total within 1.05x of --chunk 0",
         f"- images equal between the two sides: {same['equal']} of {same['compared']} (max abs diff {same['max_abs_diff']})",
         "",
-        common.markdown_table(["run", "wall s", "first image s", "first / wall", "wall ratio", "first-image ratio", "chunk sizes", "denoise / decode processes"], rows),
+        common.markdown_table(["run", "wall s", "first image s", "first / wall", "wall ratio", "first-image ratio", "chunk sizes (denoise --units)", "denoise / decode processes"], rows),
         "",
     ])
     out = common.results_dir(args.out)
