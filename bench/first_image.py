@@ -25,7 +25,6 @@ import sys
 from pathlib import Path
 
 import common
-import fullsize
 import overhead
 
 ITEMS = 24
@@ -64,12 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    model = args.work / "model"
-    built = model / "bench-model.json"
-    if not built.exists() or json.loads(built.read_text()).get("overrides") != overhead.MEDIUM:
-        common.remove(model)
-        report = fullsize.build_model(model, "full", "float32", "cpu", 0, overhead.MEDIUM)
-        built.write_text(json.dumps(report))
+    model = overhead.ensure_model(args.work)
     job_file = args.work / "job.toml"
     common.write_job(job_file, model, job_items(), "first-image", "bench/first_image.py")
     sides = {"--chunk 0 (whole queue per stage)": ["--chunk", "0"], "default (chunked)": []}

@@ -52,6 +52,16 @@ PROMPTS = [
 ]
 
 
+def ensure_model(work: Path) -> Path:
+    """The MEDIUM random model in <work>/model, built once (again when MEDIUM changed)."""
+    model = Path(work) / "model"
+    built = model / "BENCH_MODEL.json"
+    if not built.exists() or json.loads(built.read_text()).get("overrides") != MEDIUM:
+        print(f"building the moderate-width random model in {model}")
+        fullsize.build_model(model, "full", "float32", "cpu", 0, MEDIUM)
+    return model
+
+
 def job_items(size: int, steps: int) -> list[dict]:
     """The 8 generations, one per distinct prompt (so no side gains from shared embeddings)."""
     return [
@@ -158,12 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     out = common.results_dir(args.out)
     args.work.mkdir(parents=True, exist_ok=True)
 
-    model = args.work / "model"
-    built = model / "BENCH_MODEL.json"
-    if not built.exists() or json.loads(built.read_text()).get("overrides") != MEDIUM:
-        print(f"building the moderate-width random model in {model}")
-        fullsize.build_model(model, "full", "float32", "cpu", 0, MEDIUM)
-    report = json.loads(built.read_text())
+    model = ensure_model(args.work)
+    report = json.loads((model / "BENCH_MODEL.json").read_text())
     items = job_items(args.size, args.steps)
     items_file = args.work / "items.json"
     items_file.write_text(json.dumps(items, indent=2))

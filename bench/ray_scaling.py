@@ -27,8 +27,7 @@ import time
 from pathlib import Path
 
 import common
-import fullsize
-from overhead import MEDIUM, PROMPTS
+from overhead import PROMPTS, ensure_model
 
 
 def job_items(size: int, steps: int, per_prompt: int) -> list[dict]:
@@ -111,11 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = common.results_dir(args.out)
     args.work.mkdir(parents=True, exist_ok=True)
-    model = args.work / "model"
-    built = model / "BENCH_MODEL.json"
-    if not built.exists() or json.loads(built.read_text()).get("overrides") != MEDIUM:
-        print(f"building the moderate-width random model in {model}")
-        fullsize.build_model(model, "full", "float32", "cpu", 0, MEDIUM)
+    model = ensure_model(args.work)
     items = job_items(args.size, args.steps, args.per_prompt)
     job_file = args.work / "scaling.toml"
     common.write_job(job_file, model, items, "scaling", "bench/ray_scaling.py")

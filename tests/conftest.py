@@ -16,6 +16,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from orchestrator import job as jobfile  # noqa: E402
+from orchestrator.gallery import toml_string  # noqa: E402,F401 (job files in tests quote strings as the gallery does)
 from orchestrator.runner import StageRun, run_job  # noqa: E402
 from stages.measure import Clock  # noqa: E402
 
@@ -108,19 +109,6 @@ def resolved_items(job_dir: Path) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------
 # Helpers for the reliability tests (test_faults, test_reliability, test_jobfile)
-
-
-def toml_string(text: str) -> str:
-    """`text` as a TOML basic string: quotes, backslashes and control characters escaped."""
-    escaped = []
-    for char in text:
-        if char in '"\\':
-            escaped.append("\\" + char)
-        elif ord(char) < 0x20 or ord(char) == 0x7F:
-            escaped.append(f"\\u{ord(char):04x}")
-        else:
-            escaped.append(char)
-    return '"' + "".join(escaped) + '"'
 
 
 def tree_state(root: Path) -> dict[str, tuple]:
