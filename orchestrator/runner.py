@@ -210,12 +210,13 @@ class _Run:
                 shown = why
             ids = items[start:start + size]
             start, made = start + size, made + 1
+            whole = len(ids) == len(items)  # one chunk after all: the stages' own choice of units is the same
             denoise = [key for key in todo["denoise"] if key in ids]
             decode = [key for key in todo["decode"] if key in ids]
             if denoise:
-                self.stage("denoise", denoise, then="decode" if decode else None)
+                self.stage("denoise", None if whole else denoise, then="decode" if decode else None)
             if decode:
-                self.stage("decode", decode, then="denoise" if start < len(items) else None)
+                self.stage("decode", None if whole else decode, then="denoise" if start < len(items) else None)
                 if start < len(items) and self.on_images is not None:  # the run's end writes its own page
                     self.on_images(self.job_dir)
             self.echo(f"images: {start} of {len(items)} made in {os.path.relpath(self.job_dir / 'decode')}/")

@@ -164,3 +164,15 @@ def test_subprocess_chunked_run_hands_units_on_go(tiny_model, tmp_path):
     assert _files(job_dir, ".png") == _files(tmp_path / "whole" / "chunks", ".png")
     negative = subprocess.run(command + ["--chunk", "-1"], capture_output=True, text=True, timeout=120)
     assert negative.returncode == 2 and "--chunk -1 is negative" in negative.stderr
+
+
+def test_one_chunk_runs_each_stage_on_its_own_choice_of_units(tiny_model, tmp_path):
+    """A chunk that holds the whole queue names no --units: the stage picks its stale units itself."""
+    calls = []
+
+    def launch(stage, job_dir, force, echo, units=None):
+        calls.append((stage, units))
+        return inprocess_stage(stage, job_dir, force, echo, units)
+
+    run_inprocess(write_job(tmp_path, JOB.format(model=tiny_model)), tmp_path / "work", chunk=50, launch=launch)
+    assert calls == [("encode", None), ("denoise", None), ("decode", None)]
