@@ -126,7 +126,7 @@ def merge_summaries(summaries: list[tuple[dict, float]]) -> dict:
     merged: dict = {}
     for summary, wall in summaries:
         if not merged:
-            merged = dict(summary, processes=0, wall_seconds=0.0)
+            merged = dict(summary, peak=dict(summary.get("peak") or {}), processes=0, wall_seconds=0.0)  # the caller's summary stays as it is
         else:
             for key in ("units_done", "units_up_to_date", "seconds", "load_seconds", "weight_bytes_moved", "vae_upcasts"):
                 if key in summary:

@@ -107,6 +107,17 @@ def test_interrupted_chunked_run_resumes_without_redoing(tiny_model, tmp_path):
     assert (merged["processes"], merged["units_done"]) == (2, 3)
 
 
+def test_merging_summaries_leaves_them_as_they_were():
+    """The runner merges the same processes' summaries again before each chunk: nothing may change
+    under it, or a process's host peak would no longer match its own start."""
+    first = {"units_done": 2, "seconds": 3.0, "peak": {"host_peak_rss_bytes": 500}, "host_rss_at_start_bytes": 400}
+    second = {"units_done": 1, "seconds": 2.0, "peak": {"host_peak_rss_bytes": 900}, "host_rss_at_start_bytes": 300}
+    kept = json.dumps([first, second], sort_keys=True)
+    merged = chunks.merge_summaries([(first, 4.0), (second, 3.0)])
+    assert json.dumps([first, second], sort_keys=True) == kept
+    assert (merged["peak"]["host_peak_rss_bytes"], merged["host_rss_at_start_bytes"], merged["units_done"], merged["processes"]) == (900, 300, 3, 2)
+
+
 def _cost(fixed, per_item):
     return StageCost(fixed, per_item, True)
 
