@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestrator.chunks import merge_summaries
 from orchestrator.plan import UnitState, _states, describe_stage
 from orchestrator.runner import PROJECT_ROOT, StageFailedError, StageRun, _remove_leftovers, _shown, budget_overrun, stage_command
 from stages import lifeline
@@ -463,16 +464,13 @@ class _Driver:
             results = self.results[stage]
             if not results:
                 continue
-            summaries = [r["summary"] for r in results]
-            peak: dict = {}
-            for s in summaries:
-                for key, value in (s.get("peak") or {}).items():
-                    peak[key] = max(peak.get(key, 0), value)
-            made = sum(s.get("units_done", 0) for s in summaries)
+            # As a chunked local run merges its processes (counts add up, peaks per process), then the
+            # stage's span on the cluster as its seconds.
+            merged = merge_summaries([(r["summary"], r["seconds"]) for r in results])
+            made = merged.get("units_done", 0)
             seconds = round(self.spans[stage][1] - self.spans[stage][0], 3)
-            merged = {"stage": stage, "units_done": made, "units_up_to_date": len(all_units[stage]) - made, "seconds": seconds,
-                      "load_seconds": round(sum(s.get("load_seconds", 0.0) for s in summaries), 3), "peak": peak,
-                      "shards": len(results), "workers": _per_worker(results)}
+            merged.update(stage=stage, units_done=made, units_up_to_date=len(all_units[stage]) - made, seconds=seconds,
+                          load_seconds=round(merged.get("load_seconds", 0.0), 3), shards=len(results), workers=_per_worker(results))
             publish_json(self.job_dir / stage / "summary.json", merged)
             runs.append(StageRun(stage, seconds, merged))
         return runs
