@@ -357,17 +357,16 @@ def clean(
 
     Example: orchestrate clean job.toml --yes --store
     """
-    import json
-
     from orchestrator.clean import clean as clean_job
+    from stages.files import MAX_TEXT_BYTES, read_json_limited
 
     job = jobfile.load_job(job_file)
     job_dir = jobfile.job_dir_for(job, workdir)
     if not job_dir.is_dir():
         raise JobFileError(f"job folder {job_dir} does not exist; nothing was run for {job_file} in {workdir}")
     if device == "auto":
-        with contextlib.suppress(OSError, ValueError):
-            device = json.loads((job_dir / "job.resolved.json").read_text())["device"]
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, JobFileError):
+            device = read_json_limited(job_dir / "job.resolved.json", "resolved job", MAX_TEXT_BYTES)["device"]
     resolved = jobfile.resolve_job(job, job_dir, resolve_device(device), require_weights=False)
     clean_job(job_dir, resolved, Path(workdir).resolve(), yes, store, echo)
 

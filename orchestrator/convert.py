@@ -13,11 +13,11 @@ pytorch_model[...].bin -> model[...].safetensors; *.bin.index.json -> *.safetens
 
 from __future__ import annotations
 
-import json
+import re
 from pathlib import Path
 
 from stages.contract import JobFileError
-from stages.files import publish, publish_json
+from stages.files import MAX_CONFIG_BYTES, publish, publish_json, read_json_limited
 from stages.measure import format_bytes
 
 
@@ -26,6 +26,33 @@ def _target_name(name: str) -> str:
     if stem.startswith("pytorch_model"):
         stem = "model" + stem[len("pytorch_model"):]
     return stem + ".safetensors"
+
+
+def refusal_reason(exc: BaseException) -> str:
+    """torch.load's reason for refusing a file, in one line: the paragraphs of its message that say
+    what was found (e.g. "Trying to load unsupported GLOBAL posix.system whose module posix is
+    blocked."), without its boilerplate on weights_only and its documentation link."""
+    paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", str(exc).strip()) if p.strip()]
+    kept = [re.sub(r"^.*WeightsUnpickler error:\s*", "", p) for p in paragraphs
+            if not p.startswith(("Weights only load failed", "Check the documentation"))]
+    return " ".join(p for p in kept if p) or " ".join(paragraphs) or "no reason given"
+
+
+def _read_indexes(folder: Path) -> list[tuple[Path, dict]]:
+    """Every *.bin.index.json of `folder`, checked before anything is written: JSON with a
+    weight_map of tensor name -> shard file, each shard present in the folder."""
+    indexes = []
+    for index in sorted(folder.glob("*.bin.index.json")):
+        data = read_json_limited(index, "convert: shard index", MAX_CONFIG_BYTES, fix="nothing was converted; download the index again")
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise JobFileError(f"convert: shard index {index} has no weight_map of tensor name -> shard file; nothing was converted; download the index again")
+        missing = sorted({v for v in weight_map.values() if "/" in v or not (folder / v).is_file()})
+        if missing:
+            raise JobFileError(f"convert: shard index {index} names shards that are not in {folder} ({', '.join(repr(m) for m in missing[:3])}"
+                               f"{', ...' if len(missing) > 3 else ''}); nothing was converted; download the missing shards")
+        indexes.append((index, data))
+    return indexes
 
 
 def convert_folder(folder: Path, force: bool = False) -> list[str]:
@@ -42,6 +69,7 @@ def convert_folder(folder: Path, force: bool = False) -> list[str]:
         found = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".pt", ".pth", ".ckpt"))
         raise JobFileError(f"convert: {folder} holds no .bin weight files (found: {', '.join(found) or 'none'}); "
                            f"give the component folder that holds them, e.g. model/transformer")
+    indexes = _read_indexes(folder)  # before any file is written
     done = []
     for path in bins:
         target = folder / _target_name(path.name)
@@ -51,8 +79,8 @@ def convert_folder(folder: Path, force: bool = False) -> list[str]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # UnpicklingError for anything but tensors, or a damaged file
-            raise JobFileError(f"convert: {path} is not a plain tensor checkpoint ({type(exc).__name__}: "
-                               f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}); not converted") from None
+            raise JobFileError(f"convert: {path} is not a plain tensor checkpoint; torch.load(weights_only=True) refused it "
+                               f"({type(exc).__name__}: {refusal_reason(exc)}); not converted") from None
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
         if not isinstance(state, dict) or not state or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
@@ -71,8 +99,7 @@ def convert_folder(folder: Path, force: bool = False) -> list[str]:
             raise JobFileError(f"convert: {target.name} holds other tensors than {path.name}; removed it")
         size = sum(t.numel() * t.element_size() for t in state.values())
         done.append(f"{path.name} -> {target.name}: {len(state)} tensors, {format_bytes(size)}, verified tensor by tensor")
-    for index in sorted(folder.glob("*.bin.index.json")):
-        data = json.loads(index.read_text())
+    for index, data in indexes:
         data["weight_map"] = {k: _target_name(v) if v.endswith(".bin") else v for k, v in data.get("weight_map", {}).items()}
         target = folder / _target_name(index.name[: -len(".index.json")]).replace(".safetensors", ".safetensors.index.json")
         publish_json(target, data)

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.contract import JobFileError
+from stages.files import MAX_CONFIG_BYTES, read_text_limited
 
 MIB = 1024**2
 # The CUDA caching allocator rounds every block up to a multiple of 512 B (kMinBlockSize), and
@@ -231,7 +232,7 @@ def _known_storages(module) -> set:
 def _read_config(model_path: Path, part: str) -> str:
     path = Path(model_path) / part / "config.json"
     try:
-        text = path.read_text()
+        text = read_text_limited(path, MAX_CONFIG_BYTES, "model config", fix="the model folder is damaged; download it again")
         json.loads(text)
     except (OSError, json.JSONDecodeError) as exc:
         raise JobFileError(f"{path} cannot be read as JSON ({exc}); the model folder is damaged") from None

@@ -27,7 +27,7 @@ from urllib.parse import quote
 from orchestrator.plan import plan_job
 from orchestrator.runner import measured_peak
 from stages.contract import RESOLVED_JOB, STAGES, JobFileError, ResourceError
-from stages.files import publish_bytes
+from stages.files import publish_bytes, read_json_limited
 from stages.measure import format_bytes
 from stages.records import read_record
 from stages.resolved import read_job
@@ -176,8 +176,8 @@ def _stage_rows(job_dir: Path, job: dict) -> list[dict]:
     rows = []
     for stage in STAGES:
         try:
-            summary = json.loads((job_dir / stage / "summary.json").read_text())
-        except (OSError, ValueError):
+            summary = read_json_limited(job_dir / stage / "summary.json", "summary")  # never a FIFO's endless wait
+        except (OSError, ValueError, JobFileError):
             summary = None
         planned = (runtime.get("stages") or {}).get(stage, {})
         rows.append({

@@ -8,19 +8,19 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import json
 import math
 import re
 import secrets
 import tomllib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from orchestrator.prompts import prompt_list_tables, read_prompt_lines
 from stages import family
 from stages.contract import FORMAT_VERSION, JobFileError
-from stages.files import canonical_json
+from stages.files import MAX_TEXT_BYTES, canonical_json, read_bytes_limited, read_json_limited
 from stages.resolved import hub_snapshot, slugify
+from stages.weights import check_weight_files
 
 DTYPES = ("float16", "bfloat16", "float32")
 MAX_ITEMS = 10_000  # a queue larger than this is almost certainly a typo in `count`
@@ -64,6 +64,7 @@ class Job:
     generations: tuple[GenerationParams, ...]
     source: Path
     components: tuple = ()  # ((diffusers component name, hub id or folder), ...) from [job.components]
+    model_base: Path | None = None  # where a relative model path starts: None, the job file's folder; --model: the current directory
 
 
 # The diffusers pipeline's components; [job.components] may take any of them from elsewhere.
@@ -161,14 +162,16 @@ def load_job(path: Path, model: str | None = None) -> Job:
         if not _NAME.match(path.stem):
             raise JobFileError(f"prompt list {path.name}: its name {path.stem!r} names the job folder and is not a safe folder name; "
                                f"rename the file using letters, digits, '.', '_' and '-'")
-        return _job_from_tables(prompt_list_tables(path, model), path)
+        # --model, like every command-line path, is relative to the current directory (a hub id
+        # `org/name` is never looked up as <list folder>/org/name).
+        return replace(_job_from_tables(prompt_list_tables(path, model), path), model_base=Path.cwd())
     if model is not None:
         raise JobFileError(f"--model is only for a prompt list (.txt); {path.name} is a job file: set model in its [job] table and leave out --model")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_bytes_limited(path, MAX_TEXT_BYTES, "job file", fix="give the job's TOML file").decode("utf-8")
     except FileNotFoundError:
         raise JobFileError(f"job file {path} not found; check the path") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError) as exc:
         raise JobFileError(f"job file {path} cannot be read ({exc}); save it as UTF-8 text") from None
     try:
         data = tomllib.loads(text)
@@ -278,8 +281,11 @@ def _hash_files(root: Path, patterns) -> str:
             rel = file.relative_to(root).as_posix()
             if file.suffix == ".safetensors":
                 digest.update(f"{rel}:{file.stat().st_size}:{_sample_weights(file)}\n".encode())
-            elif file.is_file():
-                digest.update(f"{rel}\n".encode() + file.read_bytes())
+            elif file.is_file():  # streamed (the same digest as reading it whole): a huge file must not fill memory
+                digest.update(f"{rel}\n".encode())
+                with open(file, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        digest.update(chunk)
     return digest.hexdigest()[:16]
 
 
@@ -352,6 +358,9 @@ def _locate(given: str, job_dir: Path, what: str, patterns: list[str], key: str 
 
 
 def _check_weights(given: str, root: Path, part: str, what: str) -> None:
+    """Safetensors weights in <root>/<part>, each whole by its header (issue 17, point 6), or a
+    one-line JobFileError before any stage starts."""
+    check_weight_files(root / part, f"{what} {given!r}")
     if not any((root / part).glob("*.safetensors")):
         pickles = sorted(p.name for p in (root / part).iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
         found = f"only pickle weights ({pickles[0]})" if pickles else "no .safetensors weights"
@@ -417,10 +426,14 @@ def _download(repo_id: str, local: Path, what: str = "model", patterns: list[str
 
 
 def _read_json(path: Path) -> dict:
+    """A model config (at most 1 MiB, a regular file), or a one-line JobFileError."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        config = read_json_limited(path, "model config", fix="the model folder is damaged; download it again")
+    except OSError as exc:
         raise JobFileError(f"{path} cannot be read as JSON ({exc}); the model folder is damaged") from None
+    if not isinstance(config, dict):
+        raise JobFileError(f"model config {path} holds a JSON {type(config).__name__}, not an object; the model folder is damaged; download it again")
+    return config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,7 +444,7 @@ def resolve_job(job: Job, job_dir: Path, device: str, runtime: dict | None = Non
     """The fully resolved job: defaults filled, seeds drawn (or reused), paths absolute."""
     job_dir = Path(job_dir)
     composed = dict(job.components)
-    model_path = resolve_model(job.settings.model, job.source.parent, require_weights, [p for p in COMPONENTS if p not in composed])
+    model_path = resolve_model(job.settings.model, job.model_base or job.source.parent, require_weights, [p for p in COMPONENTS if p not in composed])
     roots = {part: model_path for part in COMPONENTS}
     components = {}
     for part, given in composed.items():
@@ -533,35 +546,83 @@ def _check_pixart(given: str, model_path: Path, model_index: dict, transformer_c
         )
 
 
-def _usable(module, name: str) -> bool:
-    """Whether diffusers' `name` is a scheduler class this install can build (some need extras,
-    e.g. torchsde: their placeholders raise ImportError when touched)."""
-    try:
-        cls = getattr(module, name)
-        return isinstance(cls, type) and issubclass(cls, module.SchedulerMixin)  # placeholders are not
-    except Exception:
+# The schedulers PixArt models ship with or are commonly run with, by name: accepting them needs no
+# diffusers import (seconds, in every `status`). Each passes _drives_pixart, which
+# tests/test_hostile_inputs.py checks; any other name is judged by _drives_pixart itself.
+COMMON_SCHEDULERS = frozenset({
+    "DDIMScheduler", "DDPMScheduler", "DEISMultistepScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+    "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+    "KDPM2DiscreteScheduler", "LCMScheduler", "PNDMScheduler", "SASolverScheduler", "TCDScheduler", "UniPCMultistepScheduler",
+})
+
+
+def _drives_pixart(cls) -> bool:
+    """Whether a diffusers class can drive PixArt's denoising loop (stages/denoise.py): a
+    SchedulerMixin with set_timesteps, step, add_noise and scale_model_input, configured as a
+    discrete-time schedule over the DDPM betas PixArt was trained with (num_train_timesteps,
+    beta_schedule, prediction_type: epsilon or v-prediction), and not an inversion (which runs
+    time backwards). Flow matching (FlowMatch*: sigmas, no betas), VQ-Diffusion, score-SDE and
+    non-scheduler classes fail it."""
+    import inspect
+
+    from diffusers import SchedulerMixin
+
+    if not isinstance(cls, type) or not issubclass(cls, SchedulerMixin) or "Inverse" in cls.__name__:
         return False
+    if not all(callable(getattr(cls, method, None)) for method in ("set_timesteps", "step", "add_noise", "scale_model_input")):
+        return False
+    return {"num_train_timesteps", "beta_schedule", "prediction_type"} <= set(inspect.signature(cls.__init__).parameters)
+
+
+def _diffusers_class(module, name: str):
+    """diffusers' class `name`, or None (also for placeholders of classes that need extras, e.g.
+    torchsde, which raise ImportError when touched)."""
+    if not name.isidentifier() or name.startswith("_"):
+        return None
+    try:
+        cls = getattr(module, name, None)
+        return cls if isinstance(cls, type) else None
+    except Exception:
+        return None
+
+
+def scheduler_choices() -> list[str]:
+    """The diffusers scheduler classes that can drive PixArt here (_drives_pixart), by name."""
+    import diffusers
+
+    return sorted(n for n in dir(diffusers) if n.endswith("Scheduler") and _drives_pixart(_diffusers_class(diffusers, n)))
 
 
 def _check_scheduler(job: Job, root: Path) -> str | None:
-    """The [job] scheduler override (a diffusers scheduler class, or None for the model's own), and
-    that every generation with custom timesteps has a scheduler that takes them (the pipeline's
+    """The [job] scheduler override (None: the model's own), checked with the model's own before
+    any stage runs (issue 17, point 7): the class must drive PixArt's loop (_drives_pixart), and
+    every generation with custom timesteps needs a set_timesteps that takes them (the pipeline's
     retrieve_timesteps raises otherwise)."""
-    if not job.settings.scheduler and not any(gen.timesteps for gen in job.generations):
-        return None  # the model's own scheduler, checked by the denoise stage; no diffusers import here
+    config = _read_json(root / "scheduler" / "scheduler_config.json")
+    name = str(job.settings.scheduler or config.get("_class_name"))
+    if name in COMMON_SCHEDULERS and not any(gen.timesteps for gen in job.generations):
+        return job.settings.scheduler
     import inspect
 
     import diffusers
 
-    config = _read_json(root / "scheduler" / "scheduler_config.json")
-    name = job.settings.scheduler or config.get("_class_name")
-    names = sorted(n for n in dir(diffusers) if n.endswith("Scheduler") and _usable(diffusers, n))
-    if name not in names:
-        close = difflib.get_close_matches(str(name), names, n=1, cutoff=0.0)
-        where = "[job] 'scheduler'" if job.settings.scheduler else f"{root}/scheduler/scheduler_config.json"
-        raise JobFileError(f"{where}: {name!r} is not a diffusers scheduler class; did you mean {close[0]!r}? "
-                           f"(any of diffusers' {len(names)} scheduler classes works, built from the model's scheduler config)")
-    takes_timesteps = "timesteps" in inspect.signature(getattr(diffusers, name).set_timesteps).parameters
+    cls = _diffusers_class(diffusers, name)
+    if not _drives_pixart(cls):
+        choices = scheduler_choices()
+        where = "[job] 'scheduler'" if job.settings.scheduler else f"{root}/scheduler/scheduler_config.json '_class_name'"
+        from diffusers import SchedulerMixin
+
+        if cls is None:
+            found = "not a diffusers scheduler class"
+        elif type(cls).__name__ == "DummyObject":  # diffusers' placeholder for a class whose extra package is missing
+            found = "a diffusers scheduler that needs a package not installed here"
+        else:
+            kind = "scheduler of another family (flow matching, VQ, score-SDE or inversion)" if issubclass(cls, SchedulerMixin) else "model or pipeline"
+            found = f"a diffusers {kind} class, which cannot drive PixArt's denoising loop"
+        close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+        raise JobFileError(f"{where}: {_shown(name)!r} is {found}{f'; did you mean {close[0]!r}?' if close else ''}; "
+                           f"use a discrete-time scheduler over DDPM betas: {', '.join(choices)}")
+    takes_timesteps = "timesteps" in inspect.signature(cls.set_timesteps).parameters
     for n, gen in enumerate(job.generations, 1):
         if gen.timesteps and not takes_timesteps:
             raise JobFileError(f"[[generation]] #{n}: 'timesteps' needs a scheduler whose set_timesteps takes custom timesteps, and "
@@ -572,8 +633,8 @@ def _check_scheduler(job: Job, root: Path) -> str | None:
 def _previous_seeds(job_dir: Path) -> dict:
     """Seeds drawn by an earlier run of this job, keyed by the generation entry they belong to."""
     try:
-        return json.loads((job_dir / "job.resolved.json").read_text()).get("drawn_seeds", {})
-    except (OSError, json.JSONDecodeError, AttributeError):
+        return read_json_limited(job_dir / "job.resolved.json", "resolved job", MAX_TEXT_BYTES).get("drawn_seeds", {})
+    except (OSError, JobFileError, AttributeError):
         return {}
 
 

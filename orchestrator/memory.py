@@ -18,6 +18,7 @@ from pathlib import Path
 
 from orchestrator.estimate import estimate_host_bytes, Estimate, ModelConfigs, estimate_decode, estimate_denoise, estimate_encode
 from stages.contract import JobFileError
+from stages.files import MAX_TEXT_BYTES, read_json_limited
 from stages.measure import format_bytes
 from stages.resolved import component_folder, uses_guidance
 
@@ -327,9 +328,9 @@ def plan_key(resolved: dict, budget_bytes: int, host_budget_bytes: int | None, a
 
 def _read_plan_cache(job_dir: Path) -> dict:
     try:
-        data = json.loads((Path(job_dir) / PLAN_CACHE).read_text())
+        data = read_json_limited(Path(job_dir) / PLAN_CACHE, "plan cache", MAX_TEXT_BYTES)
         return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, JobFileError):
         return {}  # none yet, or damaged: plan again
 
 

@@ -65,11 +65,13 @@ def prepare_job(job_file: Path, workdir: Path, device: str, memory: tuple = (Non
 def runtime_if_nothing_to_do(job_dir: Path, resolved: dict, flags: dict) -> dict | None:
     """The previous run's runtime section when the same job with the same memory flags has nothing
     left to do under it: a no-op rerun neither plans nor asks the GPU for its free memory."""
-    import json
+    from stages.files import MAX_TEXT_BYTES, read_json_limited
 
     try:
-        previous = json.loads((job_dir / "job.resolved.json").read_text())
-    except (OSError, ValueError):
+        previous = read_json_limited(job_dir / "job.resolved.json", "resolved job", MAX_TEXT_BYTES)
+    except (OSError, ValueError, JobFileError):
+        return None
+    if not isinstance(previous, dict):
         return None
     runtime = previous.get("runtime") or {}
     same = {k: v for k, v in previous.items() if k != "runtime"} == {k: v for k, v in resolved.items() if k != "runtime"}

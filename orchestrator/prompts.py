@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from stages.contract import JobFileError
+from stages.files import MAX_TEXT_BYTES, read_bytes_limited
 
 
 def _shown(path) -> str:
@@ -28,13 +29,13 @@ def read_prompt_lines(path: Path, where: str) -> list[tuple[int, str]]:
     path = Path(path)
     where = f"{where}: " if where else ""
     try:
-        if not path.is_file():
-            what = "is a folder, not a file" if path.is_dir() else "not found"
-            raise JobFileError(f"{where}prompt list {_shown(path)} {what}; check the path (relative to the job file)")
-        data = path.read_bytes()
+        if path.is_dir():
+            raise JobFileError(f"{where}prompt list {_shown(path)} is a folder, not a file; check the path (relative to the job file)")
+        # Regular files of at most 64 MiB only: a FIFO would hang the run, a 2 GB sparse file fill memory.
+        data = read_bytes_limited(path, MAX_TEXT_BYTES, f"{where}prompt list", fix="give a regular UTF-8 text file (split a larger list)")
+    except FileNotFoundError:
+        raise JobFileError(f"{where}prompt list {_shown(path)} not found; check the path (relative to the job file)") from None
     except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
-        if isinstance(exc, JobFileError):
-            raise
         raise JobFileError(f"{where}prompt list {_shown(path)} cannot be read ({_shown(exc)}); check the path") from None
     try:
         text = data.decode("utf-8-sig")  # a byte-order mark (Windows editors) is not part of the first prompt

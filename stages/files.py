@@ -7,9 +7,10 @@ import hashlib
 import json
 import os
 import re
+import stat
 from pathlib import Path
 
-from stages.contract import TMP_PREFIX, ResourceError
+from stages.contract import TMP_PREFIX, JobFileError, ResourceError
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -32,6 +33,69 @@ def canonical_json(obj) -> str:
 
 def short_hash(obj) -> str:
     return sha256_bytes(canonical_json(obj).encode())[:16]
+
+
+# Size limits of the text the project reads itself (issue 17, point 8): a 2 GB sparse prompt list or
+# a config linked to /dev/zero must be a one-line refusal, not a MemoryError. The largest real
+# config (T5-XXL's safetensors index) is ~20 KB; a 64 MiB prompt list is ~500,000 prompts.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_TEXT_BYTES = 64 << 20
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _shown(path) -> str:
+    """A path as it can be printed on one line (escapes newlines and the like)."""
+    return repr(str(path))[1:-1]
+
+
+def _not_regular(mode: int) -> str | None:
+    return None if stat.S_ISREG(mode) else next((kind for test, kind in _KINDS if test(mode)), "not a regular file")
+
+
+def read_bytes_limited(path: Path, limit: int, what: str, error=JobFileError, fix: str = "replace it with the real file") -> bytes:
+    """The bytes of a regular file of at most `limit` bytes, else `error` naming `what`, the path
+    and the fix. Checked with stat before opening (opening a FIFO blocks until a writer comes),
+    opened non-blocking and checked again (the entry may be swapped in between), and read to at
+    most limit + 1 bytes (a sparse file or a link to /dev/zero never fills memory).
+    FileNotFoundError passes through: callers say what a missing file means."""
+    path = Path(path)
+    shown = _shown(path)
+    kind = _not_regular(os.stat(path).st_mode)  # follows links: a link to /dev/zero is a device
+    if kind is None:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            info = os.fstat(fd)
+            kind = _not_regular(info.st_mode)
+            if kind is None and info.st_size <= limit:
+                with os.fdopen(os.dup(fd), "rb") as f:
+                    data = f.read(limit + 1)
+                if len(data) <= limit:
+                    return data
+        finally:
+            os.close(fd)
+        if kind is None:
+            raise error(f"{what} {shown} is over {limit / (1 << 20):g} MiB ({os.stat(path).st_size:,} bytes), more than such a file can be; {fix}")
+    raise error(f"{what} {shown} is {kind}, not a regular file; {fix}")
+
+
+def read_text_limited(path: Path, limit: int, what: str, error=JobFileError, fix: str = "replace it with the real file") -> str:
+    """read_bytes_limited, as UTF-8 text (a byte-order mark is dropped)."""
+    data = read_bytes_limited(path, limit, what, error, fix)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise error(f"{what} {_shown(path)} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); {fix}") from None
+
+
+def read_json_limited(path: Path, what: str, limit: int = MAX_CONFIG_BYTES, error=JobFileError, fix: str = "replace it with the real file"):
+    """read_text_limited, parsed as JSON; a parse error is `error` naming the file too."""
+    text = read_text_limited(path, limit, what, error, fix)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(f"{what} {_shown(path)} is not valid JSON ({exc}); {fix}") from None
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -2,28 +2,37 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 
 from stages.contract import FORMAT_VERSION, RESOLVED_JOB, JobFileError
+from stages.files import MAX_TEXT_BYTES, read_json_limited
 
 
 def read_job(job_dir: Path) -> dict:
     """Read `<job_dir>/job.resolved.json`, the only input a stage takes besides artifacts."""
     path = Path(job_dir) / RESOLVED_JOB
     try:
-        job = json.loads(path.read_text())
+        job = read_json_limited(path, "resolved job", MAX_TEXT_BYTES, fix="run `orchestrate run JOB.toml` to rewrite it")
     except FileNotFoundError:
         raise JobFileError(f"{path} not found; run `orchestrate run JOB.toml` first to resolve the job") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise JobFileError(f"{path} is not valid JSON ({exc}); run `orchestrate run JOB.toml` to rewrite it") from None
+    if not isinstance(job, dict):
+        raise JobFileError(f"{path} is not a JSON object; run `orchestrate run JOB.toml` to rewrite it")
     if job.get("format") != FORMAT_VERSION:
         raise JobFileError(
             f"{path} has format {job.get('format')!r}, this code reads {FORMAT_VERSION}; rerun `orchestrate run JOB.toml`"
         )
     return job
+
+
+def read_model_config(path: Path) -> dict:
+    """A model's JSON config (at most 1 MiB, a regular file: never a FIFO or /dev/zero), or a
+    one-line JobFileError naming it."""
+    config = read_json_limited(path, "model config", fix="the model folder is damaged; download it again")
+    if not isinstance(config, dict):
+        raise JobFileError(f"model config {path} is not a JSON object; the model folder is damaged; download it again")
+    return config
 
 
 def slugify(text: str, max_len: int = 40) -> str:
@@ -52,6 +61,10 @@ def component_root(job: dict, part: str) -> Path:
     snapshot = hub_snapshot(root)
     if part in ("text_encoder", "transformer", "vae") and snapshot and not any((root / part).glob("*.safetensors")):
         root = _fetch_weights(*snapshot, part)
+    if part in ("text_encoder", "transformer", "vae"):
+        from stages.weights import check_weight_files
+
+        check_weight_files(root / part, part)  # headers only: a truncated file is named before the model loads
     return root
 
 
