@@ -9,8 +9,10 @@ from __future__ import annotations
 import difflib
 import hashlib
 import math
+import os
 import re
 import secrets
+import stat
 import tomllib
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -157,8 +159,8 @@ def load_job(path: Path, model: str | None = None) -> Job:
     `model` (orchestrator/prompts.py). Raises JobFileError with a one-line message on any problem."""
     path = Path(path)
     if path.suffix.lower() == ".txt":
-        if not path.is_file():
-            raise JobFileError(f"prompt list {path} not found; check the path")
+        if not os.path.lexists(path) or path.is_dir():  # a FIFO or device is refused where the list is read
+            raise JobFileError(f"prompt list {path} {'is a folder, not a file' if path.is_dir() else 'not found'}; check the path")
         if not _NAME.match(path.stem):
             raise JobFileError(f"prompt list {path.name}: its name {path.stem!r} names the job folder and is not a safe folder name; "
                                f"rename the file using letters, digits, '.', '_' and '-'")
@@ -371,6 +373,19 @@ def _check_weights(given: str, root: Path, part: str, what: str) -> None:
         )
 
 
+def _check_regular_files(given: str, root: Path, part: str, what: str) -> None:
+    """Every file in <root>/<part> is a regular file (a link to one is fine): a FIFO there would
+    hang the stage that loads the component, a link to /dev/zero fill its memory (issue 17)."""
+    for entry in sorted((root / part).iterdir()):
+        try:
+            mode = os.stat(entry).st_mode
+        except OSError as exc:  # a broken link, a loop
+            raise JobFileError(f"{what} {given!r}: {_shown(str(entry))} cannot be read ({exc.strerror}); the model folder is damaged; download it again") from None
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise JobFileError(f"{what} {given!r}: {_shown(str(entry))} is not a regular file (a FIFO, device or socket); "
+                               f"the model folder is damaged; download it again")
+
+
 def resolve_model(given: str, job_dir: Path, require_weights: bool = True, parts=COMPONENTS) -> Path:
     """The base model folder, holding every component in `parts` (those [job.components] does not
     name). `require_weights=False` accepts a folder of configs only (`orchestrate plan` reads no
@@ -385,6 +400,7 @@ def resolve_model(given: str, job_dir: Path, require_weights: bool = True, parts
                 f"model {given!r} at {candidate} has no {part}/ folder (found: {', '.join(found) or 'none'}); use a complete PixArt "
                 f"diffusers folder, or name where {part} comes from in [job.components], e.g. {part} = \"folder or hub id\""
             )
+        _check_regular_files(given, candidate, part, "model")
     for part in (p for p in ("text_encoder", "transformer", "vae") if p in parts) if require_weights and repo is None else ():
         _check_weights(given, candidate, part, "model")
     return candidate
@@ -402,6 +418,7 @@ def resolve_component(part: str, given: str, job_dir: Path, require_weights: boo
     candidate, repo = _locate(given, job_dir, what, component_patterns(part), f"'{part}' in [job.components]")
     if not (candidate / part).is_dir():
         raise JobFileError(f"{what} = {given!r}: {candidate} has no {part}/ folder; name a folder or hub repo that holds {part}/")
+    _check_regular_files(given, candidate, part, what)
     if require_weights and repo is None and part in ("text_encoder", "transformer", "vae"):
         _check_weights(given, candidate, part, what)
     return candidate
@@ -546,13 +563,14 @@ def _check_pixart(given: str, model_path: Path, model_index: dict, transformer_c
         )
 
 
-# The schedulers PixArt models ship with or are commonly run with, by name: accepting them needs no
-# diffusers import (seconds, in every `status`). Each passes _drives_pixart, which
-# tests/test_hostile_inputs.py checks; any other name is judged by _drives_pixart itself.
+# The schedulers PixArt models ship with or are commonly run with, by name: a model's own scheduler
+# among them is accepted without importing diffusers (seconds, in every `status`). Each passes
+# _drives_pixart, which tests/test_hostile_inputs.py checks; any other name, and any [job]
+# scheduler override, is judged by _drives_pixart and built from the model's config up front.
 COMMON_SCHEDULERS = frozenset({
     "DDIMScheduler", "DDPMScheduler", "DEISMultistepScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
     "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
-    "KDPM2DiscreteScheduler", "LCMScheduler", "PNDMScheduler", "SASolverScheduler", "TCDScheduler", "UniPCMultistepScheduler",
+    "KDPM2DiscreteScheduler", "LCMScheduler", "PNDMScheduler", "TCDScheduler", "UniPCMultistepScheduler",
 })
 
 
@@ -560,8 +578,8 @@ def _drives_pixart(cls) -> bool:
     """Whether a diffusers class can drive PixArt's denoising loop (stages/denoise.py): a
     SchedulerMixin with set_timesteps, step, add_noise and scale_model_input, configured as a
     discrete-time schedule over the DDPM betas PixArt was trained with (num_train_timesteps,
-    beta_schedule, prediction_type: epsilon or v-prediction), and not an inversion (which runs
-    time backwards). Flow matching (FlowMatch*: sigmas, no betas), VQ-Diffusion, score-SDE and
+    beta_schedule, prediction_type: epsilon or v-prediction), whose step takes (model output,
+    timestep, sample) and nothing else required, and not an inversion (which runs time backwards). Flow matching (FlowMatch*: sigmas, no betas), VQ-Diffusion, score-SDE and
     non-scheduler classes fail it."""
     import inspect
 
@@ -570,6 +588,10 @@ def _drives_pixart(cls) -> bool:
     if not isinstance(cls, type) or not issubclass(cls, SchedulerMixin) or "Inverse" in cls.__name__:
         return False
     if not all(callable(getattr(cls, method, None)) for method in ("set_timesteps", "step", "add_noise", "scale_model_input")):
+        return False
+    # denoise calls step(noise_pred, t, latents, ...): nothing else may be required (CogVideoX's DPM wants two more).
+    required = [p for p in list(inspect.signature(cls.step).parameters.values())[1:] if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if len(required) != 3:
         return False
     return {"num_train_timesteps", "beta_schedule", "prediction_type"} <= set(inspect.signature(cls.__init__).parameters)
 
@@ -600,8 +622,8 @@ def _check_scheduler(job: Job, root: Path) -> str | None:
     retrieve_timesteps raises otherwise)."""
     config = _read_json(root / "scheduler" / "scheduler_config.json")
     name = str(job.settings.scheduler or config.get("_class_name"))
-    if name in COMMON_SCHEDULERS and not any(gen.timesteps for gen in job.generations):
-        return job.settings.scheduler
+    if not job.settings.scheduler and name in COMMON_SCHEDULERS and not any(gen.timesteps for gen in job.generations):
+        return None
     import inspect
 
     import diffusers
@@ -622,6 +644,13 @@ def _check_scheduler(job: Job, root: Path) -> str | None:
         close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
         raise JobFileError(f"{where}: {_shown(name)!r} is {found}{f'; did you mean {close[0]!r}?' if close else ''}; "
                            f"use a discrete-time scheduler over DDPM betas: {', '.join(choices)}")
+    try:  # as denoise builds it: an override from the model's config, which may not suit it (SASolver, UnCLIP)
+        cls.from_config(config)
+    except Exception as exc:
+        where = "[job] 'scheduler'" if job.settings.scheduler else f"{root}/scheduler/scheduler_config.json '_class_name'"
+        reason = " ".join(str(exc).split())[:300] or "no reason given"
+        raise JobFileError(f"{where}: {name} cannot be built from the model's scheduler config {root}/scheduler/scheduler_config.json "
+                           f"({type(exc).__name__}: {reason}); choose another scheduler") from None
     takes_timesteps = "timesteps" in inspect.signature(cls.set_timesteps).parameters
     for n, gen in enumerate(job.generations, 1):
         if gen.timesteps and not takes_timesteps:
