@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from orchestrator import gallery
 from orchestrator.cli import app
 from orchestrator.runner import StageFailedError, run_job
-from tests.conftest import inprocess_stage, resolved_items, run_inprocess, toml_string, write_job
+from tests.conftest import inprocess_stage, resolved_items, run_inprocess, toml_string, tree_state, write_job
 
 HOSTILE = "<img src=x onerror=alert(1)>"
 SCRIPT_BREAK = "</script><script>alert(1)</script>"
@@ -91,6 +91,18 @@ def made(tiny_model_256, tmp_path_factory):
     return job_file, job_dir
 
 
+def open_item(page, item_id: str):
+    """Click an item's thumbnail (or placeholder) in the grid: its dialog, open."""
+    page.locator(f'article[id="item-{item_id}"] button.open').click()
+    dialog = page.locator("dialog#detail")
+    page.wait_for_function(f"document.getElementById('detail').open && document.getElementById('detail').getAttribute('data-id') === {json.dumps(item_id)}")
+    return dialog
+
+
+def detail_values(dialog) -> dict:
+    return dict(zip(dialog.locator("dt").all_inner_texts(), dialog.locator("dd").all_inner_texts()))
+
+
 def test_the_page_shows_every_image_and_text_and_runs_nothing_from_the_data(browser, made, tmp_path):
     job_file, job_dir = made
     result = CliRunner().invoke(app, ["gallery", str(job_file), "--workdir", str(job_dir.parent)])
@@ -104,17 +116,20 @@ def test_the_page_shows_every_image_and_text_and_runs_nothing_from_the_data(brow
     page.screenshot(path=str(tmp_path / "gallery.png"), full_page=True)
     assert (tmp_path / "gallery.png").stat().st_size > 0
 
-    # Every item's image loaded from its PNG, at its size.
-    images = page.eval_on_selector_all("article.item img", "els => els.map(e => [e.complete, e.naturalWidth, e.naturalHeight])")
-    assert images == [[True, i["width"], i["height"]] for i in items], images
-    # The hostile texts are text: nothing ran, nothing was injected, the one script is ours.
+    # Every item's thumbnail loaded from decode/<item>.thumb.webp, at its size (these are under 256 px).
+    page.wait_for_function("Array.from(document.querySelectorAll('img.thumb')).every(e => e.complete)")
+    thumbs = page.eval_on_selector_all("article.item img.thumb", "els => els.map(e => [e.complete, e.naturalWidth, e.naturalHeight, e.getAttribute('src').split('?')[0]])")
+    assert thumbs == [[True, i["width"], i["height"], f"decode/{i['id']}.thumb.webp"] for i in items], thumbs
+    # The hostile texts are text: nothing ran, nothing was injected, the scripts are ours.
     assert dialogs == []
     assert page.locator('img[src="x"]').count() == 0
-    assert page.locator("script").count() == 1
+    sources = page.eval_on_selector_all("script", "els => els.map(e => e.getAttribute('src'))")
+    assert [s.split("?")[0] if s else s for s in sources] == ["gallery/items-0000.js", None], sources
     assert page.locator("h2").first.inner_text().startswith(HOSTILE)
     for item in items:
-        article = page.locator(f'article[id="item-{item["id"]}"]')
-        values = dict(zip(article.locator("dt").all_inner_texts(), article.locator("dd").all_inner_texts()))
+        dialog = open_item(page, item["id"])
+        values = detail_values(dialog)
+        assert dialog.locator("#detail-title").inner_text() == item["prompt"]
         assert values["prompt"] == item["prompt"]
         assert values["negative prompt"] == (item["negative_prompt"] or "(none)")
         assert values["seed"] == str(item["seed"])
@@ -128,6 +143,10 @@ def test_the_page_shows_every_image_and_text_and_runs_nothing_from_the_data(brow
         else:
             assert values["size"] == f"{item['width']}x{item['height']} (no binning)"
         assert values["tiling"] == "untiled"
+        # The dialog shows the full image, from its PNG.
+        page.wait_for_function("document.querySelector('#detail img.image').complete")
+        assert dialog.locator("img.image").evaluate("e => [e.naturalWidth, e.naturalHeight]") == [item["width"], item["height"]]
+        dialog.locator("button.close").click()
     # Items of one entry (count = 2) are grouped under their prompt.
     assert page.locator("section.group").count() == 2
     assert page.locator("section.group").first.locator("article.item").count() == 2
@@ -137,17 +156,17 @@ def test_the_page_shows_every_image_and_text_and_runs_nothing_from_the_data(brow
 
     # One click copies the item's [[generation]] block, valid TOML with its seed and parameters.
     second = items[1]
-    article = page.locator(f'article[id="item-{second["id"]}"]')
-    article.locator("button.copy").click()
-    page.wait_for_function("document.querySelectorAll('button.copy')[1].textContent === 'Copied'")
+    dialog = open_item(page, second["id"])
+    dialog.locator("button.copy").click()
+    page.wait_for_function("document.getElementById('detail-copy').textContent === 'Copied'")
     copied = page.evaluate("navigator.clipboard.readText()")
-    assert copied == article.locator("pre").text_content() == gallery.generation_block(second, json.loads((job_dir / "job.resolved.json").read_text()))
+    assert copied == dialog.locator("pre").text_content() == gallery.generation_block(second, json.loads((job_dir / "job.resolved.json").read_text()))
     (entry,) = tomllib.loads(copied)["generation"]
     assert entry == {k: second[k] for k in ("prompt", "negative_prompt", "seed", "width", "height", "guidance_scale",
                                             "num_inference_steps", "use_resolution_binning")}
 
-    # Clicking an image opens it full size.
-    article.locator("a.full").click()
+    # Clicking the image in the dialog opens it full size.
+    dialog.locator("a.full").click()
     page.wait_for_load_state("load")
     assert page.url == (job_dir / second["image"]).resolve().as_uri()
     assert page.evaluate("document.images[0].naturalWidth") == second["width"]
@@ -186,7 +205,13 @@ def test_missing_images_say_to_do_stale_or_failed_and_why(browser, made, tmp_pat
     assert f"decode: {items[0]['id']}.png is corrupt (sha256 mismatch)" in first.locator(".placeholder").inner_text()
     assert second.locator(".placeholder strong").inner_text().lower() == "failed"
     assert "out of memory on item" in second.locator(".placeholder").inner_text()
-    assert third.locator("img").evaluate("e => e.naturalWidth") == items[2]["width"]
+    page.wait_for_function("document.querySelector('img.thumb').complete")
+    assert third.locator("img.thumb").evaluate("e => e.naturalWidth") == items[2]["width"]
+    # The state filter shows the failed item alone; its dialog says why, with no image.
+    page.select_option("#filter-state", "failed")
+    page.wait_for_function("document.querySelectorAll('article.item').length === 1")
+    dialog = open_item(page, items[1]["id"])
+    assert "out of memory on item" in dialog.locator(".placeholder").inner_text() and dialog.locator("img").count() == 0
     assert "failed: stage denoise failed" in page.locator("p.outcome").inner_text()
     assert "1 done, 1 stale, 1 failed" in page.locator("p.totals").inner_text()
 
@@ -247,7 +272,7 @@ def test_run_writes_the_page_also_when_a_stage_fails_or_is_interrupted(tiny_mode
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 3 and "out of memory" in result.stderr, result.output
     html = (job_dir / "index.html").read_text()
-    assert "last run failed: stage denoise failed" in html and 'class="placeholder failed"' in html
+    assert "last run <bdi>failed: stage denoise failed" in html and '"state":"failed"' in (job_dir / "gallery" / "items-0000.js").read_text()
 
     def interrupted(stage, job_dir_, force, echo, units=None):
         raise KeyboardInterrupt
@@ -255,18 +280,20 @@ def test_run_writes_the_page_also_when_a_stage_fails_or_is_interrupted(tiny_mode
     monkeypatch.setattr(cli, "run_job", lambda d, r, echo, force, **kw: run_job(d, r, echo, force, **kw, launch=interrupted))
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 130, result.output
-    assert "last run interrupted" in (job_dir / "index.html").read_text()
+    assert "last run <bdi>interrupted" in (job_dir / "index.html").read_text()
 
     monkeypatch.setattr(cli, "run_job", lambda d, r, echo, force, **kw: run_job(d, r, echo, force, **kw, launch=inprocess_stage))
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0 and "gallery: " in result.stdout, result.output
-    html = (job_dir / "index.html").read_text()
-    assert 'class="placeholder' not in html and 'class="outcome"' not in html and 'src="decode/0000-a-red-apple.png?v=' in html
-    before = (job_dir / "index.html").stat()
+    html, data = (job_dir / "index.html").read_text(), (job_dir / "gallery" / "items-0000.js").read_text()
+    assert 'class="outcome"' not in html and '"state":"done"' in data and '"image":"decode/0000-a-red-apple.png?v=' in data
+    assert '"thumb":"decode/0000-a-red-apple.thumb.webp?v=' in data
+    before = tree_state(job_dir)
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0 and "nothing to do" in result.stdout
-    after = (job_dir / "index.html").stat()
-    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    after = tree_state(job_dir)
+    assert {k: v for k, v in after.items() if k.startswith(("index.html", "gallery/"))} == \
+        {k: v for k, v in before.items() if k.startswith(("index.html", "gallery/"))}
 
 
 def test_gallery_of_a_job_never_run_is_one_line(tiny_model_256, tmp_path):
