@@ -294,14 +294,14 @@ def generation_block(item: dict, job: dict) -> str:
 def _subset_states(job_dir: Path, job: dict, only: set[str]) -> dict[str, list[UnitState]]:
     """The states plan_job gives, for the units of the items in `only` alone (a refresh after a
     chunk reads those items' records, not the job's)."""
-    units = plan_units(job)
+    # Only these items' units: planning all 10,000 would cost more than the rest of a refresh. An
+    # encode unit then lists only the items of `only` that share it; _item_states counts its record's.
+    units = plan_units(dict(job, items=[item for item in job["items"] if item["id"] in only]))
     pending: set[tuple[str, str]] = set()
     states: dict[str, list[UnitState]] = {}
     for stage in STAGES:
         states[stage] = []
         for unit in units[stage]:
-            if only.isdisjoint(unit.items):
-                continue
             waiting = [f"{up} reruns" for up, key in unit.inputs if (up, key) in pending]
             ok, why = (False, ", ".join(waiting)) if waiting else unit_status(job_dir, unit)
             has_record = ok or read_record(unit.record_path(job_dir))[0] is not None
@@ -332,7 +332,8 @@ def _item_states(job_dir: Path, job: dict, outcome: str | None, states: dict | N
                 if s.state == "done":
                     # A plan that kept the records it read saves reading them again.
                     record = record or getattr(s, "record", None) or read_record(s.unit.record_path(job_dir))[0] or {}
-                    entry["records"][stage] = dict(record, shared_by=len(s.unit.items)) if stage == "encode" else record
+                    shared_by = len(record.get("items") or s.unit.items)  # the items it was made for
+                    entry["records"][stage] = dict(record, shared_by=shared_by) if stage == "encode" else record
                 elif entry["pending"] is None:
                     entry["pending"] = (stage, s.unit.key, s.state, s.reason)
                     first_pending = first_pending or stage
