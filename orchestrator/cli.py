@@ -125,8 +125,8 @@ def _gallery_refresher(resolved: dict):
 
     said: list[str] = []
 
-    def refresh(job_dir: Path) -> None:
-        page = write_gallery_after_run(job_dir, resolved, echo)
+    def refresh(job_dir: Path, items: list[str] | None = None) -> None:
+        page = write_gallery_after_run(job_dir, resolved, echo, items=items)  # remakes the chunk's data only
         if page is not None and not said:
             said.append(str(page))
             echo(f"gallery: {os.path.relpath(page)} (refreshed after each chunk)")

@@ -1,16 +1,24 @@
-"""The job's gallery page: `<job_dir>/index.html`, one self-contained offline page.
+"""The job's gallery: `<job_dir>/index.html`, an offline page, and its data in `<job_dir>/gallery/`.
 
-Per item: the image (a relative link to its PNG) or a placeholder saying to do / stale / failed and
-why, its parameters, its stage timings, and its `[[generation]]` block to copy; items of one
-generation entry (`count`) are grouped. A header gives the job's totals and each stage's measured
-peak memory against the budget and its seconds, as an inline SVG chart.
+A grid of thumbnails (decode/<item>.thumb.webp, made by the decode stage), items of one generation
+entry (`count`) grouped under their prompt, filtered by prompt text and by state (done, to do,
+stale, failed); a click opens the item: the full image, its parameters, its stage timings and its
+`[[generation]]` block to copy. An item without an image shows to do / stale / failed and why. A
+header gives the job's totals and each stage's measured peak memory against the budget and its
+seconds, as an inline SVG chart.
+
+Sizes: index.html holds the header and the script, never the items, so it stays small (about 30 KB)
+at any job size; the items are in gallery/items-NNNN.js, PART_SIZE per file, which the page loads
+with <script src> (Chromium refuses fetch() on file://). A refresh after a chunk remakes only the
+files that hold the chunk's items (gallery/manifest.json says what the others count).
 
 The page shows the job as last run: the items of `job.resolved.json`, judged by the same test as
 `orchestrate status` (orchestrator/plan.py, stages/units.py unit_status). It is data, not code:
-every text is escaped with html.escape, no data goes into the one script (which only copies a
-`<pre>` to the clipboard), and a Content-Security-Policy lets nothing else run or load from the
-network. Written by `orchestrate run` after the stages (also after a failed or interrupted run)
-and by `orchestrate gallery JOB.toml`.
+the data files are JSON (ASCII) handed to the one script, which puts every text in with
+textContent; user texts are isolated (bidi) and show control and bidi characters as `\\u202e`;
+a Content-Security-Policy allows the inline script by its hash and the data files of the page's
+folder, nothing from the network. Written by `orchestrate run` after the stages (also after a
+failed or interrupted run, and after each chunk) and by `orchestrate gallery JOB.toml`.
 """
 
 from __future__ import annotations
@@ -24,55 +32,181 @@ import re
 from pathlib import Path
 from urllib.parse import quote
 
-from orchestrator.plan import plan_job
+from orchestrator.plan import UnitState, plan_job
 from orchestrator.runner import measured_peak
 from stages.contract import RESOLVED_JOB, STAGES, JobFileError, ResourceError
-from stages.files import publish_bytes, read_json_limited
+from stages.files import canonical_json, publish_bytes, read_bytes_limited, read_json_limited, sha256_bytes
 from stages.measure import format_bytes
 from stages.records import read_record
 from stages.resolved import read_job
+from stages.units import plan_units, thumbnail_name, unit_status
 
 PAGE = "index.html"
+DATA_DIR = "gallery"  # beside index.html: the items' data, PART_SIZE items per file, and manifest.json
+MANIFEST = "manifest.json"
+# Items per data file. A refresh after a chunk rewrites only the files holding the chunk's items, so
+# it costs about max(chunk, PART_SIZE) items, not the job; 500 items are about 0.5 MB of data.
+PART_SIZE = 500
+# Cards added to the grid at a time, as the user scrolls (10,000 cards at once would take seconds).
+BATCH = 120
 
-# The page's only script: copies the <pre> a button names. It reads the DOM, never data of its own.
+# The page's only inline script. It reads the items from the data files (`gallery/items-*.js`,
+# loaded by <script src> before it: Chromium blocks fetch() of a file:// URL, but allows a script
+# of the same folder under `script-src 'self'`), draws the grid a batch at a time as the user
+# scrolls, filters it, opens one item in a dialog and copies a <pre> to the clipboard. Every text
+# goes in with textContent, never as HTML.
 _SCRIPT = """
-function selectText(pre) {
-  var range = document.createRange();
-  range.selectNodeContents(pre);
-  var selection = window.getSelection();
-  selection.removeAllRanges();
-  selection.addRange(range);
-  try { return document.execCommand("copy"); } catch (error) { return false; }
-}
-document.addEventListener("click", function (event) {
-  var button = event.target.closest("button.copy");
-  if (!button) { return; }
-  var pre = document.getElementById(button.getAttribute("data-for"));
-  var done = function (ok) { button.textContent = ok ? "Copied" : "Selected: press Ctrl+C"; };
-  if (navigator.clipboard && window.isSecureContext) {
-    navigator.clipboard.writeText(pre.textContent).then(function () { done(true); }, function () { done(selectText(pre)); });
-  } else {
-    done(selectText(pre));
+(function () {
+  "use strict";
+  var parts = (window.galleryParts || []).slice().sort(function (a, b) { return a.part - b.part; });
+  var items = [], byId = {};
+  parts.forEach(function (p) { p.items.forEach(function (item) { items.push(item); byId[item.id] = item; }); });
+  var grid = document.getElementById("grid"), more = document.getElementById("more");
+  var textBox = document.getElementById("filter-text"), stateBox = document.getElementById("filter-state");
+  var shown = document.getElementById("shown"), dialog = document.getElementById("detail");
+  var runs = [], run = 0, at = 0, box = null;
+
+  function el(tag, cls, text) {
+    var e = document.createElement(tag);
+    if (cls) { e.className = cls; }
+    if (text !== undefined) { e.textContent = text; }
+    return e;
   }
-});
-"""
+  function user(tag, cls, text) { var e = el(tag, cls + " user", text); e.dir = "auto"; return e; }
+  function picture(item, full) {
+    if (item.state !== "done") {
+      var box = el("div", "placeholder " + item.state.replace(" ", "-"));
+      box.appendChild(el("strong", "", item.state));
+      box.appendChild(user("span", "why", item.why));
+      return box;
+    }
+    var img = el("img", full ? "image" : "thumb");
+    img.src = full ? item.image : item.thumb;
+    var size = full ? item.size : item.thumb_size;
+    img.width = size[0]; img.height = size[1];
+    img.alt = item.title;
+    if (!full) { img.loading = "lazy"; return img; }
+    var link = el("a", "full");
+    link.href = item.href; link.title = "open full size";
+    link.appendChild(img);
+    return link;
+  }
+  function card(item) {
+    var art = el("article", "item " + item.state.replace(" ", "-"));
+    art.id = "item-" + item.id;
+    var open = el("button", "open");
+    open.type = "button";
+    open.setAttribute("data-id", item.id);
+    open.appendChild(picture(item, false));
+    art.appendChild(open);
+    art.appendChild(user("div", "prompt", item.title));
+    art.appendChild(el("div", "id", item.id));
+    return art;
+  }
+  function select() {
+    var text = textBox.value.toLowerCase(), state = stateBox.value, count = 0;
+    runs = []; run = 0; at = 0; box = null;
+    items.forEach(function (item) {
+      if ((state !== "all" && item.state !== state) || (text && item.search.indexOf(text) < 0)) { return; }
+      var last = runs[runs.length - 1];
+      if (last && last.group === item.group) { last.items.push(item); } else { runs.push({group: item.group, items: [item]}); }
+      count += 1;
+    });
+    grid.replaceChildren();
+    shown.textContent = count === items.length ? "all " + count + " images" : count + " of " + items.length + " images";
+    draw();
+  }
+  function draw() {
+    var left = BATCH_SIZE;
+    while (left > 0 && run < runs.length) {
+      var r = runs[run];
+      if (at === 0) {
+        var section = el("section", "group"), heading = el("h2");
+        heading.appendChild(user("bdi", "title", r.items[0].title || "(empty prompt)"));
+        heading.appendChild(el("span", "count", " (" + r.items.length + " image" + (r.items.length > 1 ? "s" : "") + ")"));
+        section.appendChild(heading);
+        box = el("div", "items");
+        section.appendChild(box);
+        grid.appendChild(section);
+      }
+      while (left > 0 && at < r.items.length) { box.appendChild(card(r.items[at])); at += 1; left -= 1; }
+      if (at === r.items.length) { run += 1; at = 0; }
+    }
+    more.hidden = run >= runs.length;
+    watcher.unobserve(more);
+    if (!more.hidden) { watcher.observe(more); }  // observing again reports at once if it is still in view
+  }
+  var watcher = new IntersectionObserver(function (entries) {
+    if (entries.some(function (e) { return e.isIntersecting; })) { draw(); }
+  }, {rootMargin: "1200px 0px"});
+  function open(item) {
+    var pic = document.getElementById("detail-picture");
+    pic.replaceChildren(picture(item, true));
+    document.getElementById("detail-title").textContent = item.title || "(empty prompt)";
+    document.getElementById("detail-id").textContent = item.id;
+    var list = document.getElementById("detail-fields");
+    list.replaceChildren();
+    item.fields.forEach(function (f) { list.appendChild(el("dt", "", f[0])); list.appendChild(user("dd", "", f[1])); });
+    document.getElementById("detail-toml").textContent = item.toml;
+    document.getElementById("detail-copy").textContent = "Copy as [[generation]]";
+    dialog.setAttribute("data-id", item.id);
+    if (!dialog.open) { dialog.showModal(); }
+  }
+  function selectText(pre) {
+    var range = document.createRange();
+    range.selectNodeContents(pre);
+    var selection = window.getSelection();
+    selection.removeAllRanges();
+    selection.addRange(range);
+    try { return document.execCommand("copy"); } catch (error) { return false; }
+  }
+  document.addEventListener("click", function (event) {
+    var opener = event.target.closest("button.open");
+    if (opener) { open(byId[opener.getAttribute("data-id")]); return; }
+    if (event.target.closest("button.close")) { dialog.close(); return; }
+    var button = event.target.closest("button.copy");
+    if (!button) { return; }
+    var pre = document.getElementById(button.getAttribute("data-for"));
+    var done = function (ok) { button.textContent = ok ? "Copied" : "Selected: press Ctrl+C"; };
+    if (navigator.clipboard && window.isSecureContext) {
+      navigator.clipboard.writeText(pre.textContent).then(function () { done(true); }, function () { done(selectText(pre)); });
+    } else {
+      done(selectText(pre));
+    }
+  });
+  var timer = null;
+  textBox.addEventListener("input", function () { clearTimeout(timer); timer = setTimeout(select, 150); });
+  stateBox.addEventListener("change", select);
+  select();
+})();
+""".replace("BATCH_SIZE", str(BATCH))
 
 _STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 0 auto; max-width: 1400px; padding: 1em 2em; color: #1d1d1f; background: #fafafa; }
-h1 { margin: 0.2em 0; } h2 { font-size: 1.05em; margin: 1.6em 0 0.4em; overflow-wrap: anywhere; }
+h1 { margin: 0.2em 0; } h2 { font-size: 1.05em; margin: 1.4em 0 0.4em; overflow-wrap: anywhere; }
 h2 .count { color: #666; font-weight: normal; }
+.user { unicode-bidi: isolate; }
 .totals { margin: 0.3em 0; } .outcome { padding: 0.4em 0.8em; border-radius: 4px; background: #fde2e1; overflow-wrap: anywhere; }
 table.stages { border-collapse: collapse; margin: 0.6em 0; } table.stages th, table.stages td { padding: 0.15em 0.8em; text-align: left; border-bottom: 1px solid #ddd; }
-.items { display: grid; grid-template-columns: repeat(auto-fill, minmax(300px, 1fr)); gap: 1em; }
-.item { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: 0.7em; }
-.item img { display: block; max-width: 100%; height: auto; margin: 0 auto; image-rendering: auto; }
-.placeholder { display: flex; flex-direction: column; justify-content: center; min-height: 180px; padding: 1em; border-radius: 4px; background: #eee; overflow-wrap: anywhere; }
+.filters { position: sticky; top: 0; z-index: 1; display: flex; gap: 0.8em; align-items: center; padding: 0.5em 0; background: #fafafa; border-bottom: 1px solid #ddd; }
+.filters input { flex: 0 1 24em; padding: 0.3em; } #shown { color: #666; }
+.items { display: grid; grid-template-columns: repeat(auto-fill, minmax(180px, 1fr)); gap: 0.8em; }
+.item { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: 0.5em; min-width: 0; }
+button.open { display: block; width: 100%; padding: 0; border: 0; background: none; cursor: zoom-in; }
+img.thumb { display: block; width: 100%; height: auto; aspect-ratio: auto; background: #eee; }
+.item .prompt { margin-top: 0.3em; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+.placeholder { display: flex; flex-direction: column; justify-content: center; min-height: 140px; padding: 0.8em; border-radius: 4px; background: #eee; overflow-wrap: anywhere; text-align: left; font: inherit; }
 .placeholder.failed { background: #fde2e1; } .placeholder.stale { background: #fff3cd; }
-.placeholder strong { font-size: 1.2em; text-transform: uppercase; }
+.placeholder strong { font-size: 1.1em; text-transform: uppercase; }
+.id { font-family: ui-monospace, monospace; font-size: 0.8em; color: #666; overflow-wrap: anywhere; }
+#more { padding: 2em; text-align: center; color: #666; }
+dialog { max-width: min(1100px, 94vw); max-height: 94vh; border: 1px solid #999; border-radius: 8px; padding: 1em 1.2em; }
+dialog h3 { margin: 0 2em 0.3em 0; overflow-wrap: anywhere; }
+dialog img.image { display: block; max-width: 100%; max-height: 60vh; width: auto; height: auto; margin: 0.5em auto; }
+button.close { position: absolute; top: 0.6em; right: 0.8em; cursor: pointer; }
 dl { display: grid; grid-template-columns: max-content 1fr; gap: 0.1em 0.8em; margin: 0.6em 0; }
 dt { color: #666; } dd { margin: 0; overflow-wrap: anywhere; white-space: pre-wrap; }
-.id { font-family: ui-monospace, monospace; font-size: 0.85em; color: #666; overflow-wrap: anywhere; }
-pre { background: #f4f4f4; padding: 0.5em; white-space: pre-wrap; overflow-wrap: anywhere; font-size: 12px; margin: 0.4em 0; }
+pre { background: #f4f4f4; padding: 0.5em; white-space: pre-wrap; overflow-wrap: anywhere; font-size: 12px; margin: 0.4em 0; unicode-bidi: isolate; }
 button.copy { cursor: pointer; }
 svg text { font: 12px system-ui, sans-serif; }
 """
@@ -83,8 +217,11 @@ def _csp_hash(text: str) -> str:
     return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
 
 
+# 'self' lets in the data files beside the page (on file://, Chromium counts the page's own folder
+# tree as 'self'); the inline script only by its hash. Subresource-integrity hashes on the data
+# files would be tighter, but Chromium refuses them on file:// (they need a CORS request).
 _CSP = (f"default-src 'none'; img-src 'self' file: data:; style-src {_csp_hash(_STYLE)}; "
-        f"script-src {_csp_hash(_SCRIPT)}; base-uri 'none'; form-action 'none'")
+        f"script-src {_csp_hash(_SCRIPT)} 'self'; base-uri 'none'; form-action 'none'")
 
 
 def _e(value) -> str:
@@ -92,13 +229,30 @@ def _e(value) -> str:
     return html.escape(str(value), quote=True)
 
 
+# Characters that are invisible or move other text when shown: C0 and C1 controls, the bidi marks,
+# embeddings, overrides and isolates (U+202E reverses everything after it), line and paragraph
+# separators. The page shows each as a visible `\u202e`; the copy block escapes them the same way,
+# which TOML reads back as the exact character.
+_HIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def display_text(value) -> str:
+    """`value` as shown on the page: every hidden or text-moving character as a visible `\\uXXXX`."""
+    return _HIDDEN.sub(lambda m: f"\\u{ord(m.group()):04x}", str(value))
+
+
+def _u(value) -> str:
+    """User text (a prompt, a name, a path) for HTML: hidden characters shown, then escaped."""
+    return _e(display_text(value))
+
+
 def toml_string(text: str) -> str:
-    """`text` as a TOML basic string: quotes, backslashes and control characters escaped."""
+    """`text` as a TOML basic string: quotes, backslashes and hidden characters (_HIDDEN) escaped."""
     out = []
     for char in text:
         if char in '"\\':
             out.append("\\" + char)
-        elif ord(char) < 0x20 or ord(char) == 0x7F:
+        elif _HIDDEN.fullmatch(char):
             out.append(f"\\u{ord(char):04x}")
         else:
             out.append(char)
@@ -137,19 +291,49 @@ def generation_block(item: dict, job: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _item_states(job_dir: Path, job: dict, outcome: str | None) -> dict[str, dict]:
-    """Per item id: state (done, to do, stale, failed), why, and its units' records when done."""
-    states = plan_job(job_dir, job)
-    by_item: dict[str, dict] = {item["id"]: {"records": {}, "pending": None} for item in job["items"]}
+def _subset_states(job_dir: Path, job: dict, only: set[str]) -> dict[str, list[UnitState]]:
+    """The states plan_job gives, for the units of the items in `only` alone (a refresh after a
+    chunk reads those items' records, not the job's)."""
+    # Only these items' units: planning all 10,000 would cost more than the rest of a refresh. An
+    # encode unit then lists only the items of `only` that share it; _item_states counts its record's.
+    units = plan_units(dict(job, items=[item for item in job["items"] if item["id"] in only]))
+    pending: set[tuple[str, str]] = set()
+    states: dict[str, list[UnitState]] = {}
+    for stage in STAGES:
+        states[stage] = []
+        for unit in units[stage]:
+            waiting = [f"{up} reruns" for up, key in unit.inputs if (up, key) in pending]
+            ok, why = (False, ", ".join(waiting)) if waiting else unit_status(job_dir, unit)
+            has_record = ok or read_record(unit.record_path(job_dir))[0] is not None
+            if not ok:
+                pending.add((stage, unit.key))
+            states[stage].append(UnitState(unit, "done" if ok else ("stale" if has_record else "to do"), why))
+    return states
+
+
+def _item_states(job_dir: Path, job: dict, outcome: str | None, states: dict | None = None,
+                 only: set[str] | None = None) -> dict[str, dict]:
+    """Per item id (all, or those in `only`): state (done, to do, stale, failed), why, and its
+    units' records when done. `states`: the caller's plan_job result, when it has one."""
+    if only is not None:
+        states = _subset_states(job_dir, job, only)
+    elif states is None:
+        states = plan_job(job_dir, job)
+    wanted = [item["id"] for item in job["items"] if only is None or item["id"] in only]
+    by_item: dict[str, dict] = {item_id: {"records": {}, "pending": None} for item_id in wanted}
     first_pending = None
     for stage in STAGES:
         for s in states[stage]:
+            record = None
             for item_id in s.unit.items:
-                entry = by_item[item_id]
+                entry = by_item.get(item_id)
+                if entry is None:
+                    continue
                 if s.state == "done":
-                    entry["records"][stage] = read_record(s.unit.record_path(job_dir))[0] or {}
-                    if stage == "encode":
-                        entry["records"][stage]["shared_by"] = len(s.unit.items)
+                    # A plan that kept the records it read saves reading them again.
+                    record = record or getattr(s, "record", None) or read_record(s.unit.record_path(job_dir))[0] or {}
+                    shared_by = len(record.get("items") or s.unit.items)  # the items it was made for
+                    entry["records"][stage] = dict(record, shared_by=shared_by) if stage == "encode" else record
                 elif entry["pending"] is None:
                     entry["pending"] = (stage, s.unit.key, s.state, s.reason)
                     first_pending = first_pending or stage
@@ -228,13 +412,13 @@ def _header(job: dict, rows: list[dict], counts: dict, outcome: str | None) -> s
     seconds = sum((row["summary"] or {}).get("seconds", 0) for row in rows)
     totals = ", ".join(f"{n} {state}" for state, n in counts.items() if n)
     out = [
-        f"<h1>job {_e(job['name'])}</h1>",
-        f'<p class="totals">{len(job["items"])} images ({_e(totals)}) &middot; model {_e(model)} ({_e(job.get("pipeline", ""))}'
+        f"<h1>job <bdi>{_u(job['name'])}</bdi></h1>",
+        f'<p class="totals">{len(job["items"])} images ({_e(totals)}) &middot; model <bdi>{_u(model)}</bdi> ({_e(job.get("pipeline", ""))}'
         f'{", scheduler " + _e(job["scheduler"]) if job.get("scheduler") else ""}) &middot; {_e(job["dtype"])} on {_e(job["device"])} '
         f"&middot; {seconds:.1f} s in the stages' last runs</p>",
     ]
     if outcome:
-        out.append(f'<p class="outcome">last run {_e(outcome)}</p>')
+        out.append(f'<p class="outcome">last run <bdi>{_u(outcome)}</bdi></p>')
     out.append("<table class=\"stages\"><tr><th>stage</th><th>made</th><th>up to date</th><th>seconds</th><th>load s</th>"
                "<th>strategy</th><th>measured peak</th><th>budget</th></tr>")
     for row in rows:
@@ -282,19 +466,11 @@ def _timings(records: dict) -> str:
     return ", ".join(parts)
 
 
-def _item_html(item: dict, entry: dict, job: dict) -> str:
+def _item_data(item: dict, entry: dict, job: dict) -> dict:
+    """One item as the page's script reads it: every text as shown (display_text), the copy block
+    exact (its TOML escapes read back as the prompt), image links with their hash (a remade image
+    is not served from the browser's cache)."""
     records = entry["records"]
-    item_id = item["id"]
-    if entry["state"] == "done":
-        output = next(iter((records["decode"].get("outputs") or {}).values()), {})
-        shape = output.get("shape") or [None, None]
-        src = quote(item["image"]) + "?v=" + quote(str(output.get("sha256", ""))[:12])  # a remade image is not served from cache
-        size = f' width="{int(shape[1])}" height="{int(shape[0])}"' if shape[0] and shape[1] else ""
-        picture = (f'<a class="full" href="{_e(quote(item["image"]))}" title="open full size">'
-                   f'<img src="{_e(src)}"{size} alt="{_e(item["prompt"])}" loading="lazy"></a>')
-    else:
-        picture = (f'<div class="placeholder {_e(entry["state"].replace(" ", "-"))}"><strong>{_e(entry["state"])}</strong>'
-                   f"<span>{_e(entry['why'])}</span></div>")
     steps = f"{item['num_inference_steps']}" + (f" (timesteps {item['timesteps']})" if item.get("timesteps") else "")
     fields = [
         ("prompt", item["prompt"]),
@@ -307,73 +483,177 @@ def _item_html(item: dict, entry: dict, job: dict) -> str:
         ("tiling", _tiling(records.get("decode"))),
         ("timings", _timings(records)),
     ]
-    block_id = f"toml-{item_id}"
-    return "\n".join([
-        f'<article class="item {_e(entry["state"].replace(" ", "-"))}" id="item-{_e(item_id)}">',
-        picture,
-        f'<div class="id">{_e(item_id)}</div>',
-        "<dl>" + "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in fields) + "</dl>",
-        f'<button class="copy" type="button" data-for="{_e(block_id)}">Copy as [[generation]]</button>',
-        f'<pre class="toml" id="{_e(block_id)}">{_e(generation_block(item, job))}</pre>',
-        "</article>",
-    ])
+    data = {
+        "id": item["id"],
+        "group": item.get("generation"),
+        "state": entry["state"],
+        "why": display_text(entry["why"]),
+        "title": display_text(item["prompt"]),
+        "search": item["prompt"].lower(),
+        "fields": [[name, display_text(value)] for name, value in fields],
+        "toml": generation_block(item, job),
+    }
+    if entry["state"] == "done":
+        outputs = records["decode"].get("outputs") or {}
+        image, thumb = outputs[Path(item["image"]).name], outputs[thumbnail_name(item["id"])]
+        folder = Path(item["image"]).parent.as_posix()
+        data.update(
+            href=quote(item["image"]),
+            image=quote(item["image"]) + "?v=" + image["sha256"][:12],
+            size=[image["shape"][1], image["shape"][0]],
+            thumb=quote(f"{folder}/{thumbnail_name(item['id'])}") + "?v=" + thumb["sha256"][:12],
+            thumb_size=[thumb["shape"][1], thumb["shape"][0]],
+        )
+    return data
 
 
-def render_gallery(job_dir: Path, job: dict, outcome: str | None = None) -> str:
-    """The page's HTML for a job folder and its resolved job; `outcome` says how the last run
-    ended when it did not finish ("failed: ...", "interrupted ...")."""
-    job_dir = Path(job_dir)
-    entries = _item_states(job_dir, job, outcome)
-    counts = {state: 0 for state in ("done", "to do", "stale", "failed")}
-    for entry in entries.values():
-        counts[entry["state"]] += 1
+_COUNTED = ("done", "to do", "stale", "failed")
+
+
+def _part_js(number: int, items: list[dict]) -> bytes:
+    """A data file: JSON (ASCII only, so no character can end the string or the call) handed to
+    the page's script; it runs nothing else."""
+    payload = json.dumps({"part": number, "items": items}, ensure_ascii=True, sort_keys=True, separators=(",", ":"))
+    return f"(window.galleryParts = window.galleryParts || []).push({payload});\n".encode()
+
+
+def _read_part(data: bytes) -> dict:
+    """The JSON of a data file written by _part_js."""
+    text = data.decode()
+    return json.loads(text[text.index("(", text.index("push")) + 1 : text.rindex(")")])
+
+
+def _part_name(number: int) -> str:
+    return f"items-{number:04d}.js"
+
+
+def _job_key(job: dict) -> str:
+    """What the items' data depends on besides their records: the job without its runtime plan."""
+    return sha256_bytes(canonical_json({k: v for k, v in job.items() if k != "runtime"}).encode())[:16]
+
+
+def _index_html(job_dir: Path, job: dict, outcome: str | None, manifest: dict) -> str:
+    counts = {state: sum(part["counts"].get(state, 0) for part in manifest["parts"]) for state in _COUNTED}
     rows = _stage_rows(job_dir, job)
-    decoded = sorted({_tiling(entry["records"]["decode"]) for entry in entries.values() if "decode" in entry["records"]})
-    rows[-1]["strategy"] = rows[-1]["strategy"] or ", ".join(decoded)  # decode's summary does not name it; its records do
-    groups: list[list[dict]] = []
-    for item in job["items"]:  # items of one [[generation]] entry (its `count`) are consecutive
-        if groups and groups[-1][0].get("generation") == item.get("generation"):
-            groups[-1].append(item)
-        else:
-            groups.append([item])
-    body = []
-    for group in groups:
-        first = group[0]
-        body.append(f'<section class="group"><h2>{_e(first["prompt"]) or "(empty prompt)"} '
-                    f'<span class="count">({len(group)} image{"s" if len(group) > 1 else ""})</span></h2><div class="items">')
-        body += [_item_html(item, entries[item["id"]], job) for item in group]
-        body.append("</div></section>")
+    rows[-1]["strategy"] = rows[-1]["strategy"] or ", ".join(manifest["tiling"])  # decode's summary does not name it; its records do
+    scripts = [f'<script src="{DATA_DIR}/{part["file"]}?v={part["sha256"][:12]}"></script>' for part in manifest["parts"]]
+    states = "".join(f'<option value="{_e(state)}">{_e(state)} ({counts[state]})</option>' for state in _COUNTED)
     return "\n".join([
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         f'<meta http-equiv="Content-Security-Policy" content="{_e(_CSP)}">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{_e(job['name'])}: {counts['done']} of {len(job['items'])} images</title>",
+        f"<title>{_u(job['name'])}: {counts['done']} of {len(job['items'])} images</title>",
         f"<style>{_STYLE}</style>",
         "</head><body><header>",
         _header(job, rows, counts, outcome),
-        "</header><main>",
-        *body,
-        "</main>",
+        "</header>",
+        '<div class="filters"><input id="filter-text" type="search" placeholder="filter by prompt" aria-label="filter by prompt">'
+        f'<select id="filter-state" aria-label="filter by state"><option value="all">all states</option>{states}</select>'
+        '<span id="shown"></span></div>',
+        '<main id="grid"></main><div id="more">loading more images</div>',
+        '<dialog id="detail"><button class="close" type="button">Close</button><div id="detail-picture"></div>',
+        '<h3 id="detail-title" class="user" dir="auto"></h3><div id="detail-id" class="id"></div><dl id="detail-fields"></dl>',
+        '<button class="copy" id="detail-copy" type="button" data-for="detail-toml">Copy as [[generation]]</button>'
+        '<pre class="toml" id="detail-toml"></pre></dialog>',
+        "<noscript><p>The gallery draws its images with its one script; allow scripts for this file.</p></noscript>",
+        *scripts,
         f"<script>{_SCRIPT}</script>",
         "</body></html>",
         "",
     ])
 
 
-def write_gallery(job_dir: Path, job: dict | None = None, outcome: str | None = None) -> Path:
-    """Write `<job_dir>/index.html` atomically (only when its content changed, so a no-op rerun
-    touches nothing); `job` defaults to the folder's job.resolved.json."""
+def _tilings(entries: dict) -> list[str]:
+    return sorted({_tiling(entry["records"]["decode"]) for entry in entries.values() if "decode" in entry["records"]})
+
+
+def render_gallery(job_dir: Path, job: dict, outcome: str | None = None, states: dict | None = None) -> dict[str, bytes]:
+    """The page's files for a job folder and its resolved job, by path relative to the folder:
+    index.html, and gallery/items-NNNN.js plus gallery/manifest.json (what a refresh after a chunk
+    starts from). `outcome` says how the last run ended when it did not finish ("failed: ...",
+    "interrupted ..."); `states` is the caller's plan_job result, so the job is not planned again."""
     job_dir = Path(job_dir)
-    page = render_gallery(job_dir, job if job is not None else read_job(job_dir), outcome).encode()
-    path = job_dir / PAGE
+    entries = _item_states(job_dir, job, outcome, states)
+    manifest = {"job": _job_key(job), "part_size": PART_SIZE, "tiling": _tilings(entries), "parts": []}
+    out: dict[str, bytes] = {}
+    for number, start in enumerate(range(0, len(job["items"]), PART_SIZE)):
+        chunk = job["items"][start:start + PART_SIZE]
+        data = _part_js(number, [_item_data(item, entries[item["id"]], job) for item in chunk])
+        counts = {state: 0 for state in _COUNTED}
+        for item in chunk:
+            counts[entries[item["id"]]["state"]] += 1
+        manifest["parts"].append({"file": _part_name(number), "sha256": sha256_bytes(data), "counts": counts})
+        out[f"{DATA_DIR}/{_part_name(number)}"] = data
+    out[f"{DATA_DIR}/{MANIFEST}"] = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+    out[PAGE] = _index_html(job_dir, job, outcome, manifest).encode()
+    return out
+
+
+def _read_own(path: Path) -> bytes:
+    """A file the gallery wrote, read only when it is a regular file (never a FIFO's endless wait)."""
+    return read_bytes_limited(path, 256 * 2**20, "gallery file")
+
+
+def _refreshed(job_dir: Path, job: dict, ids: set[str]) -> dict[str, bytes] | None:
+    """The files that change when the items `ids` changed (a chunk was made), from the files as
+    they are; None when they do not match this job (then the whole page is rendered)."""
     try:
-        if path.read_bytes() == page:
-            return path
-    except OSError:
-        pass
-    publish_bytes(path, page)
-    return path
+        manifest = json.loads(_read_own(job_dir / DATA_DIR / MANIFEST))
+        ok = manifest["job"] == _job_key(job) and manifest["part_size"] == PART_SIZE
+        ok = ok and len(manifest["parts"]) == -(-len(job["items"]) // PART_SIZE)
+    except (OSError, ValueError, KeyError, TypeError, JobFileError):
+        return None
+    if not ok:
+        return None
+    entries = _item_states(job_dir, job, None, only=ids)
+    position = {item["id"]: n for n, item in enumerate(job["items"])}
+    touched = sorted({position[item_id] // PART_SIZE for item_id in ids if item_id in position})
+    out: dict[str, bytes] = {}
+    for number in touched:
+        try:
+            part = _read_part(_read_own(job_dir / DATA_DIR / _part_name(number)))
+        except (OSError, ValueError, JobFileError):
+            return None
+        chunk = job["items"][number * PART_SIZE:(number + 1) * PART_SIZE]
+        old = {data["id"]: data for data in part["items"]}
+        if [item["id"] for item in chunk] != list(old):
+            return None
+        merged = [_item_data(item, entries[item["id"]], job) if item["id"] in entries else old[item["id"]] for item in chunk]
+        data = _part_js(number, merged)
+        counts = {state: sum(1 for d in merged if d["state"] == state) for state in _COUNTED}
+        manifest["parts"][number] = {"file": _part_name(number), "sha256": sha256_bytes(data), "counts": counts}
+        out[f"{DATA_DIR}/{_part_name(number)}"] = data
+    manifest["tiling"] = sorted(set(manifest["tiling"]) | set(_tilings(entries)))
+    out[f"{DATA_DIR}/{MANIFEST}"] = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+    out[PAGE] = _index_html(job_dir, job, None, manifest).encode()
+    return out
+
+
+def write_gallery(job_dir: Path, job: dict | None = None, outcome: str | None = None, states: dict | None = None,
+                  items: list[str] | None = None) -> Path:
+    """Write `<job_dir>/index.html` and its data files atomically, each only when its content
+    changed (so a no-op rerun touches nothing), the data before the page that names them; `job`
+    defaults to the folder's job.resolved.json. With `items` (the ids a chunk just made), only the
+    data files holding them are remade, from the files already there."""
+    job_dir = Path(job_dir)
+    job = job if job is not None else read_job(job_dir)
+    files = (_refreshed(job_dir, job, set(items)) if items is not None and outcome is None else None)
+    if files is None:
+        files = render_gallery(job_dir, job, outcome, states)
+        (job_dir / DATA_DIR).mkdir(exist_ok=True)
+        for old in (job_dir / DATA_DIR).glob("items-*.js"):  # a longer job's parts, from before
+            if f"{DATA_DIR}/{old.name}" not in files:
+                old.unlink()
+    for name in sorted(files, key=lambda name: name == PAGE):  # the page last
+        path = job_dir / name
+        try:
+            if _read_own(path) == files[name]:
+                continue
+        except (OSError, JobFileError):
+            pass  # absent, or not a regular file (a FIFO, a folder): replaced by the publish
+        publish_bytes(path, files[name])
+    return job_dir / PAGE
 
 
 def describe_outcome(exc: BaseException) -> str:
@@ -383,15 +663,16 @@ def describe_outcome(exc: BaseException) -> str:
     return "failed: " + re.sub(r"\s+", " ", str(exc)).strip()
 
 
-def write_gallery_after_run(job_dir: Path, job: dict, echo, exc: BaseException | None = None) -> Path | None:
-    """After `orchestrate run`: write the page and return its path (None when it could not be
-    written, which is one warning line: the images are what the run is for). After a run that
-    raised `exc`, the page says how it ended, its path is printed here, and no error of the page
-    replaces the run's own."""
+def write_gallery_after_run(job_dir: Path, job: dict, echo, exc: BaseException | None = None, states: dict | None = None,
+                            items: list[str] | None = None) -> Path | None:
+    """After `orchestrate run` (or one of its chunks, whose item ids are `items`): write the page
+    and return its path (None when it could not be written, which is one warning line: the images
+    are what the run is for). After a run that raised `exc`, the page says how it ended, its path is
+    printed here, and no error of the page replaces the run's own. `states`: the run's final plan."""
     if exc is not None and not Path(job_dir).is_dir():
         return None  # stopped before anything was made: no page to show
     try:
-        path = write_gallery(job_dir, job, describe_outcome(exc) if exc is not None else None)
+        path = write_gallery(job_dir, job, describe_outcome(exc) if exc is not None else None, states, items)
     except (OSError, ResourceError) as error:  # a full disk, a read-only folder
         echo(f"warning: gallery page not written ({error})")
         return None

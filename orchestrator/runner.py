@@ -143,8 +143,9 @@ def run_job(job_dir: Path, resolved: dict, echo, force: tuple[str, ...] = (), la
     `launch(stage, job_dir, force, echo, units)` runs one stage; by default a `run_stage`
     subprocess, with the next stage's process started ahead (`--wait`) so its imports overlap this
     one. `chunk`: items per denoise/decode process after the one encode pass (0: the whole queue
-    in one process each; None: chosen by orchestrator/chunks.py). `on_images(job_dir)` is called
-    after each chunk's decode but the last (the CLI refreshes the gallery page)."""
+    in one process each; None: chosen by orchestrator/chunks.py). `on_images(job_dir, ids)` is
+    called after each chunk's decode but the last, with the chunk's item ids (the CLI refreshes the
+    gallery page for them)."""
     warm: dict[str, subprocess.Popen] = {}
     active: list[subprocess.Popen] = []
     try:
@@ -218,7 +219,7 @@ class _Run:
             if decode:
                 self.stage("decode", None if whole else decode, then="denoise" if start < len(items) else None)
                 if start < len(items) and self.on_images is not None:  # the run's end writes its own page
-                    self.on_images(self.job_dir)
+                    self.on_images(self.job_dir, ids)
             self.echo(f"images: {start} of {len(items)} made in {os.path.relpath(self.job_dir / 'decode')}/")
 
     def _auto_chunk(self, total: int, made: int, remaining: int) -> tuple[int, str]:

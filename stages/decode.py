@@ -2,7 +2,8 @@
 
 Reads:  <job_dir>/job.resolved.json, <job_dir>/denoise/<item>.safetensors and its record (latent
         shape, VAE scale factor, requested and binned sizes)
-Writes: <job_dir>/decode/<item>.png (generation parameters in PNG text chunks) and <item>.json
+Writes: <job_dir>/decode/<item>.png (generation parameters in PNG text chunks), <item>.thumb.webp (at
+        most 256 px, for the gallery's grid) and <item>.json
 Loads:  AutoencoderKL only.
 
 Example: python -m stages.decode workdir/beach
@@ -96,6 +97,57 @@ def png_bytes(image, metadata: dict) -> bytes:
     return buffer.getvalue()
 
 
+# The gallery grid's thumbnails: at most this many pixels a side (the grid's cards are about 220 px
+# wide), WebP at this quality: a few KB each, so 10,000 of them load as fast as one page of PNGs.
+THUMBNAIL_SIZE = 256
+THUMBNAIL_QUALITY = 80
+
+
+def thumbnail_bytes(image) -> bytes:
+    """The image shrunk to fit THUMBNAIL_SIZE (never enlarged), as WebP; PIL's encoder gives the
+    same bytes for the same pixels, so a remade thumbnail keeps its hash."""
+    from PIL import Image
+
+    small = image.convert("RGB")
+    small.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    small.save(buffer, format="WEBP", quality=THUMBNAIL_QUALITY, method=4)
+    return buffer.getvalue()
+
+
+def publish_thumbnail(job_dir: Path, unit, image) -> tuple[Path, tuple]:
+    """Write the unit's thumbnail beside its PNG: (path, its [height, width, 3] shape)."""
+    from PIL import Image
+
+    path = job_dir / "decode" / units.thumbnail_name(unit.key)
+    data = thumbnail_bytes(image)
+    files.publish_bytes(path, data)
+    with Image.open(io.BytesIO(data)) as small:
+        return path, (small.height, small.width, 3)
+
+
+def add_missing_thumbnails(job_dir: Path, todo: list, log) -> list:
+    """Units decoded by a version without thumbnails (all else up to date) get theirs from the PNG
+    on disk, and their record lists it; no VAE is loaded for them. Returns the units still to do."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    rest = []
+    for unit in todo:
+        ok, _ = units.unit_status(job_dir, replace(unit, outputs=unit.outputs[:1]))  # up to date as the older version saw it
+        if not ok:
+            rest.append(unit)
+            continue
+        record, _ = records.read_record(unit.record_path(job_dir))
+        with Image.open(job_dir / "decode" / unit.outputs[0]) as image:
+            path, shape = publish_thumbnail(job_dir, unit, image)
+        outputs = dict(record["outputs"], **{path.name: records.output_entry(path, shape, "uint8")})
+        records.write_record(unit.record_path(job_dir), {k: v for k, v in record.items() if k not in ("checksum", "format")} | {"outputs": outputs})
+        log.info("decode: %s: thumbnail added to an image made without one", unit.key)
+    return rest
+
+
 def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
     import torch
     from diffusers import AutoencoderKL  # noqa: F401  imported before the memory baseline
@@ -104,6 +156,9 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
 
     device = entry.open_device(job)
     dtype = resolved.torch_dtype(job["dtype"])
+    todo = add_missing_thumbnails(job_dir, todo, log)
+    if not todo:
+        return {"load_seconds": 0.0, "peak": measure.peak_memory(device), "vae_upcasts": 0}
     inputs = {}
     for unit in todo:
         (upstream, key), = unit.inputs
@@ -130,6 +185,7 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
     log.info("decode: %d items, %s", len(todo), f"tiled, {tile_size} px tiles" if tile_size else "untiled")
     load_seconds = clock.seconds()
     context = records.record_context(job, "decode", device)
+    progress = entry.Progress("decode", len(todo), log)
     for n, unit in enumerate(todo, 1):
         started = measure.Clock()
         in_path, in_hash, denoise_record = inputs[unit.key]
@@ -143,13 +199,15 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
         if upcast:
             metadata["vae_upcast"] = f"float32 ({job['dtype']} overflowed)"
         files.publish_bytes(out, png_bytes(image, metadata))
+        thumb, thumb_shape = publish_thumbnail(job_dir, unit, image)
         records.write_record(unit.record_path(job_dir), {
             "stage": "decode",
             "key": unit.key,
             "items": [unit.key],
             "params": unit.params,
             "inputs": {f"denoise/{in_path.name}": in_hash},
-            "outputs": {out.name: records.output_entry(out, (image.height, image.width, 3), "uint8")},
+            "outputs": {out.name: records.output_entry(out, (image.height, image.width, 3), "uint8"),
+                        thumb.name: records.output_entry(thumb, thumb_shape, "uint8")},
             "tiled": bool(used_tile),
             "strategy": {"strategy": "tiled" if used_tile else "full", "tile_size": used_tile},
             "vae_upcast": upcast,
@@ -157,7 +215,8 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
             "seconds": started.seconds(),
             "peak": measure.peak_memory(device),
         })
-        log.info("decode: %d/%d %s -> %s %.2f s", n, len(todo), unit.key, out.relative_to(job_dir), started.seconds())
+        progress.item(1, "decode: %d/%d %s -> %s %.2f s", n, len(todo), unit.key, out.relative_to(job_dir), started.seconds())
+    progress.close()
     return {"load_seconds": load_seconds, "peak": measure.peak_memory(device), "host_rss_at_start_bytes": host_rss_at_start,
             "vae_upcasts": upcasts}
 

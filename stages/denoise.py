@@ -206,7 +206,7 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
     load_seconds = clock.seconds()
     context = records.record_context(job, "denoise", device)
     log.info("denoise: %d items, strategy %s, batch size %d", len(todo), strategy, batch_size)
-    show_bar = sys.stderr.isatty()
+    progress = entry.Progress("denoise", len(todo), log)
     done = 0
     for group in _batches(todo, items, sizes, batch_size):
         started = measure.Clock()
@@ -215,10 +215,10 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
         embeds = [read_embeddings(inputs[unit.key][0]) for unit in group]
         name = group[0].key if len(group) == 1 else f"{group[0].key} +{len(group) - 1}"
         bar = None
-        if show_bar:
+        if progress.bar is not None:  # the steps of this item, under the stage's bar
             from tqdm import tqdm
 
-            bar = tqdm(total=group_items[0]["num_inference_steps"], desc=f"denoise {done + 1}/{len(todo)} {name}", leave=False)
+            bar = tqdm(total=group_items[0]["num_inference_steps"], desc=f"  {name}", leave=False, position=1)
         latents = None
         with entry.oom_guard(job, *group):
             for step, total, latents in generate_latents(transformer, new_scheduler(), embeds, group_items, height, width, scale, device, dtype,
@@ -226,7 +226,7 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
                 if bar is not None:
                     bar.update()
                 elif step == total or step % max(1, total // 4) == 0:
-                    log.info("denoise: %s step %d/%d", name, step, total)
+                    progress.note("denoise: %s step %d/%d", name, step, total)
         if bar is not None:
             bar.close()
         latents = latents.to("cpu")
@@ -254,7 +254,8 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
                 "peak": measure.peak_memory(device),
             })
         done += len(group)
-        log.info("denoise: %d/%d %s %dx%d %.2f s", done, len(todo), name, width, height, started.seconds())
+        progress.item(len(group), "denoise: %d/%d %s %dx%d %.2f s", done, len(todo), name, width, height, started.seconds())
+    progress.close()
     summary = {"load_seconds": load_seconds, "peak": measure.peak_memory(device), "host_rss_at_start_bytes": host_rss_at_start, "strategy": strategy, "batch_size": batch_size}
     if loader is not None:
         loader.close()

@@ -168,6 +168,7 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
     pending = list(dict.fromkeys(t for unit in todo for t in _texts(unit)))  # unique texts, job order
     log.info("encode: %d texts for %d artifacts, strategy %s%s", len(pending), len(todo), strategy,
              f", {batch_size} texts per pass over the weights" if strategy == "stream" else "")
+    progress = entry.Progress("encode", len(todo), log)
     for n, unit in enumerate(todo, 1):
         started = measure.Clock()
         # 2. Encode the prompt and, with guidance, the negative prompt (pipeline step 3).
@@ -207,7 +208,8 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
         })
         if store_dir:  # after the job's own record: the store never holds what the job has not accepted
             store.put(Path(store_dir), job_dir, unit, described)
-        log.info("encode: %d/%d %s (%d items) %.2f s", n, len(todo), unit.key, len(unit.items), started.seconds())
+        progress.item(1, "encode: %d/%d %s (%d items) %.2f s", n, len(todo), unit.key, len(unit.items), started.seconds())
+    progress.close()
     summary = {"load_seconds": load_seconds, "peak": measure.peak_memory(device), "host_rss_at_start_bytes": host_rss_at_start, "strategy": strategy,
                "batch_size": batch_size, "from_store": len(taken)}
     if pipe is not None:

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 
 from stages.contract import EXIT_INTERRUPTED, EXIT_RESOURCE_ERROR, EXIT_USER_ERROR, RESOLVED_JOB, ArtifactError, JobFileError, ResourceError
@@ -24,13 +25,71 @@ def setup_logging(job_dir: Path, stage: str) -> logging.Logger:
     root.handlers.clear()
     root.setLevel(logging.DEBUG)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-    for handler, level in ((logging.StreamHandler(sys.stderr), logging.INFO), (logging.FileHandler(stage_dir / "stage.log"), logging.DEBUG)):
+    console = logging.StreamHandler(sys.stderr)
+    console.addFilter(lambda record: not record.name.startswith(ITEM_LOG))  # per-item lines: stage.log only
+    for handler, level in ((console, logging.INFO), (logging.FileHandler(stage_dir / "stage.log"), logging.DEBUG)):
         handler.setFormatter(fmt)
         handler.setLevel(level)
         root.addHandler(handler)
     for noisy in ("diffusers", "transformers", "accelerate", "httpx", "urllib3", "filelock", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return logging.getLogger(f"stages.{stage}")
+
+
+# The logger of per-item lines ("decode: 41/1000 <item> -> decode/<item>.png 0.12 s"): they go to the
+# stage's stage.log only. On the console a 10,000-item run would print one per item and stage (40,054
+# lines, issue 21); the console gets the Progress of each stage instead.
+ITEM_LOG = "stages.items"
+# At most one console progress line per stage this often when stderr is not a terminal (a CI log,
+# a file): a line every few seconds shows a run is alive without burying the lines that matter.
+PROGRESS_SECONDS = 5.0
+
+
+class Progress:
+    """A stage's progress over its units: on a terminal one tqdm bar (count, rate, ETA); otherwise
+    a line at most every PROGRESS_SECONDS and one at the end. `item()` logs its line to stage.log only."""
+
+    def __init__(self, stage: str, total: int, log: logging.Logger, stream=None, clock=time.monotonic) -> None:
+        self.stage, self.total, self.log, self.clock = stage, total, log, clock
+        self.items = logging.getLogger(f"{ITEM_LOG}.{stage}")
+        self.done = 0
+        self.started = self.shown = clock()
+        stream = sys.stderr if stream is None else stream
+        self.bar = None
+        if stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=stage, unit="item", file=stream, dynamic_ncols=True, position=0)
+
+    def note(self, message: str, *args) -> None:
+        """A line for stage.log only (e.g. a denoise step)."""
+        self.items.info(message, *args)
+
+    def item(self, count: int, message: str, *args) -> None:
+        """`count` more units made; `message % args` goes to stage.log only."""
+        self.items.info(message, *args)
+        self.done += count
+        if self.bar is not None:
+            self.bar.update(count)
+        elif self.done < self.total and self.clock() - self.shown >= PROGRESS_SECONDS:
+            self.shown = self.clock()
+            self._line()
+
+    def close(self) -> None:
+        """The last line (or the finished bar)."""
+        if self.bar is not None:
+            self.bar.close()
+        else:
+            self._line()
+
+    def _line(self) -> None:
+        seconds = self.clock() - self.started
+        rate = self.done / seconds if seconds > 0 else 0.0
+        if self.done < self.total:
+            eta = f", ETA {(self.total - self.done) / rate:.0f} s" if rate else ""
+            self.log.info("%s: %d/%d items, %.1f items/s%s", self.stage, self.done, self.total, rate, eta)
+        else:
+            self.log.info("%s: %d/%d items in %.1f s, %.1f items/s", self.stage, self.done, self.total, seconds, rate)
 
 
 @contextlib.contextmanager

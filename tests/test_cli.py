@@ -58,8 +58,10 @@ def test_run_end_to_end_with_real_subprocesses(tiny_model, tmp_path):
     for stage in ("encode", "denoise", "decode"):
         assert f"> python -m stages.{stage} work/e2e" in out  # the exact command, rerunnable by hand
     assert "peak host RSS" in out  # the summary table
-    assert "denoise: 0000-pirate-ship-trapped-in-a-cosmic-maelstro step 3/3" in first.stderr  # per-step progress
     job_dir = tmp_path / "work" / "e2e"
+    step = "denoise: 0000-pirate-ship-trapped-in-a-cosmic-maelstro step 3/3"  # per-step progress: the stage's log only
+    assert step in (job_dir / "denoise" / "stage.log").read_text() and step not in first.stderr
+    assert "denoise: 2/2 items in" in first.stderr  # the console's progress line
     items = resolved_items(job_dir)
     assert [i["seed"] for i in items] == [1152753, 1152754]
 

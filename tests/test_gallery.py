@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from orchestrator import gallery
 from orchestrator.cli import app
 from orchestrator.runner import StageFailedError, run_job
-from tests.conftest import inprocess_stage, resolved_items, run_inprocess, toml_string, write_job
+from tests.conftest import inprocess_stage, resolved_items, run_inprocess, toml_string, tree_state, write_job
 
 HOSTILE = "<img src=x onerror=alert(1)>"
 SCRIPT_BREAK = "</script><script>alert(1)</script>"
@@ -91,6 +91,18 @@ def made(tiny_model_256, tmp_path_factory):
     return job_file, job_dir
 
 
+def open_item(page, item_id: str):
+    """Click an item's thumbnail (or placeholder) in the grid: its dialog, open."""
+    page.locator(f'article[id="item-{item_id}"] button.open').click()
+    dialog = page.locator("dialog#detail")
+    page.wait_for_function(f"() => document.getElementById('detail').open && document.getElementById('detail').getAttribute('data-id') === {json.dumps(item_id)}")
+    return dialog
+
+
+def detail_values(dialog) -> dict:
+    return dict(zip(dialog.locator("dt").all_inner_texts(), dialog.locator("dd").all_inner_texts()))
+
+
 def test_the_page_shows_every_image_and_text_and_runs_nothing_from_the_data(browser, made, tmp_path):
     job_file, job_dir = made
     result = CliRunner().invoke(app, ["gallery", str(job_file), "--workdir", str(job_dir.parent)])
@@ -104,17 +116,20 @@ def test_the_page_shows_every_image_and_text_and_runs_nothing_from_the_data(brow
     page.screenshot(path=str(tmp_path / "gallery.png"), full_page=True)
     assert (tmp_path / "gallery.png").stat().st_size > 0
 
-    # Every item's image loaded from its PNG, at its size.
-    images = page.eval_on_selector_all("article.item img", "els => els.map(e => [e.complete, e.naturalWidth, e.naturalHeight])")
-    assert images == [[True, i["width"], i["height"]] for i in items], images
-    # The hostile texts are text: nothing ran, nothing was injected, the one script is ours.
+    # Every item's thumbnail loaded from decode/<item>.thumb.webp, at its size (these are under 256 px).
+    page.wait_for_function("() => Array.from(document.querySelectorAll('img.thumb')).every(e => e.complete)")
+    thumbs = page.eval_on_selector_all("article.item img.thumb", "els => els.map(e => [e.complete, e.naturalWidth, e.naturalHeight, e.getAttribute('src').split('?')[0]])")
+    assert thumbs == [[True, i["width"], i["height"], f"decode/{i['id']}.thumb.webp"] for i in items], thumbs
+    # The hostile texts are text: nothing ran, nothing was injected, the scripts are ours.
     assert dialogs == []
     assert page.locator('img[src="x"]').count() == 0
-    assert page.locator("script").count() == 1
+    sources = page.eval_on_selector_all("script", "els => els.map(e => e.getAttribute('src'))")
+    assert [s.split("?")[0] if s else s for s in sources] == ["gallery/items-0000.js", None], sources
     assert page.locator("h2").first.inner_text().startswith(HOSTILE)
     for item in items:
-        article = page.locator(f'article[id="item-{item["id"]}"]')
-        values = dict(zip(article.locator("dt").all_inner_texts(), article.locator("dd").all_inner_texts()))
+        dialog = open_item(page, item["id"])
+        values = detail_values(dialog)
+        assert dialog.locator("#detail-title").inner_text() == item["prompt"]
         assert values["prompt"] == item["prompt"]
         assert values["negative prompt"] == (item["negative_prompt"] or "(none)")
         assert values["seed"] == str(item["seed"])
@@ -128,6 +143,10 @@ def test_the_page_shows_every_image_and_text_and_runs_nothing_from_the_data(brow
         else:
             assert values["size"] == f"{item['width']}x{item['height']} (no binning)"
         assert values["tiling"] == "untiled"
+        # The dialog shows the full image, from its PNG.
+        page.wait_for_function("() => document.querySelector('#detail img.image').complete")
+        assert dialog.locator("img.image").evaluate("e => [e.naturalWidth, e.naturalHeight]") == [item["width"], item["height"]]
+        dialog.locator("button.close").click()
     # Items of one entry (count = 2) are grouped under their prompt.
     assert page.locator("section.group").count() == 2
     assert page.locator("section.group").first.locator("article.item").count() == 2
@@ -137,17 +156,17 @@ def test_the_page_shows_every_image_and_text_and_runs_nothing_from_the_data(brow
 
     # One click copies the item's [[generation]] block, valid TOML with its seed and parameters.
     second = items[1]
-    article = page.locator(f'article[id="item-{second["id"]}"]')
-    article.locator("button.copy").click()
-    page.wait_for_function("document.querySelectorAll('button.copy')[1].textContent === 'Copied'")
+    dialog = open_item(page, second["id"])
+    dialog.locator("button.copy").click()
+    page.wait_for_function("() => document.getElementById('detail-copy').textContent === 'Copied'")
     copied = page.evaluate("navigator.clipboard.readText()")
-    assert copied == article.locator("pre").text_content() == gallery.generation_block(second, json.loads((job_dir / "job.resolved.json").read_text()))
+    assert copied == dialog.locator("pre").text_content() == gallery.generation_block(second, json.loads((job_dir / "job.resolved.json").read_text()))
     (entry,) = tomllib.loads(copied)["generation"]
     assert entry == {k: second[k] for k in ("prompt", "negative_prompt", "seed", "width", "height", "guidance_scale",
                                             "num_inference_steps", "use_resolution_binning")}
 
-    # Clicking an image opens it full size.
-    article.locator("a.full").click()
+    # Clicking the image in the dialog opens it full size.
+    dialog.locator("a.full").click()
     page.wait_for_load_state("load")
     assert page.url == (job_dir / second["image"]).resolve().as_uri()
     assert page.evaluate("document.images[0].naturalWidth") == second["width"]
@@ -186,7 +205,13 @@ def test_missing_images_say_to_do_stale_or_failed_and_why(browser, made, tmp_pat
     assert f"decode: {items[0]['id']}.png is corrupt (sha256 mismatch)" in first.locator(".placeholder").inner_text()
     assert second.locator(".placeholder strong").inner_text().lower() == "failed"
     assert "out of memory on item" in second.locator(".placeholder").inner_text()
-    assert third.locator("img").evaluate("e => e.naturalWidth") == items[2]["width"]
+    page.wait_for_function("() => document.querySelector('img.thumb').complete")
+    assert third.locator("img.thumb").evaluate("e => e.naturalWidth") == items[2]["width"]
+    # The state filter shows the failed item alone; its dialog says why, with no image.
+    page.select_option("#filter-state", "failed")
+    page.wait_for_function("() => document.querySelectorAll('article.item').length === 1")
+    dialog = open_item(page, items[1]["id"])
+    assert "out of memory on item" in dialog.locator(".placeholder").inner_text() and dialog.locator("img").count() == 0
     assert "failed: stage denoise failed" in page.locator("p.outcome").inner_text()
     assert "1 done, 1 stale, 1 failed" in page.locator("p.totals").inner_text()
 
@@ -247,7 +272,7 @@ def test_run_writes_the_page_also_when_a_stage_fails_or_is_interrupted(tiny_mode
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 3 and "out of memory" in result.stderr, result.output
     html = (job_dir / "index.html").read_text()
-    assert "last run failed: stage denoise failed" in html and 'class="placeholder failed"' in html
+    assert "last run <bdi>failed: stage denoise failed" in html and '"state":"failed"' in (job_dir / "gallery" / "items-0000.js").read_text()
 
     def interrupted(stage, job_dir_, force, echo, units=None):
         raise KeyboardInterrupt
@@ -255,18 +280,20 @@ def test_run_writes_the_page_also_when_a_stage_fails_or_is_interrupted(tiny_mode
     monkeypatch.setattr(cli, "run_job", lambda d, r, echo, force, **kw: run_job(d, r, echo, force, **kw, launch=interrupted))
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 130, result.output
-    assert "last run interrupted" in (job_dir / "index.html").read_text()
+    assert "last run <bdi>interrupted" in (job_dir / "index.html").read_text()
 
     monkeypatch.setattr(cli, "run_job", lambda d, r, echo, force, **kw: run_job(d, r, echo, force, **kw, launch=inprocess_stage))
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0 and "gallery: " in result.stdout, result.output
-    html = (job_dir / "index.html").read_text()
-    assert 'class="placeholder' not in html and 'class="outcome"' not in html and 'src="decode/0000-a-red-apple.png?v=' in html
-    before = (job_dir / "index.html").stat()
+    html, data = (job_dir / "index.html").read_text(), (job_dir / "gallery" / "items-0000.js").read_text()
+    assert 'class="outcome"' not in html and '"state":"done"' in data and '"image":"decode/0000-a-red-apple.png?v=' in data
+    assert '"thumb":"decode/0000-a-red-apple.thumb.webp?v=' in data
+    before = tree_state(job_dir)
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0 and "nothing to do" in result.stdout
-    after = (job_dir / "index.html").stat()
-    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    after = tree_state(job_dir)
+    assert {k: v for k, v in after.items() if k.startswith(("index.html", "gallery/"))} == \
+        {k: v for k, v in before.items() if k.startswith(("index.html", "gallery/"))}
 
 
 def test_gallery_of_a_job_never_run_is_one_line(tiny_model_256, tmp_path):
@@ -296,3 +323,204 @@ def test_without_chromium_the_browser_tests_fail_saying_how_to_install_it(monkey
         find_chromium()
     (line,) = str(failure.value).splitlines()
     assert "chromium not found" in line and "apt-get install -y chromium" in line
+
+
+# ---------------------------------------------------------------------------------------------
+# At scale (issue 21, point 3): a job folder of 10,000 items built without running a model.
+
+COLOURS = ("red", "green", "blue", "amber", "violet", "black", "white", "golden", "silver", "pink")
+THINGS = ("apple", "owl", "boat", "castle", "forest", "robot", "teapot", "bridge", "lantern", "whale")
+
+
+def synthetic_job(folder: Path, model: Path, entries: list[tuple[str, int]], todo=frozenset(), on_disk=None):
+    """A job folder whose items are done as the stages would leave them, except the items in
+    `todo` (indices into the job's items: no decode record): records with the units' params and input hashes, artifacts with the
+    recorded hashes (one 64x64 image and its thumbnail for all). Records are written for the items
+    in `on_disk` (all when None); every record is also returned in the states plan_job would give,
+    each carrying its record, as a plan that kept them does. (job_dir, resolved job, states)."""
+    import io
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from orchestrator import job as jobfile
+    from stages import decode, files
+    from stages.units import plan_units, thumbnail_name
+
+    body = '[job]\nname = "scale"\nmodel = "%s"\n[defaults]\nwidth = 64\nheight = 64\nnum_inference_steps = 1\nuse_resolution_binning = false\n' % model
+    body += "".join(f"[[generation]]\nprompt = {toml_string(prompt)}\ncount = {count}\nseed = {n}\n" for n, (prompt, count) in enumerate(entries))
+    job = jobfile.load_job(write_job(folder, body))
+    job_dir = jobfile.job_dir_for(job, folder / "work")
+    resolved = jobfile.resolve_job(job, job_dir, "cpu")
+    for stage in ("encode", "denoise", "decode"):
+        (job_dir / stage).mkdir(parents=True)
+    (job_dir / "job.resolved.json").write_text(json.dumps(resolved))
+    image, buffer = Image.new("RGB", (64, 64), (200, 80, 40)), io.BytesIO()
+    image.save(buffer, format="PNG")
+    png, thumb = buffer.getvalue(), decode.thumbnail_bytes(image)
+    units = plan_units(resolved)
+    todo = {resolved["items"][n]["id"] for n in todo}
+    common = {"seconds": 0.01, "peak": {}, "device": "cpu", "dtype": "float32"}
+    hashes, states = {}, {stage: [] for stage in units}
+
+    def made(unit, record, artifacts):
+        for name, data in artifacts.items():
+            (job_dir / unit.stage / name).write_bytes(data)
+        outputs = {name: {"sha256": files.sha256_bytes(data), "bytes": len(data)} for name, data in artifacts.items()}
+        if unit.stage == "decode":
+            for meta in outputs.values():
+                meta.update(shape=[64, 64, 3], dtype="uint8")
+        hashes[unit.stage, unit.key] = outputs[unit.outputs[0]]["sha256"]
+        record = _record(dict(record, stage=unit.stage, key=unit.key, items=list(unit.items), params=unit.params, outputs=outputs, **common))
+        if on_disk is None or not on_disk.isdisjoint(unit.items):
+            unit.record_path(job_dir).write_text(json.dumps(record, sort_keys=True))
+        states[unit.stage].append(SimpleNamespace(unit=unit, state="done", reason="up to date", record=record))
+
+    for unit in units["encode"]:
+        made(unit, {"inputs": {}, "from_store": False}, {unit.outputs[0]: unit.key.encode()})
+    for unit in units["denoise"]:
+        (_, key), = unit.inputs
+        made(unit, {"inputs": {f"encode/{key}.safetensors": hashes["encode", key]}, "binned_size": {"height": 64, "width": 64}},
+             {unit.outputs[0]: unit.key.encode()})
+    for unit in units["decode"]:
+        if unit.key in todo:
+            states["decode"].append(SimpleNamespace(unit=unit, state="to do", reason="no record"))
+            continue
+        made(unit, {"inputs": {f"denoise/{unit.key}.safetensors": hashes["denoise", unit.key]}, "tiled": False,
+                    "strategy": {"strategy": "full", "tile_size": None}, "vae_upcast": False},
+             {unit.outputs[0]: png, thumbnail_name(unit.key): thumb})
+    return job_dir, resolved, states
+
+
+def _record(record: dict) -> dict:
+    """A record as stages/records.write_record writes it: format and self-checksum."""
+    from stages.contract import FORMAT_VERSION
+    from stages.records import record_checksum
+
+    record = dict(record, format=FORMAT_VERSION)
+    return dict(record, checksum=record_checksum(record))
+
+
+def test_ten_thousand_items_page_is_small_refreshes_by_chunk_scrolls_filters_and_opens(browser, tiny_model_256, tmp_path, monkeypatch):
+    """Guards the gallery at 10,000 items: index.html under 1 MB, first paint under 1 s, a refresh
+    after a 50-item chunk reads that chunk's records (not the job's) and gives the same files as a
+    full render; the grid draws more cards as it scrolls, filters by prompt and by state, and opens
+    an item with its full image. The first page is rendered from the caller's plan (states with
+    their records), as `orchestrate run` hands it over; planning 10,000 items is bench/scale.py's."""
+    import time
+
+    from stages import records, units
+
+    entries = [(f"a {colour} {thing}", 100) for colour in COLOURS for thing in THINGS]  # 100 prompts x 100 seeds
+    chunk = range(5000, 5050)
+    todo_range = range(7700, 7800)  # one prompt's items, not decoded yet
+    job_dir, job, states = synthetic_job(tmp_path, tiny_model_256, entries, todo=set(todo_range), on_disk=set())
+    chunk_ids = [item["id"] for item in job["items"][chunk.start:chunk.stop]]
+    # The first page: the chunk not decoded yet.
+    before = {stage: [s if stage != "decode" or s.unit.key not in chunk_ids else type(s)(unit=s.unit, state="to do", reason="no record")
+                      for s in states[stage]] for stage in states}
+    clock = time.perf_counter()
+    gallery.write_gallery(job_dir, job, states=before)
+    rendered = time.perf_counter() - clock
+    assert (job_dir / "index.html").stat().st_size < 1_000_000
+    assert '"state":"to do"' in (job_dir / "gallery" / "items-0010.js").read_text()
+
+    # The chunk is made: its records appear; the refresh reads only the chunk's records.
+    for stage in states:
+        for s in states[stage]:
+            if set(s.unit.items) & set(chunk_ids) and s.state == "done":
+                s.unit.record_path(job_dir).write_text(json.dumps(s.record, sort_keys=True))
+    reads = []
+    counted = lambda path: (reads.append(path), records.read_record(path))[1]  # noqa: E731
+    monkeypatch.setattr(units, "read_record", counted)
+    monkeypatch.setattr(gallery, "read_record", counted)
+    clock = time.perf_counter()
+    gallery.write_gallery(job_dir, job, items=chunk_ids)
+    refreshed = time.perf_counter() - clock
+    monkeypatch.undo()
+    encode_keys = {s.unit.key for s in states["encode"] if set(s.unit.items) & set(chunk_ids)}
+    assert reads and {path.stem for path in reads} <= set(chunk_ids) | encode_keys, sorted({path.stem for path in reads})[:5]
+    full = gallery.render_gallery(job_dir, job, states=states)
+    assert all(data == (job_dir / name).read_bytes() for name, data in full.items()), "a refresh differs from a full render"
+    print(f"\n10,000 items: render+write from the caller's plan {rendered:.2f} s, refresh after a 50-item chunk {refreshed:.3f} s; "
+          f"index.html {(job_dir / 'index.html').stat().st_size} B, data {sum(p.stat().st_size for p in (job_dir / 'gallery').iterdir())} B")
+    check_large_page(browser, job_dir, job)
+
+
+def check_large_page(browser, job_dir: Path, job: dict) -> None:
+    """The 10,000-item page in Chromium: first paint, scroll, filter by prompt and by state, open one."""
+    from playwright.sync_api import expect
+
+    dialogs: list = []
+    page = open_page(browser, job_dir / "index.html", dialogs)
+    page.wait_for_selector("article.item")
+    paint = page.evaluate("performance.getEntriesByName('first-contentful-paint')[0].startTime")
+    drawn = page.evaluate("performance.now()")
+    print(f"first contentful paint {paint:.0f} ms, grid drawn by {drawn:.0f} ms")
+    assert paint < 1000, paint
+    expect(page.locator("#shown")).to_have_text("all 10000 images")
+    first = page.locator("article.item").count()
+    assert 0 < first <= 3 * gallery.BATCH  # drawn a batch at a time, not all 10,000
+    # Scrolling draws more cards, and their thumbnails load.
+    for _ in range(5):
+        page.mouse.wheel(0, 20000)
+        page.wait_for_timeout(100)
+    page.wait_for_function(f"() => document.querySelectorAll('article.item').length > {3 * first}", timeout=60_000)
+    page.wait_for_function("() => Array.from(document.querySelectorAll('img.thumb')).slice(0, 50).every(e => e.complete && e.naturalWidth === 64)",
+                           timeout=60_000)
+    # Filter by prompt text: one prompt's 100 items, in one group.
+    page.fill("#filter-text", "violet owl")
+    expect(page.locator("#shown")).to_have_text("100 of 10000 images")
+    assert page.locator("section.group").count() == 1
+    assert set(page.locator("article.item .prompt").all_inner_texts()) == {"a violet owl"}
+    # Filter by state: the items not decoded yet, with why.
+    page.fill("#filter-text", "")
+    page.select_option("#filter-state", "to do")
+    expect(page.locator("#shown")).to_have_text("100 of 10000 images")
+    assert "decode: no record" in page.locator("article.item .placeholder").first.inner_text()
+    # Open one image of the chunk the refresh added.
+    item = job["items"][5020]
+    page.select_option("#filter-state", "done")
+    page.fill("#filter-text", item["prompt"])
+    expect(page.locator("#shown")).to_have_text("100 of 10000 images")
+    dialog = open_item(page, item["id"])
+    page.wait_for_function("() => document.querySelector('#detail img.image').complete")
+    assert dialog.locator("img.image").evaluate("e => e.naturalWidth") == 64
+    assert detail_values(dialog)["seed"] == str(item["seed"])
+    assert dialogs == []
+
+
+@pytest.mark.stress
+def test_ten_thousand_items_planned_from_disk(browser, tiny_model_256, tmp_path):
+    """The same page with every record on disk and the job planned by plan_job (the gallery's own
+    path when no plan is handed over): the same files as from the caller's plan."""
+    import time
+
+    entries = [(f"a {colour} {thing}", 100) for colour in COLOURS for thing in THINGS]
+    job_dir, job, states = synthetic_job(tmp_path, tiny_model_256, entries, todo=set(range(7700, 7800)))
+    clock = time.perf_counter()
+    gallery.write_gallery(job_dir, job)
+    print(f"\n10,000 items planned and rendered in {time.perf_counter() - clock:.2f} s")
+    assert all(data == (job_dir / name).read_bytes() for name, data in gallery.render_gallery(job_dir, job, states=states).items())
+    check_large_page(browser, job_dir, job)
+
+
+def test_a_right_to_left_override_in_a_prompt_moves_no_other_text(browser, tiny_model_256, tmp_path):
+    """Guards issue 17.11: a prompt ending in U+202E reversed the page's own text after it
+    ("(egami 1)"). The text after it reads left to right, the override shows as `\\u202e`, and the
+    copy block still reads back as the exact prompt."""
+    evil = "an evil prompt \u202e"
+    job_dir, job, _ = synthetic_job(tmp_path, tiny_model_256, [(evil, 1), ("a plain prompt", 1)])
+    gallery.write_gallery(job_dir, job)
+    page = open_page(browser, job_dir / "index.html", [])
+    heading = page.locator("section.group h2").first
+    assert heading.inner_text() == "an evil prompt \\u202e (1 image)"
+    # The characters of "(1 image)" are laid out left to right.
+    lefts = heading.locator(".count").evaluate("""e => { const t = e.firstChild, out = [];
+        for (let i = 0; i < t.length; i++) { const r = document.createRange(); r.setStart(t, i); r.setEnd(t, i + 1);
+          const b = r.getBoundingClientRect(); if (b.width > 0) out.push(b.left); }
+        return out; }""")
+    assert len(lefts) >= 8 and lefts == sorted(lefts), lefts
+    dialog = open_item(page, job["items"][0]["id"])
+    assert detail_values(dialog)["prompt"] == "an evil prompt \\u202e"
+    assert tomllib.loads(dialog.locator("pre").text_content())["generation"][0]["prompt"] == evil

@@ -71,7 +71,7 @@ def test_records_pin_their_keys_and_list_exactly_the_files_written(job):
             for name, meta in record["outputs"].items():
                 assert files.sha256_file(folder / name) == meta["sha256"]
                 listed.add(name)
-        artifacts = {p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".png")}
+        artifacts = {p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".png", ".webp")}
         assert artifacts == listed, f"{stage}: unlisted or missing artifacts"
         assert not list(folder.glob(".tmp-*"))
 
