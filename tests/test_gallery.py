@@ -462,10 +462,14 @@ def check_large_page(browser, job_dir: Path, job: dict) -> None:
     first = page.locator("article.item").count()
     assert 0 < first <= 3 * gallery.BATCH  # drawn a batch at a time, not all 10,000
     # Scrolling draws more cards, and their thumbnails load.
-    for _ in range(5):
+    # Wheel until the grid has grown past three batches (each wheel reaches the bottom the last
+    # batch made; a loaded machine may need more than a few before the observer fires).
+    for _ in range(100):
         page.mouse.wheel(0, 20000)
-        page.wait_for_timeout(100)
-    page.wait_for_function(f"() => document.querySelectorAll('article.item').length > {3 * first}", timeout=60_000)
+        page.wait_for_timeout(150)
+        if page.locator("article.item").count() > 3 * first:
+            break
+    assert page.locator("article.item").count() > 3 * first, "scrolling drew no more cards"
     page.wait_for_function("() => Array.from(document.querySelectorAll('img.thumb')).slice(0, 50).every(e => e.complete && e.naturalWidth === 64)",
                            timeout=60_000)
     # Filter by prompt text: one prompt's 100 items, in one group.
