@@ -571,6 +571,10 @@ def _check_scheduler(job: Job, root: Path) -> str | None:
 
 def _previous_seeds(job_dir: Path) -> dict:
     """Seeds drawn by an earlier run of this job, keyed by the generation entry they belong to."""
+    from stages.artifacts import not_regular
+
+    if not_regular(job_dir / "job.resolved.json"):  # missing, or damaged (a FIFO would block the read)
+        return {}
     try:
         return json.loads((job_dir / "job.resolved.json").read_text()).get("drawn_seeds", {})
     except (OSError, json.JSONDecodeError, AttributeError):

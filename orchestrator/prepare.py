@@ -67,6 +67,10 @@ def runtime_if_nothing_to_do(job_dir: Path, resolved: dict, flags: dict) -> dict
     left to do under it: a no-op rerun neither plans nor asks the GPU for its free memory."""
     import json
 
+    from stages.artifacts import not_regular
+
+    if not_regular(job_dir / "job.resolved.json"):  # a FIFO there would block the read forever
+        return None
     try:
         previous = json.loads((job_dir / "job.resolved.json").read_text())
     except (OSError, ValueError):

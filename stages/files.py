@@ -17,9 +17,12 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def sha256_file(path: Path) -> str:
-    """Content hash of a file, read in 1 MiB chunks."""
+    """Content hash of a regular file, read in 1 MiB chunks; ArtifactError for anything else (a
+    FIFO would block the read forever, a link could point anywhere: stages/artifacts.py)."""
+    from stages.artifacts import open_regular
+
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with os.fdopen(open_regular(path), "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()

@@ -12,10 +12,17 @@ from stages.contract import FORMAT_VERSION, RESOLVED_JOB, JobFileError
 
 def read_job(job_dir: Path) -> dict:
     """Read `<job_dir>/job.resolved.json`, the only input a stage takes besides artifacts."""
+    from stages.artifacts import not_regular, open_regular
+    from stages.contract import ArtifactError
+
     path = Path(job_dir) / RESOLVED_JOB
+    kind = not_regular(path)
+    if kind not in ("", "missing"):  # never opened: a FIFO would block forever
+        raise JobFileError(f"{path} is {kind}, not a regular file; remove it and run `orchestrate run JOB.toml` to rewrite it")
     try:
-        job = json.loads(path.read_text())
-    except FileNotFoundError:
+        with os.fdopen(open_regular(path), "rb") as f:
+            job = json.loads(f.read(64 << 20))
+    except (FileNotFoundError, ArtifactError):
         raise JobFileError(f"{path} not found; run `orchestrate run JOB.toml` first to resolve the job") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise JobFileError(f"{path} is not valid JSON ({exc}); run `orchestrate run JOB.toml` to rewrite it") from None
