@@ -157,7 +157,7 @@ def output_problem(path: Path, meta) -> str:
     if not isinstance(meta, dict):
         return "has a malformed record entry"
     if "bytes" in meta and path.lstat().st_size != meta["bytes"]:
-        return f"is corrupt ({path.lstat().st_size} bytes, its record says {meta['bytes']})"
+        return f"is corrupt (sha256 mismatch), {path.lstat().st_size} bytes where its record says {meta['bytes']}"
     try:
         if sha256_file(path) != meta.get("sha256"):
             return "is corrupt (sha256 mismatch)"

@@ -235,6 +235,32 @@ def test_tampered_embeddings_with_a_matching_record_are_one_line_in_denoise(case
     assert made(tree_state(job_dir / "denoise")) == made(before) != {}
 
 
+@pytest.mark.parametrize("kind, said", [("empty", "empty (0 bytes), not a safetensors file"),
+                                         ("truncated", "no valid safetensors header (header length"),
+                                         ("cut", "truncated or malformed (safetensors header)"),
+                                         ("sparse", "no valid safetensors header (header length 0")])
+def test_a_broken_embedding_file_with_a_matching_record_is_one_line_in_denoise(case, kind, said):
+    """Empty, its first 100 bytes, its last 100 bytes cut off, or a sparse file of zeros, each with
+    a record rewritten to match:
+    a one-line exit 2 from the header alone (a SafetensorError traceback before)."""
+    job_dir, key = case["job"], case["keys"][APPLE]
+    artifact = job_dir / "encode" / f"{key}.safetensors"
+    if kind == "sparse":  # 256 MiB: big enough to show it is never loaded, small enough to hash here
+        artifact.unlink()
+        artifact.write_bytes(b"")
+        os.truncate(artifact, 256 << 20)
+    elif kind == "cut":
+        data = artifact.read_bytes()
+        artifact.unlink()
+        artifact.write_bytes(data[:-100])
+    else:
+        plant(artifact, kind)
+    rerecord(job_dir / "encode" / f"{key}.json", artifact)
+    assert denoise.main([str(job_dir), "--units", APPLE_ITEM]) == 2
+    error = (job_dir / "denoise" / "stage.log").read_text().strip().splitlines()[-1]
+    assert f"denoise: encode/{key}.safetensors (item {APPLE_ITEM}) is not what denoise expects: " in error and said in error, error
+
+
 def test_tampered_latents_with_a_matching_record_are_one_line_in_decode(case):
     job_dir = case["job"]
     artifact = job_dir / "denoise" / f"{APPLE_ITEM}.safetensors"
