@@ -334,6 +334,7 @@ def test_fifos_in_the_store_and_the_job_folder_never_hang(case):
         assert stat.S_ISREG(os.lstat(path).st_mode), path
 
 
+@pytest.mark.stress  # ~20 s of process start-up; the in-process tests above check the same message
 def test_tampered_embeddings_in_a_job_are_one_line_exit_2_from_the_stage_process(case):
     """Width 48 for the transformer's caption_channels 32 (a RuntimeError deep in the model before):
     the stage process as the orchestrator starts it exits 2 with one error line (runner.py turns it
