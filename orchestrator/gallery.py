@@ -26,6 +26,7 @@ from urllib.parse import quote
 
 from orchestrator.plan import plan_job
 from orchestrator.runner import measured_peak
+from stages.artifacts import read_json
 from stages.contract import RESOLVED_JOB, STAGES, JobFileError, ResourceError
 from stages.files import publish_bytes
 from stages.measure import format_bytes
@@ -176,7 +177,7 @@ def _stage_rows(job_dir: Path, job: dict) -> list[dict]:
     rows = []
     for stage in STAGES:
         try:
-            summary = json.loads((job_dir / stage / "summary.json").read_text())
+            summary = read_json(job_dir / stage / "summary.json")  # a regular file only: a FIFO would block
         except (OSError, ValueError):
             summary = None
         planned = (runtime.get("stages") or {}).get(stage, {})

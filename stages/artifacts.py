@@ -183,6 +183,20 @@ def embedding_width(job: dict, part: str = "text_encoder") -> int | None:
     return value if isinstance(value, int) else None
 
 
+def read_json(path: Path, limit: int = 16 << 20):
+    """The JSON in a small regular file (a summary, a resolved job); ValueError for anything else,
+    so callers that already treat bad JSON as absent need no new case. A FIFO is never opened."""
+    try:
+        fd = open_regular(path)
+    except ArtifactError as exc:
+        raise ValueError(str(exc)) from None
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path}: over {limit} bytes")
+    return json.loads(data)
+
+
 def config_value(folder: Path, key: str):
     """One value of a model component's config.json (a regular file only), or None."""
     with contextlib.suppress(ArtifactError, OSError, ValueError):

@@ -50,6 +50,10 @@ def publish(path: Path, write) -> None:
     is flushed to disk and renamed into place. On any failure the temporary file is removed, so a
     reader sees either the old file, the complete new one, or none."""
     path = Path(path)
+    if os.path.isdir(path) and not os.path.islink(path):  # a rename cannot replace it: say so, exit 2 (not "disk full")
+        from stages.contract import ArtifactError
+
+        raise ArtifactError(f"{path} is a folder where a file belongs; remove it (e.g. `rm -r {path}`), then run again")
     tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{path.name}")
     try:
         write(tmp)

@@ -351,3 +351,24 @@ def test_tampered_embeddings_in_a_job_are_one_line_exit_2_from_the_stage_process
     errors = [line for line in result.stderr.splitlines() if "ERROR" in line]
     assert len(errors) == 1 and "prompt_embeds [1,120,48], expected [1,120,32]" in errors[0], result.stderr
     assert images(job_dir) == case["reference"]  # finished images stay
+
+
+def test_fifo_summaries_and_a_folder_for_the_resolved_job_are_handled(case):
+    """A run with nothing to do reads the stages' summary.json (chunk costs, the gallery's table):
+    FIFOs there are skipped, not waited on. A folder where job.resolved.json belongs is one line,
+    exit 2 (it was "free disk space", exit 3), and nothing made is touched."""
+    from typer.testing import CliRunner
+
+    job_dir = case["job"]
+    images_and_records = lambda: {k: v for k, v in tree_state(job_dir / "decode").items() if k.endswith((".png", ".json")) and k != "summary.json"}
+    made = images_and_records()
+    for stage in ("encode", "denoise", "decode"):
+        plant(job_dir / stage / "summary.json", "fifo")
+    result = orchestrate("run", str(case["first_file"]), "--workdir", str(case["workdir"]), timeout=120)
+    assert result.returncode == 0 and "nothing to do" in result.stdout, result.stderr[-2000:]
+    plant(job_dir / "job.resolved.json", "directory")
+    refused = CliRunner().invoke(cli.app, ["run", str(case["first_file"]), "--workdir", str(case["workdir"])])
+    assert refused.exit_code == 2, refused.output
+    assert "Traceback" not in refused.output and [line for line in refused.output.splitlines() if "error" in line] == [
+        f"error: {job_dir / 'job.resolved.json'} is a folder where a file belongs; remove it (e.g. `rm -r {job_dir / 'job.resolved.json'}`), then run again"]
+    assert images_and_records() == made != {}
