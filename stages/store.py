@@ -9,7 +9,8 @@ every unit is found it never loads T5. Each artifact it computes goes into the s
 job's own record. Every write is atomic (temporary file, then rename), so concurrent jobs may
 publish the same key: the bytes are equal and the last rename wins. A damaged entry is removed
 and the unit computed again, as is anything there that is not a regular file, or whose tensors
-are not what the model makes (names, dtype, shapes). `orchestrate run --no-store` turns the store off for a run.
+are not what the model makes (names, dtype, shapes). `orchestrate run --no-store` turns the store
+off for a run.
 """
 
 from __future__ import annotations
@@ -49,7 +50,10 @@ def take(store: Path, job_dir: Path, unit, log, expected: dict | None = None) ->
         remove(store, unit.key, log)
         return None
     out = Path(job_dir) / "encode" / f"{unit.key}.safetensors"
-    files.publish(out, lambda tmp: _link_or_copy(artifact, Path(tmp)))
+    try:
+        files.publish(out, lambda tmp: _link_or_copy(artifact, Path(tmp)))
+    except artifacts.ArtifactError as exc:  # swapped for a link or FIFO since the checks above
+        return _discard(store, unit.key, log, str(exc))
     if artifacts.not_regular(out) or files.sha256_file(out) != record["sha256"]:  # a copy that went wrong: never accepted
         out.unlink()
         return None
@@ -91,11 +95,12 @@ def remove(store: Path, key: str, log) -> None:
 def _link_or_copy(source: Path, target: Path) -> None:
     """A hard link (no bytes copied; artifacts are never modified in place, only replaced), else a
     copy (another filesystem, or links not allowed)."""
-    if artifacts.not_regular(source):  # never a link: link() would copy the link, copyfile follow it
+    if artifacts.not_regular(source):  # never a link: link() would link the link, a copy follow it
         raise artifacts.ArtifactError(f"{source} is not a regular file")
     try:
         if target.exists() or target.is_symlink():
             target.unlink()
         os.link(source, target)
     except OSError:
-        shutil.copyfile(source, target, follow_symlinks=False)
+        with os.fdopen(artifacts.open_regular(source), "rb") as src, open(target, "wb") as dst:
+            shutil.copyfileobj(src, dst)
