@@ -17,11 +17,11 @@ recomputed before each chunk from what this run measured so far. `--chunk N` fix
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from stages.artifacts import read_json
 from stages.resolved import component_folder, uses_guidance
 
 OVERHEAD = 0.03  # the share of the run that extra model loads may cost (issue 10)
@@ -59,7 +59,7 @@ def measured_cost(summary: dict) -> StageCost | None:
 def read_cost(job_dir: Path, stage: str) -> StageCost | None:
     """The measured cost in the stage's summary.json from an earlier run, if there is one."""
     try:
-        return measured_cost(json.loads((Path(job_dir) / stage / "summary.json").read_text()))
+        return measured_cost(read_json(Path(job_dir) / stage / "summary.json"))  # a FIFO there: never opened
     except (OSError, ValueError):
         return None
 

@@ -661,6 +661,10 @@ def _check_scheduler(job: Job, root: Path) -> str | None:
 
 def _previous_seeds(job_dir: Path) -> dict:
     """Seeds drawn by an earlier run of this job, keyed by the generation entry they belong to."""
+    from stages.artifacts import not_regular
+
+    if not_regular(job_dir / "job.resolved.json"):  # missing, or damaged (a FIFO would block the read)
+        return {}
     try:
         return read_json_limited(job_dir / "job.resolved.json", "resolved job", MAX_TEXT_BYTES).get("drawn_seeds", {})
     except (OSError, JobFileError, AttributeError):

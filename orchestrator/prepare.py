@@ -67,6 +67,10 @@ def runtime_if_nothing_to_do(job_dir: Path, resolved: dict, flags: dict) -> dict
     left to do under it: a no-op rerun neither plans nor asks the GPU for its free memory."""
     from stages.files import MAX_TEXT_BYTES, read_json_limited
 
+    from stages.artifacts import not_regular
+
+    if not_regular(job_dir / "job.resolved.json"):  # a FIFO there would block the read forever
+        return None
     try:
         previous = read_json_limited(job_dir / "job.resolved.json", "resolved job", MAX_TEXT_BYTES)
     except (OSError, ValueError, JobFileError):

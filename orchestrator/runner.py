@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import stages
+from stages.artifacts import read_json
 from stages import lifeline
 from orchestrator import chunks
 from orchestrator.plan import describe_stage, plan_job, plan_stage
@@ -131,7 +132,7 @@ def finish_stage(stage: str, job_dir: Path, process: subprocess.Popen, clock: Cl
         message = f"stage {stage} failed ({how}){': ' + detail if detail else ''}; log: {os.path.relpath(log)}; {hint}"
         raise StageFailedError(message, EXIT_RESOURCE_ERROR if code == EXIT_RESOURCE_ERROR else 2)
     try:
-        summary = json.loads((job_dir / stage / "summary.json").read_text())
+        summary = read_json(job_dir / stage / "summary.json")
     except (OSError, json.JSONDecodeError):
         summary = {}
     return StageRun(stage, clock.seconds(), summary)

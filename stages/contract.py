@@ -8,6 +8,7 @@ level, so the orchestrator's `status` stays fast, and none imports from orchestr
 - stages/resolved.py: the resolved job a stage reads, and where its model components are
 - stages/units.py: work units and when one is up to date
 - stages/records.py: the record each unit publishes last
+- stages/artifacts.py: what a stage accepts as an artifact (regular files, expected tensors)
 - stages/measure.py: the memory and seconds a stage measures
 - stages/entry.py: the stage process itself: arguments, device, logging, errors, interrupts
 

@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from stages import contract, entry, files, measure, records, resolved, units
+from stages import artifacts, contract, entry, files, measure, records, resolved, units
 
 
 def load_vae(job: dict, device, tile_size: int | None = None):
@@ -168,12 +168,16 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
     vae_config = resolved.read_model_config(resolved.component_root(job, "vae") / "vae" / "config.json")
     scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
     for unit in todo:
-        record = inputs[unit.key][2]
-        if record["vae_scale_factor"] != scale:
+        path, _, record = inputs[unit.key]
+        if record.get("vae_scale_factor") != scale:
             raise contract.ArtifactError(
-                f"decode: item {unit.key} was denoised for a VAE scale factor of {record['vae_scale_factor']}, "
+                f"decode: item {unit.key} was denoised for a VAE scale factor of {record.get('vae_scale_factor')}, "
                 f"but {resolved.component_root(job, 'vae')}/vae has {scale}; rerun denoise with `orchestrate stage denoise JOB.toml`"
             )
+        # Names, dtype and [1, C, h/f, w/f] from the header, before the VAE loads.
+        artifacts.require(path, artifacts.latents_expected(record, vae_config.get("latent_channels"), scale), lambda why: (
+            f"decode: denoise/{path.name} (item {unit.key}) is not what decode expects: {why}; run `orchestrate run JOB.toml --force denoise` "
+            f"or delete it and run again"))
     plan = job.get("runtime", {}).get("stages", {}).get("decode", {})
     tile_size = plan.get("tile_size") if plan.get("strategy") == "tiled" else None
     retry_tile_size = (plan.get("upcast_retry") or {}).get("tile_size", tile_size)

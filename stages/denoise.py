@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from stages import contract, entry, family, files, measure, records, resolved, units
+from stages import artifacts, contract, entry, family, files, measure, records, resolved, units
 
 
 def vae_scale_factor(model_path: str) -> int:
@@ -192,10 +192,15 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
     sample_size = resolved.read_model_config(resolved.component_root(job, "transformer") / "transformer" / "config.json")["sample_size"]
     # Check every input before loading the model (diffusers' check_inputs comes first too).
     inputs, sizes = {}, {}
+    width = artifacts.embedding_width(job, "transformer")
     for unit in todo:
         (upstream, key), = unit.inputs
         inputs[unit.key] = units.verified_input(job_dir, "denoise", unit, upstream, key)
         item = items[unit.key]
+        # Names, dtype and [1, max_sequence_length, caption_channels] from the header, before any load.
+        artifacts.require(inputs[unit.key][0], artifacts.embeddings_expected(units.encode_params(job, item), job["dtype"], width), lambda why: (
+            f"denoise: {upstream}/{key}.safetensors (item {unit.key}) is not what denoise expects: {why}; run `orchestrate run JOB.toml --force encode` "
+            f"or delete it and run again"))
         # 1. Resolution binning: the latents are made at the bin; decode resizes back.
         sizes[unit.key] = (binned_size(sample_size, item["height"], item["width"], job.get("pipeline"))
                            if item["use_resolution_binning"] else (item["height"], item["width"]))

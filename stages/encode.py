@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from stages import contract, entry, family, files, measure, records, resolved, store
+from stages import artifacts, contract, entry, family, files, measure, records, resolved, store
 
 
 def load_text_encoder(job: dict, device):
@@ -139,9 +139,11 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
     taken = []
     if store_dir and not job.get("forced"):
         context = records.record_context(job, "encode", device)
+        width = artifacts.embedding_width(job)
         for unit in todo:
             started = measure.Clock()
-            stored = store.take(Path(store_dir), job_dir, unit, log)
+            expected = artifacts.embeddings_expected(unit.params, job["dtype"], width) if width else None
+            stored = store.take(Path(store_dir), job_dir, unit, log, expected)
             if stored is None:
                 continue
             out = job_dir / "encode" / f"{unit.key}.safetensors"
@@ -207,7 +209,7 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
             "peak": measure.peak_memory(device),
         })
         if store_dir:  # after the job's own record: the store never holds what the job has not accepted
-            store.put(Path(store_dir), job_dir, unit, described)
+            store.put(Path(store_dir), job_dir, unit, described, log)
         progress.item(1, "encode: %d/%d %s (%d items) %.2f s", n, len(todo), unit.key, len(unit.items), started.seconds())
     progress.close()
     summary = {"load_seconds": load_seconds, "peak": measure.peak_memory(device), "host_rss_at_start_bytes": host_rss_at_start, "strategy": strategy,

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from stages.artifacts import clear_damaged
 from stages.contract import EXIT_INTERRUPTED, EXIT_RESOURCE_ERROR, EXIT_USER_ERROR, RESOLVED_JOB, ArtifactError, JobFileError, ResourceError
 from stages.files import publish_json, remove_temp_files
 from stages.locks import stage_lock
@@ -21,6 +22,7 @@ def setup_logging(job_dir: Path, stage: str) -> logging.Logger:
     """Log to stderr and to `<stage>/stage.log` (appended, so earlier attempts stay readable)."""
     stage_dir = Path(job_dir) / stage
     stage_dir.mkdir(parents=True, exist_ok=True)
+    clear_damaged(stage_dir / "stage.log", logging.getLogger(__name__), stage)  # appending to a FIFO would block forever
     root = logging.getLogger()
     root.handlers.clear()
     root.setLevel(logging.DEBUG)
@@ -204,6 +206,16 @@ def select_units(job_dir: Path, job: dict, stage: str, force: bool, log: logging
     return todo, len(units) - len(todo)
 
 
+def clear_unit_paths(job_dir: Path, stage: str, todo: list[Unit], log: logging.Logger) -> None:
+    """Before making `todo`: a FIFO, folder, link or other non-regular entry where one of their
+    artifacts or records belongs is damaged and removed (the link itself, never its target), or,
+    when it cannot be, an ArtifactError naming it (a rename could not replace it anyway)."""
+    for unit in todo:
+        for path in (*(Path(job_dir) / stage / name for name in unit.outputs), unit.record_path(job_dir)):
+            if not clear_damaged(path, log, stage):
+                raise ArtifactError(f"{stage}: {path} is not a regular file and cannot be removed; remove it by hand, then run again")
+
+
 def wait_for_go(imports: tuple[str, ...]) -> tuple[bool, list[str] | None]:
     """Import the stage's libraries, then block until stdin says `go` (True) or closes (False);
     `go --units KEY,...` also names the units (a chunked run knows them only then).
@@ -287,6 +299,7 @@ def stage_main(stage: str, make_units, argv: list[str] | None = None, imports: t
             for tmp in remove_temp_files(job_dir / stage, keys):
                 log.info("%s: removed half-written %s", stage, tmp.name)
             todo, fresh = select_units(job_dir, job, stage, args.force, log, args.units)
+            clear_unit_paths(job_dir, stage, todo, log)
             job["forced"] = args.force  # e.g. encode then makes every unit itself, never from the store
             summary = {"stage": stage, "units_done": 0, "units_up_to_date": fresh}
             if todo:

@@ -18,9 +18,12 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def sha256_file(path: Path) -> str:
-    """Content hash of a file, read in 1 MiB chunks."""
+    """Content hash of a regular file, read in 1 MiB chunks; ArtifactError for anything else (a
+    FIFO would block the read forever, a link could point anywhere: stages/artifacts.py)."""
+    from stages.artifacts import open_regular
+
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with os.fdopen(open_regular(path), "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -111,6 +114,10 @@ def publish(path: Path, write) -> None:
     is flushed to disk and renamed into place. On any failure the temporary file is removed, so a
     reader sees either the old file, the complete new one, or none."""
     path = Path(path)
+    if os.path.isdir(path) and not os.path.islink(path):  # a rename cannot replace it: say so, exit 2 (not "disk full")
+        from stages.contract import ArtifactError
+
+        raise ArtifactError(f"{path} is a folder where a file belongs; remove it (e.g. `rm -r {path}`), then run again")
     tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{path.name}")
     try:
         write(tmp)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
-from stages.contract import FORMAT_VERSION
+from stages.artifacts import not_regular, open_regular
+from stages.contract import FORMAT_VERSION, ArtifactError
 from stages.files import canonical_json, publish_json, sha256_bytes, sha256_file
 
 
@@ -20,13 +22,27 @@ def write_record(path: Path, record: dict) -> None:
     publish_json(path, record)
 
 
+# A record is a few KiB; a bigger file (say a huge sparse one) is damaged, not read whole.
+MAX_RECORD_BYTES = 16 << 20
+
+
 def read_record(path: Path) -> tuple[dict | None, str]:
-    """(record, "") when valid, else (None, why it is not usable)."""
-    try:
-        record = json.loads(Path(path).read_text())
-    except FileNotFoundError:
+    """(record, "") when valid, else (None, why it is not usable). Only a regular file is opened
+    (stages/artifacts.py): a FIFO, folder or link in its place is a damaged record, never read."""
+    kind = not_regular(path)
+    if kind == "missing":
         return None, "no record"
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+    if kind:
+        return None, f"record is damaged ({kind}, not a regular file)"
+    try:
+        with os.fdopen(open_regular(path), "rb") as f:
+            data = f.read(MAX_RECORD_BYTES + 1)
+        if len(data) > MAX_RECORD_BYTES:
+            return None, f"record is damaged (over {MAX_RECORD_BYTES >> 20} MiB)"
+        record = json.loads(data.decode())
+    except ArtifactError as exc:
+        return None, f"record is damaged ({exc})"
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, RecursionError):
         return None, "record is corrupt (not JSON)"
     if not isinstance(record, dict) or record.get("checksum") != record_checksum(record):
         return None, "record is corrupt (checksum mismatch)"

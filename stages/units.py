@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stages.artifacts import not_regular
 from stages.contract import ArtifactError, JobFileError
 from stages.files import sha256_file, short_hash
 from stages.records import read_record
@@ -121,7 +122,10 @@ def upstream_output_hash(job_dir: Path, stage: str, key: str) -> tuple[str | Non
     outputs = record.get("outputs", {})
     if len(outputs) != 1:
         return None, f"{stage} {key}: record lists {len(outputs)} outputs"
-    return next(iter(outputs.values()))["sha256"], ""
+    entry = next(iter(outputs.values()))
+    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+        return None, f"{stage} {key}: record lists no sha256"
+    return entry["sha256"], ""
 
 
 def unit_status(job_dir: Path, unit: Unit, check_outputs: bool = True) -> tuple[bool, str]:
@@ -144,12 +148,29 @@ def unit_status(job_dir: Path, unit: Unit, check_outputs: bool = True) -> tuple[
         return False, "outputs differ from the expected files"
     if check_outputs:
         for name, meta in record["outputs"].items():
-            path = job_dir / unit.stage / name
-            if not path.exists():
-                return False, f"{name} is missing"
-            if sha256_file(path) != meta["sha256"]:
-                return False, f"{name} is corrupt (sha256 mismatch)"
+            why = output_problem(job_dir / unit.stage / name, meta)
+            if why:
+                return False, f"{name} {why}"
     return True, "up to date"
+
+
+def output_problem(path: Path, meta) -> str:
+    """"" when `path` is a regular file with the size and sha256 its record lists, else why not.
+    Nothing but a regular file is opened (stages/artifacts.py), and the size is compared first,
+    so a huge sparse file in its place costs no hashing."""
+    kind = not_regular(path)
+    if kind:
+        return "is missing" if kind == "missing" else f"is damaged ({kind}, not a regular file)"
+    if not isinstance(meta, dict):
+        return "has a malformed record entry"
+    if "bytes" in meta and path.lstat().st_size != meta["bytes"]:
+        return f"is corrupt (sha256 mismatch), {path.lstat().st_size} bytes where its record says {meta['bytes']}"
+    try:
+        if sha256_file(path) != meta.get("sha256"):
+            return "is corrupt (sha256 mismatch)"
+    except ArtifactError as exc:
+        return f"is damaged ({exc})"
+    return ""
 
 
 def verified_input(job_dir: Path, stage_name: str, unit: Unit, upstream: str, key: str) -> tuple[Path, str]:
@@ -160,12 +181,13 @@ def verified_input(job_dir: Path, stage_name: str, unit: Unit, upstream: str, ke
     fix = f"run `orchestrate run {job_dir / 'job.toml'}` (or `orchestrate run` on your job file) to rebuild {upstream}"
     if expected is None:
         raise ArtifactError(f"{stage_name}: missing {upstream} artifact for item {unit.key} ({why}); {fix}")
-    if not path.exists():
+    record, _ = read_record(job_dir / upstream / f"{key}.json")
+    why = output_problem(path, record["outputs"].get(path.name))
+    if why.startswith("is missing"):
         raise ArtifactError(f"{stage_name}: {upstream} artifact {path} for item {unit.key} is missing; {fix}")
-    actual = sha256_file(path)
-    if actual != expected:
-        raise ArtifactError(f"{stage_name}: {upstream} artifact {path} for item {unit.key} does not match its record; {fix}")
-    return path, actual
+    if why:
+        raise ArtifactError(f"{stage_name}: {upstream} artifact {path} for item {unit.key} {why} and does not match its record; {fix}")
+    return path, expected
 
 
 def pick_units(units: list[Unit], stage: str, wanted: list[str] | None) -> list[Unit]:

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CONTRACT = ("contract", "files", "locks", "resolved", "units", "records", "measure", "entry")
+CONTRACT = ("contract", "files", "locks", "resolved", "units", "records", "artifacts", "measure", "entry")
 
 
 def test_stages_import_nothing_from_the_orchestrator():
