@@ -108,9 +108,9 @@ def _diff_params(old: dict, new: dict) -> str:
     return ", ".join(parts) + (" ..." if len(changed) > 3 else "")
 
 
-def upstream_output_hash(job_dir: Path, stage: str, key: str) -> tuple[str | None, str]:
+def upstream_output_hash(job_dir: Path, stage: str, key: str, read=read_record) -> tuple[str | None, str]:
     """The sha256 the upstream record lists for its artifact, or (None, why not)."""
-    record, why = read_record(Path(job_dir) / stage / f"{key}.json")
+    record, why = read(Path(job_dir) / stage / f"{key}.json")
     if record is None:
         return None, f"{stage} {key}: {why}"
     outputs = record.get("outputs", {})
@@ -119,17 +119,19 @@ def upstream_output_hash(job_dir: Path, stage: str, key: str) -> tuple[str | Non
     return next(iter(outputs.values()))["sha256"], ""
 
 
-def unit_status(job_dir: Path, unit: Unit, check_outputs: bool = True) -> tuple[bool, str]:
-    """(up to date, reason). Compares content hashes, never mtimes."""
+def unit_status(job_dir: Path, unit: Unit, check_outputs: bool = True, reader=None) -> tuple[bool, str]:
+    """(up to date, reason). Compares content hashes, never mtimes. `reader`: a run's
+    records.RecordReader, so that planning a run again reads each record and output once."""
     job_dir = Path(job_dir)
-    record, why = read_record(unit.record_path(job_dir))
+    read = reader.read if reader is not None else read_record
+    record, why = read(unit.record_path(job_dir))
     if record is None:
         return False, why
     if record.get("params") != unit.params:
         return False, _diff_params(record.get("params") or {}, unit.params)
     recorded_inputs = record.get("inputs", {})
     for stage, key in unit.inputs:
-        expected, why = upstream_output_hash(job_dir, stage, key)
+        expected, why = upstream_output_hash(job_dir, stage, key, read)
         name = f"{stage}/{key}.safetensors"
         if expected is None or recorded_inputs.get(name) != expected:
             return False, f"input {name} changed"
@@ -138,9 +140,10 @@ def unit_status(job_dir: Path, unit: Unit, check_outputs: bool = True) -> tuple[
     if check_outputs:
         for name, meta in record["outputs"].items():
             path = job_dir / unit.stage / name
-            if not path.exists():
+            actual = reader.sha256(path) if reader is not None else (sha256_file(path) if path.exists() else None)
+            if actual is None:
                 return False, f"{name} is missing"
-            if sha256_file(path) != meta["sha256"]:
+            if actual != meta["sha256"]:
                 return False, f"{name} is corrupt (sha256 mismatch)"
     return True, "up to date"
 
