@@ -141,3 +141,41 @@ def test_a_typo_in_one_entrys_count_is_refused_naming_the_entry(tmp_path):
     message = str(caught.value)
     assert "\n" not in message and "[[generation]] #2" in message and "'count' = 20000" in message
     assert "between 1 and 10000 per entry" in message and "repeat the entry" in message
+
+
+def test_a_stream_batch_adds_at_most_its_own_texts_to_what_encode_keeps():
+    """The memory plan's bound (orchestrator/memory.py): held while streaming <= held one text at a
+    time + the batch, over random queues with shared and recurring texts."""
+    import random
+
+    rng = random.Random(21)
+    for _ in range(200):
+        texts = [f"t{i}" for i in range(rng.randint(1, 12))]
+        units = [rng.sample(texts, rng.randint(1, min(2, len(texts)))) for _ in range(rng.randint(1, 15))]
+        units = list({tuple(u): u for u in units}.values())
+        for batch in (1, 2, 3, 8):
+            assert most_held(units, batch, stream=True) <= most_held(units, 1, stream=False) + batch, (units, batch)
+
+
+def test_the_memory_plan_counts_the_embeddings_encode_keeps(tiny_model, monkeypatch):
+    import json
+
+    from orchestrator import estimate, memory
+
+    configs = estimate.ModelConfigs.read(tiny_model)
+    d_model = json.loads(configs.encode)["d_model"]
+    plain, kept = (estimate.estimate_encode(configs, "float32", "cpu", "resident", 1, 120, k) for k in (0, 3))
+    assert kept.activation_bytes - plain.activation_bytes == 3 * 120 * (d_model * 4 + 8)  # on the CPU the host is the budget
+    on_cuda = estimate.estimate_encode(configs, "float16", "cuda", "stream", 1, 120, 3)
+    assert on_cuda.host_kept_bytes == 3 * 120 * (d_model * 2 + 8)
+    assert estimate.estimate_host_bytes(configs, "float16", on_cuda) == estimate.estimate_host_bytes(
+        configs, "float16", estimate.estimate_encode(configs, "float16", "cuda", "stream", 1, 120)) + on_cuda.host_kept_bytes
+    # 1,000 prompts with one shared negative: the plan counts 2 kept texts (+ the stream batch), not 1,001.
+    asked = []
+    real = memory.estimate_encode
+    monkeypatch.setattr(memory, "estimate_encode", lambda *a: asked.append((a[3], a[4], a[6])) or real(*a))
+    items = [{"prompt": f"p{i}", "negative_prompt": "blurry", "guidance_scale": 4.5, "height": 64, "width": 64,
+              "use_resolution_binning": False, "num_inference_steps": 1} for i in range(1000)]
+    memory.choose_strategies(tiny_model, "float32", "cpu", items, 120, 8 << 30)
+    assert {kept for strategy, batch, kept in asked if strategy == "resident"} == {2}
+    assert all(kept == 2 + batch for strategy, batch, kept in asked if strategy == "stream")
