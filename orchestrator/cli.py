@@ -138,8 +138,11 @@ def _run(job_file: Path, workdir: Path, device: str, force: tuple[str, ...], mem
          store: bool = True, chunk: int | None = None, model: str | None = None, executor: tuple = ("local", None, None)) -> None:
     """`executor`: (name, --ray-address, --gpus-per-task)."""
     from orchestrator.gallery import write_gallery_after_run
+    from stages.records import RecordReader
 
-    job_dir, resolved = prepare_job(job_file, workdir, device, memory, store, model)
+    reader = RecordReader()  # this run's: each record and output read once (issue 21)
+    plans: list = []  # the local executor leaves its final plan here, so the gallery does not plan again
+    job_dir, resolved = prepare_job(job_file, workdir, device, memory, store, model, reader)
     echo(f"job {resolved['name']}: {len(resolved['items'])} images, model {resolved['model']['given']}, "
          f"{resolved['dtype']} on {resolved['device']}, folder {os.path.relpath(job_dir)}")
     if resolved["runtime"]:
@@ -152,7 +155,8 @@ def _run(job_file: Path, workdir: Path, device: str, force: tuple[str, ...], mem
 
             runs = run_job_on_ray(job_dir, resolved, echo, force, executor[1], executor[2])
         else:
-            runs = run_job(job_dir, resolved, echo, force, chunk=chunk, on_images=_gallery_refresher(resolved))
+            runs = run_job(job_dir, resolved, echo, force, chunk=chunk, on_images=_gallery_refresher(resolved), reader=reader,
+                           plans=plans)
     except (StageFailedError, ResourceError, KeyboardInterrupt) as exc:
         write_gallery_after_run(job_dir, resolved, echo, exc)  # the page says what is missing and why
         raise
@@ -160,7 +164,7 @@ def _run(job_file: Path, workdir: Path, device: str, force: tuple[str, ...], mem
         from orchestrator.memory import remember_plan
 
         remember_plan(job_dir, resolved["runtime"])  # a rerun with the same shapes and budget will not plan again
-    page = write_gallery_after_run(job_dir, resolved, echo)
+    page = write_gallery_after_run(job_dir, resolved, echo, states=plans[-1] if plans else None)
     if not runs:
         echo(f"nothing to do: all {len(resolved['items'])} images are up to date in {os.path.relpath(job_dir / 'decode')}")
     else:

@@ -96,6 +96,9 @@ class Estimate:
     workspace_bytes: int
     tile_size: int | None = None
     retry: Estimate | None = None  # decode in 16 bits: the float32 retry of an item whose output overflowed
+    # encode on CUDA: the embeddings it keeps on the host between units (stages/embedding_cache.py);
+    # on the CPU they are in activation_bytes, since there the host is the budget
+    host_kept_bytes: int = 0
 
     @property
     def peak_bytes(self) -> int:
@@ -491,11 +494,11 @@ def _host_weights(part: str, config_text: str, dtype_name: str, strategy: str) -
 
 
 def estimate_host_bytes(model: ModelConfigs, dtype: str, estimate: Estimate) -> int:
-    """Host memory a CUDA stage needs for weights under the estimate's strategy (not counting the
-    interpreter and libraries, ~0.5-1 GiB per process)."""
+    """Host memory a CUDA stage needs for weights under the estimate's strategy, and encode's kept
+    embeddings (not counting the interpreter and libraries, ~0.5-1 GiB per process)."""
     part, config = {"encode": ("text_encoder", model.encode), "denoise": ("transformer", model.denoise),
                     "decode": ("vae", model.decode)}[estimate.stage]
-    return _host_weights(part, config, dtype, estimate.strategy)
+    return _host_weights(part, config, dtype, estimate.strategy) + estimate.host_kept_bytes
 
 
 @dataclass(frozen=True)
@@ -518,12 +521,21 @@ class ModelConfigs:
         return 2 ** (len(json.loads(self.decode)["block_out_channels"]) - 1)
 
 
-def estimate_encode(model: ModelConfigs, dtype: str, device_type: str, strategy: str, batch_size: int, seq_len: int) -> Estimate:
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def estimate_encode(model: ModelConfigs, dtype: str, device_type: str, strategy: str, batch_size: int, seq_len: int,
+                    kept_texts: int = 0) -> Estimate:
+    """`kept_texts`: the most embeddings the stage holds on the host between units (issue 21;
+    memory.choose_strategies counts them from the job's texts)."""
     one = _encode_phases(model.encode, dtype, device_type, strategy, seq_len, 1)
     two = _encode_phases(model.encode, dtype, device_type, strategy, seq_len, 2)
     activations = max(a + (batch_size - 1) * (b - a) for a, b in zip(one, two))
+    # Each kept text: prompt_embeds [1, seq, d_model] in the job's dtype, prompt_attention_mask [1, seq] int64.
+    kept = kept_texts * seq_len * (json.loads(model.encode)["d_model"] * _DTYPE_BYTES[dtype] + 8)
+    on_host = device_type == "cpu"
     return Estimate("encode", strategy, batch_size, _weights("text_encoder", model.encode, dtype, device_type, strategy),
-                    activations, _workspace("encode", device_type))
+                    activations + (kept if on_host else 0), _workspace("encode", device_type), host_kept_bytes=0 if on_host else kept)
 
 
 def estimate_denoise(model: ModelConfigs, dtype: str, device_type: str, strategy: str, batch_size: int, shapes, seq_len: int) -> Estimate:

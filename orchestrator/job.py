@@ -25,7 +25,10 @@ from stages.resolved import hub_snapshot, slugify
 from stages.weights import check_weight_files
 
 DTYPES = ("float16", "bfloat16", "float32")
-MAX_ITEMS = 10_000  # a queue larger than this is almost certainly a typo in `count`
+MAX_ITEMS = 100_000  # images per job: a dataset's queue (issue 21); the plan and a no-op rerun stay linear
+# One entry's `count`: more than this in one [[generation]] is almost certainly a typo (an extra
+# zero); a dataset of many images of one prompt writes several entries, or a prompts_file.
+MAX_COUNT = 10_000
 MAX_SIDE = 4096  # the largest 1024-bin is 2048 px; 4096 leaves room for the unbinned case
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit integer
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -136,8 +139,9 @@ def _check_range(where: str, gen: GenerationParams) -> None:
         bad("num_inference_steps", gen.num_inference_steps, "between 1 and 1000 (the scheduler's training steps)")
     if not math.isfinite(gen.guidance_scale) or not 0 <= gen.guidance_scale <= 100:
         bad("guidance_scale", gen.guidance_scale, "a finite number from 0 to 100 (<= 1 turns guidance off)")
-    if not 1 <= gen.count <= MAX_ITEMS:
-        bad("count", gen.count, f"between 1 and {MAX_ITEMS}")
+    if not 1 <= gen.count <= MAX_COUNT:
+        bad("count", gen.count, f"between 1 and {MAX_COUNT} per entry (a guard against a typo; for more images of one "
+                                f"prompt, repeat the entry: up to {MAX_ITEMS} images per job)")
     if gen.seed is not None and not 0 <= gen.seed <= MAX_SEED:
         bad("seed", gen.seed, f"between 0 and {MAX_SEED}")
     if gen.timesteps is not None:

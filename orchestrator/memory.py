@@ -115,6 +115,15 @@ def _texts(items: list[dict]) -> list[str]:
     return list(texts)
 
 
+def _encode_units_texts(items: list[dict]) -> list[list[str]]:
+    """The texts of each encode unit (one per distinct prompt and negative prompt), in job order."""
+    units: dict[tuple, list[str]] = {}
+    for item in items:
+        negative = item["negative_prompt"] if uses_guidance(item) else None
+        units.setdefault((item["prompt"], negative), [t for t in (item["prompt"], negative) if t is not None])
+    return list(units.values())
+
+
 def _latent_size(item: dict, sample_size: int, pipeline: str | None) -> tuple[int, int]:
     if not item["use_resolution_binning"]:
         return item["height"], item["width"]
@@ -160,16 +169,26 @@ def choose_strategies(model_path, dtype: str, device_type: str, items: list[dict
                     and estimate_host_bytes(model, dtype, estimate) > host_budget_bytes)
 
     # Encode: the first strategy that fits one text, then as many texts as fit (all without a budget).
+    # Besides its batch, encode keeps the embeddings of texts a later unit uses again (a shared
+    # negative prompt; stages/embedding_cache.py): most_held for one text at a time, and a stream
+    # batch encoded ahead adds at most its own texts to that.
+    from stages.embedding_cache import most_held
+
+    recurring = most_held(_encode_units_texts(items), 1, stream=False)
     encode = []
     for strategy in ("resident", "stream"):
+        def candidate(batch: int) -> Estimate:
+            kept = recurring + (batch if strategy == "stream" else 0)
+            return estimate_encode(model, dtype, device_type, strategy, batch, max_sequence_length, kept)
+
         low, high = (texts, texts) if budget_bytes is None else (1, texts)
         while low < high:  # the largest batch that fits; peaks grow with it
             mid = (low + high + 1) // 2
-            if fits(estimate_encode(model, dtype, device_type, strategy, mid, max_sequence_length)):
+            if fits(candidate(mid)):
                 low = mid
             else:
                 high = mid - 1
-        encode.append(estimate_encode(model, dtype, device_type, strategy, low, max_sequence_length))
+        encode.append(candidate(low))
     # Denoise: batch 1 on the CPU (bit parity with the one-process pipeline) and without a budget.
     largest_group = max(groups.values())
     sizes = [b for b in DENOISE_BATCH_SIZES if b <= largest_group] if device_type == "cuda" and budget_bytes is not None and not exact else [1]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.contract import STAGES
-from stages.records import read_record
+from stages.records import RecordReader
 from stages.units import Unit, plan_units, unit_status
 
 
@@ -22,32 +22,28 @@ class UnitState:
     reason: str
 
 
-def plan_job(job_dir: Path, job: dict) -> dict[str, list[UnitState]]:
-    """Every unit of every stage with its predicted state and reason."""
-    units = plan_units(job)
+def plan_job(job_dir: Path, job: dict, reader: RecordReader | None = None, units: dict | None = None) -> dict[str, list[UnitState]]:
+    """Every unit of every stage with its predicted state and reason. A run passes its own
+    `reader` (each record and output read once per run) and `units` (plan_units, made once)."""
+    units = units if units is not None else plan_units(job)
+    reader = reader if reader is not None else RecordReader()
     pending: set[tuple[str, str]] = set()
-    return {stage: _states(job_dir, units[stage], pending) for stage in STAGES}
+    return {stage: _states(job_dir, units[stage], pending, reader) for stage in STAGES}
 
 
-def plan_stage(job_dir: Path, job: dict, stage: str) -> list[UnitState]:
-    """One stage's units against the upstream records as they are now (the upstream stages have
-    run), without re-checking the other stages' outputs."""
-    return _states(job_dir, plan_units(job)[stage], set())
-
-
-def _states(job_dir: Path, units: list, pending: set) -> list[UnitState]:
+def _states(job_dir: Path, units: list, pending: set, reader: RecordReader) -> list[UnitState]:
     """States of one stage's units; a unit fed by a `pending` (stage, key) is stale because of it.
     Adds this stage's units that are not done to `pending`."""
     states = []
     for unit in units:
-        has_record = read_record(unit.record_path(job_dir))[0] is not None
         waiting = [f"{up} reruns" for up, key in unit.inputs if (up, key) in pending]
         if waiting:
             ok, why = False, ", ".join(waiting)
         else:
-            ok, why = unit_status(job_dir, unit)
+            ok, why = unit_status(job_dir, unit, reader=reader)
         if not ok:
             pending.add((unit.stage, unit.key))
+        has_record = ok or reader.read(unit.record_path(job_dir))[0] is not None
         states.append(UnitState(unit, "done" if ok else ("stale" if has_record else "to do"), why))
     return states
 

@@ -40,10 +40,11 @@ def resolve_device(device: str) -> str:
 
 
 def prepare_job(job_file: Path, workdir: Path, device: str, memory: tuple = (None, None, True, False),
-             store: bool = True, model: str | None = None) -> tuple[Path, dict]:
+             store: bool = True, model: str | None = None, reader=None) -> tuple[Path, dict]:
     """The job dir and resolved job; `memory` (--max-vram, --max-ram, tiling allowed) plans its
     runtime section; `store` names the workdir's embedding store (stages/store.py) in it; `model`
-    is --model, for a prompt list (.txt) given instead of a job file."""
+    is --model, for a prompt list (.txt) given instead of a job file; `reader`: the run's
+    records.RecordReader, so the records checked here are not read again by the run."""
     job = jobfile.load_job(job_file, model)
     job_dir = jobfile.job_dir_for(job, workdir)
     resolved = jobfile.resolve_job(job, job_dir, resolve_device(device))
@@ -52,7 +53,7 @@ def prepare_job(job_file: Path, workdir: Path, device: str, memory: tuple = (Non
 
     flags = {"max_vram": memory[0], "max_ram": memory[1], "tiling": memory[2], "exact": memory[3]}
     if resolved["device"] != "cpu" or memory[0] is not None or memory[1] is not None:  # a budget: planning would run
-        reused = runtime_if_nothing_to_do(job_dir, resolved, flags)
+        reused = runtime_if_nothing_to_do(job_dir, resolved, flags, reader)
         if reused is not None:
             resolved["runtime"] = reused
             return job_dir, resolved
@@ -62,7 +63,7 @@ def prepare_job(job_file: Path, workdir: Path, device: str, memory: tuple = (Non
     return job_dir, resolved
 
 
-def runtime_if_nothing_to_do(job_dir: Path, resolved: dict, flags: dict) -> dict | None:
+def runtime_if_nothing_to_do(job_dir: Path, resolved: dict, flags: dict, reader=None) -> dict | None:
     """The previous run's runtime section when the same job with the same memory flags has nothing
     left to do under it: a no-op rerun neither plans nor asks the GPU for its free memory."""
     from stages.files import MAX_TEXT_BYTES, read_json_limited
@@ -84,6 +85,6 @@ def runtime_if_nothing_to_do(job_dir: Path, resolved: dict, flags: dict) -> dict
     from stages.units import plan_units, unit_status
 
     units = plan_units(dict(resolved, runtime=runtime))  # in stage order: the first stale unit ends the check
-    if not all(unit_status(job_dir, unit)[0] for stage in STAGES for unit in units[stage]):
+    if not all(unit_status(job_dir, unit, reader=reader)[0] for stage in STAGES for unit in units[stage]):
         return None
     return dict(runtime, plan_cache="not needed: nothing to do")

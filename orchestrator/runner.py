@@ -19,12 +19,14 @@ import stages
 from stages.artifacts import read_json
 from stages import lifeline
 from orchestrator import chunks
-from orchestrator.plan import describe_stage, plan_job, plan_stage
+from orchestrator.plan import describe_stage, plan_job
 from stages.contract import EXIT_INTERRUPTED, EXIT_RESOURCE_ERROR, RESOLVED_JOB, STAGES, TMP_PREFIX, JobFileError
 from stages.files import publish_json, remove_temp_files
 from stages.locks import exclusive_lock
 from stages.measure import Clock, format_bytes
+from stages.records import RecordReader
 from stages.resolved import read_job
+from stages.units import plan_units
 
 PROJECT_ROOT = Path(stages.__file__).resolve().parent.parent
 
@@ -139,18 +141,25 @@ def finish_stage(stage: str, job_dir: Path, process: subprocess.Popen, clock: Cl
 
 
 def run_job(job_dir: Path, resolved: dict, echo, force: tuple[str, ...] = (), launch=None, chunk: int | None = 0,
-            on_images=None) -> list[StageRun]:
+            on_images=None, reader: RecordReader | None = None, plans: list | None = None) -> list[StageRun]:
     """Write the resolved job, then run each stage that has work, in order, under the job lock.
     `launch(stage, job_dir, force, echo, units)` runs one stage; by default a `run_stage`
     subprocess, with the next stage's process started ahead (`--wait`) so its imports overlap this
     one. `chunk`: items per denoise/decode process after the one encode pass (0: the whole queue
     in one process each; None: chosen by orchestrator/chunks.py). `on_images(job_dir, ids)` is
     called after each chunk's decode but the last, with the chunk's item ids (the CLI refreshes the
-    gallery page for them)."""
+    gallery page for them). The job is planned once, and again only after a stage made new records;
+    `reader` (records.RecordReader, the run's: the CLI shares it with prepare_job) reads each record
+    and output once per run. `plans`: when given, the job's plan as the run leaves it (plan_job's
+    shape) is appended, so the caller need not plan again (the gallery)."""
     warm: dict[str, subprocess.Popen] = {}
     active: list[subprocess.Popen] = []
     try:
-        return _Run(job_dir, resolved, echo, force, launch, warm, active, on_images).all_stages(chunk)
+        run = _Run(job_dir, resolved, echo, force, launch, warm, active, on_images, reader if reader is not None else RecordReader())
+        runs = run.all_stages(chunk)
+        if plans is not None:
+            plans.append(run.plan() if run.changed else run.states)
+        return runs
     finally:
         for process in warm.values():  # a stage started ahead but not needed: dismiss it
             go_stage(process, False)
@@ -162,25 +171,36 @@ def run_job(job_dir: Path, resolved: dict, echo, force: tuple[str, ...] = (), la
 class _Run:
     """One `orchestrate run` under the job lock: the stage processes it starts, in order."""
 
-    def __init__(self, job_dir: Path, resolved: dict, echo, force, launch, warm: dict, active: list, on_images) -> None:
+    def __init__(self, job_dir: Path, resolved: dict, echo, force, launch, warm: dict, active: list, on_images, reader) -> None:
         self.job_dir, self.resolved, self.echo, self.force = job_dir, resolved, echo, force
         self.launch, self.warm, self.active, self.on_images = launch, warm, active, on_images
+        self.reader = reader
         self.runs: list[StageRun] = []
+        self.states: dict | None = None
+        self.changed = False  # a stage ran since `states` was planned
+
+    def plan(self) -> dict:
+        """The whole job's states; records and outputs no stage rewrote come from the run's reader."""
+        self.states, self.changed = plan_job(self.job_dir, self.job, self.reader, self.units), False
+        return self.states
 
     def all_stages(self, chunk: int | None) -> list[StageRun]:
         self.job_dir.mkdir(parents=True, exist_ok=True)
         with exclusive_lock(self.job_dir / "run.lock", f"job {self.job_dir.name}"):
             publish_json(self.job_dir / RESOLVED_JOB, self.resolved)
             self.job = read_job(self.job_dir)
-            if self._announce("encode", plan_stage(self.job_dir, self.job, "encode")):
+            self.units = plan_units(self.job)  # once per run (issue 21)
+            # One plan for the whole job; planned again only after a stage made new records, each
+            # stage deciding on the real records of the stages before it.
+            if self._announce("encode", self.plan()["encode"]):
                 self.stage("encode", None, then="denoise")
-            predicted = plan_job(self.job_dir, self.job) if chunk != 0 else None  # after encode: its real records
-            if predicted and _has_work(predicted["denoise"], "denoise" in self.force) and _has_work(predicted["decode"], "decode" in self.force):
+            predicted = self.plan() if self.changed else self.states
+            if chunk != 0 and _has_work(predicted["denoise"], "denoise" in self.force) and _has_work(predicted["decode"], "decode" in self.force):
                 self.chunked({stage: self._announce(stage, predicted[stage]) for stage in ("denoise", "decode")}, chunk)
-            else:  # each stage planned after the one before it has run: its real records
-                if self._announce("denoise", plan_stage(self.job_dir, self.job, "denoise")):
+            else:
+                if self._announce("denoise", predicted["denoise"]):
                     self.stage("denoise", None, then="decode")
-                if self._announce("decode", plan_stage(self.job_dir, self.job, "decode")):
+                if self._announce("decode", (self.plan() if self.changed else self.states)["decode"]):
                     self.stage("decode", None)
             _publish_merged(self.job_dir, self.runs)
         return self.runs
@@ -256,6 +276,7 @@ class _Run:
             if then:  # it will most likely have work once this stage has made new artifacts
                 self.warm[then] = start_stage(then, self.job_dir, then in self.force, wait=True)
             self.runs.append(finish_stage(stage, self.job_dir, process, clock))
+        self.changed = True
         over = budget_overrun(self.runs[-1].summary, self.job.get("runtime", {}))
         if over:
             self.echo(f"warning: {stage} {over}")

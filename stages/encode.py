@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from stages import artifacts, contract, entry, family, files, measure, records, resolved, store
+from stages.embedding_cache import EmbeddingCache
 
 
 def load_text_encoder(job: dict, device):
@@ -166,28 +167,29 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
         pipe, stream_state = (load_text_encoder(job, device), None) if strategy == "resident" else (None, {})
     load_seconds = clock.seconds()
     context = records.record_context(job, "encode", device)
-    cache: dict[str, tuple] = {}  # text -> (embeds, mask); a text shared by many items is encoded once
-    pending = list(dict.fromkeys(t for unit in todo for t in _texts(unit)))  # unique texts, job order
-    log.info("encode: %d texts for %d artifacts, strategy %s%s", len(pending), len(todo), strategy,
+    # text -> (embeds, mask), each kept only while a later unit needs it: a text shared by many
+    # items is encoded once, and the queue's length does not grow the process.
+    cache = EmbeddingCache([_texts(unit) for unit in todo])
+    log.info("encode: %d texts for %d artifacts, strategy %s%s", len(cache.order), len(todo), strategy,
              f", {batch_size} texts per pass over the weights" if strategy == "stream" else "")
     progress = entry.Progress("encode", len(todo), log)
     for n, unit in enumerate(todo, 1):
         started = measure.Clock()
         # 2. Encode the prompt and, with guidance, the negative prompt (pipeline step 3).
-        missing = [t for t in _texts(unit) if t not in cache]
+        missing = cache.missing(_texts(unit))
         with entry.oom_guard(job, unit):
             if missing and strategy == "stream":
-                batch = (missing + [t for t in pending if t not in cache and t not in missing])[:max(batch_size, len(missing))]
-                cache.update(stream_encode(job, device, batch, stream_state))
+                for text, value in stream_encode(job, device, cache.batch(missing, batch_size), stream_state).items():
+                    cache.put(text, value)
             for text in missing:
-                if text not in cache:
+                if text not in cache.held:
                     embeds, mask = encode_text(pipe, text, job, device)
-                    cache[text] = (embeds.to("cpu"), mask.to("cpu"))  # on the host: device memory stays flat
+                    cache.put(text, (embeds.to("cpu"), mask.to("cpu")))  # on the host: device memory stays flat
         tensors = {}
         for prefix, text in (("", unit.params["prompt"]), ("negative_", unit.params["negative_prompt"])):
             if text is None:
                 continue
-            embeds, mask = cache[text]
+            embeds, mask = cache.held[text]
             tensors[f"{prefix}prompt_embeds"] = embeds.detach().to("cpu").contiguous().clone()  # [1, seq, dim]; own storage
             tensors[f"{prefix}prompt_attention_mask"] = mask.to("cpu").contiguous().clone()  # [1, seq]
         # 3. Publish the artifact, then its record.
@@ -210,10 +212,12 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
         })
         if store_dir:  # after the job's own record: the store never holds what the job has not accepted
             store.put(Path(store_dir), job_dir, unit, described, log)
+        cache.done(_texts(unit))
+        del tensors
         progress.item(1, "encode: %d/%d %s (%d items) %.2f s", n, len(todo), unit.key, len(unit.items), started.seconds())
     progress.close()
     summary = {"load_seconds": load_seconds, "peak": measure.peak_memory(device), "host_rss_at_start_bytes": host_rss_at_start, "strategy": strategy,
-               "batch_size": batch_size, "from_store": len(taken)}
+               "batch_size": batch_size, "from_store": len(taken), "embeddings_held_max": cache.most}
     if pipe is not None:
         summary.update(weight_passes=1, weight_bytes_moved=sum(p.numel() * p.element_size() for p in pipe.text_encoder.parameters()))
     if stream_state:

@@ -51,6 +51,51 @@ def read_record(path: Path) -> tuple[dict | None, str]:
     return record, ""
 
 
+class RecordReader:
+    """One run's reads: each record is read and checked, and each output hashed, once per run
+    (issue 21: a run plans several times, and a unit's record is also its downstream's input).
+    A file is read again only when it changed within the run (a stage of this run rewrote it),
+    told by (size, mtime_ns, inode). Nothing is kept across runs, so every run still compares
+    every record and output by content once (STYLE.md: content hashes, not mtimes)."""
+
+    def __init__(self) -> None:
+        self._records: dict[str, tuple] = {}  # path -> (stat key, (record, why))
+        self._hashes: dict[str, tuple] = {}  # path -> (stat key, sha256)
+
+    @staticmethod
+    def _stat_key(path: str):
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return st.st_size, st.st_mtime_ns, st.st_ino
+
+    def read(self, path: Path) -> tuple[dict | None, str]:
+        """read_record's answer for `path`; the record is shared: callers must not change it."""
+        path = str(path)
+        key = self._stat_key(path)
+        if key is None:
+            return read_record(path)  # missing: says so, and nothing to keep
+        kept = self._records.get(path)
+        if kept is None or kept[0] != key:
+            kept = self._records[path] = (key, read_record(path))
+        return kept[1]
+
+    def sha256(self, path: Path) -> str | None:
+        """The file's content hash, None when it is missing."""
+        path = str(path)
+        key = self._stat_key(path)
+        if key is None:
+            return None
+        kept = self._hashes.get(path)
+        if kept is None or kept[0] != key:
+            try:
+                kept = self._hashes[path] = (key, sha256_file(path))
+            except FileNotFoundError:
+                return None
+        return kept[1]
+
+
 def output_entry(path: Path, shape=None, dtype=None) -> dict:
     entry = {"sha256": sha256_file(path), "bytes": Path(path).stat().st_size}
     if shape is not None:

@@ -114,9 +114,9 @@ def _diff_params(old: dict, new: dict) -> str:
     return ", ".join(parts) + (" ..." if len(changed) > 3 else "")
 
 
-def upstream_output_hash(job_dir: Path, stage: str, key: str) -> tuple[str | None, str]:
+def upstream_output_hash(job_dir: Path, stage: str, key: str, read=read_record) -> tuple[str | None, str]:
     """The sha256 the upstream record lists for its artifact, or (None, why not)."""
-    record, why = read_record(Path(job_dir) / stage / f"{key}.json")
+    record, why = read(Path(job_dir) / stage / f"{key}.json")
     if record is None:
         return None, f"{stage} {key}: {why}"
     outputs = record.get("outputs", {})
@@ -128,17 +128,19 @@ def upstream_output_hash(job_dir: Path, stage: str, key: str) -> tuple[str | Non
     return entry["sha256"], ""
 
 
-def unit_status(job_dir: Path, unit: Unit, check_outputs: bool = True) -> tuple[bool, str]:
-    """(up to date, reason). Compares content hashes, never mtimes."""
+def unit_status(job_dir: Path, unit: Unit, check_outputs: bool = True, reader=None) -> tuple[bool, str]:
+    """(up to date, reason). Compares content hashes, never mtimes. `reader`: a run's
+    records.RecordReader, so that planning a run again reads each record and output once."""
     job_dir = Path(job_dir)
-    record, why = read_record(unit.record_path(job_dir))
+    read = reader.read if reader is not None else read_record
+    record, why = read(unit.record_path(job_dir))
     if record is None:
         return False, why
     if record.get("params") != unit.params:
         return False, _diff_params(record.get("params") or {}, unit.params)
     recorded_inputs = record.get("inputs", {})
     for stage, key in unit.inputs:
-        expected, why = upstream_output_hash(job_dir, stage, key)
+        expected, why = upstream_output_hash(job_dir, stage, key, read)
         name = f"{stage}/{key}.safetensors"
         if expected is None or recorded_inputs.get(name) != expected:
             return False, f"input {name} changed"
@@ -148,16 +150,17 @@ def unit_status(job_dir: Path, unit: Unit, check_outputs: bool = True) -> tuple[
         return False, "outputs differ from the expected files"
     if check_outputs:
         for name, meta in record["outputs"].items():
-            why = output_problem(job_dir / unit.stage / name, meta)
+            why = output_problem(job_dir / unit.stage / name, meta, reader.sha256 if reader is not None else sha256_file)
             if why:
                 return False, f"{name} {why}"
     return True, "up to date"
 
 
-def output_problem(path: Path, meta) -> str:
+def output_problem(path: Path, meta, hasher=sha256_file) -> str:
     """"" when `path` is a regular file with the size and sha256 its record lists, else why not.
     Nothing but a regular file is opened (stages/artifacts.py), and the size is compared first,
-    so a huge sparse file in its place costs no hashing."""
+    so a huge sparse file in its place costs no hashing. `hasher`: a run's RecordReader.sha256
+    hashes each output once per run."""
     kind = not_regular(path)
     if kind:
         return "is missing" if kind == "missing" else f"is damaged ({kind}, not a regular file)"
@@ -166,7 +169,7 @@ def output_problem(path: Path, meta) -> str:
     if "bytes" in meta and path.lstat().st_size != meta["bytes"]:
         return f"is corrupt (sha256 mismatch), {path.lstat().st_size} bytes where its record says {meta['bytes']}"
     try:
-        if sha256_file(path) != meta.get("sha256"):
+        if hasher(path) != meta.get("sha256"):
             return "is corrupt (sha256 mismatch)"
     except ArtifactError as exc:
         return f"is damaged ({exc})"

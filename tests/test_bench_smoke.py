@@ -204,3 +204,19 @@ def test_fullsize_builds_every_family_member_from_the_real_configs(model):
     assert dit["sample_size"] == {"alpha-512": 64, "sigma-512": 64, "sigma-2k": 256}.get(model, 128)
     assert (dit.get("use_additional_conditions") is False) == (model in ("sigma-1024", "sigma-2k"))
     assert configs["vae"]["scaling_factor"] == (0.13025 if model.startswith("sigma") else 0.18215)
+
+
+def test_scale_bench_generates_clones_and_tables_at_a_tiny_size(tmp_path):
+    """bench/scale.py (issue 21) end to end at 2 and 5 items: the 2 are generated, the 5 cloned
+    from them; every command runs as a fresh process; the cloned job is up to date (its no-op
+    rerun says so, which the bench asserts) and the table has both sizes."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    result = subprocess.run([sys.executable, "bench/scale.py", "--sizes", "2,5", "--generate", "2", "--template", "2", "--repeat", "1",
+                             "--work", str(work), "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads((out / "scale.json").read_text())["results"]
+    assert data["2"]["generated"] == "now" and data["5"]["generated"] == "no: cloned from s2"
+    assert data["2"]["stages"]["encode"]["units_done"] == 2 and data["2"]["stages"]["encode"]["embeddings_held_max"] == 1
+    assert len(list((work / "w" / "s5" / "decode").glob("*.png"))) == 5
+    markdown = (out / "scale.md").read_text()
+    assert "| 2 items" in markdown and "| 5 items" in markdown and "no-op rerun, s (median)" in markdown
