@@ -19,7 +19,7 @@ from stages.locks import exclusive_lock
 from stages.measure import format_bytes
 from stages.units import plan_units
 
-KEEP = {"summary.json", "stage.log", ".lock", ".units.lock"}  # a stage folder's own files
+KEEP = {"summary.json", "stage.log", ".lock", ".lock.pid"}  # a stage folder's own files (stages/locks.py)
 
 
 def unused_files(job_dir: Path, job: dict) -> list[Path]:

@@ -252,7 +252,7 @@ def test_locks_left_by_killed_processes_are_taken_over(reference, tmp_path, capl
     for holder in holders:
         holder.send_signal(signal.SIGKILL)
         holder.wait(10)
-    assert (job_dir / "run.lock").read_text() == str(holders[0].pid)  # the stale pid is still written there
+    assert (job_dir / "run.lock.pid").read_text() == str(holders[0].pid)  # the stale pid is still written beside it
     caplog.set_level(logging.INFO)
     _, runs, _ = run_inprocess(reference.job_file, tmp_path / "work", force=("denoise",))
     assert made(runs) == {"denoise": 6, "decode": 6}
