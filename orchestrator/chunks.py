@@ -59,7 +59,7 @@ def measured_cost(summary: dict) -> StageCost | None:
 def read_cost(job_dir: Path, stage: str) -> StageCost | None:
     """The measured cost in the stage's summary.json from an earlier run, if there is one."""
     try:
-        return measured_cost(json.loads((Path(job_dir) / stage / "summary.json").read_text()))
+        return measured_cost(json.loads((Path(job_dir) / stage / "summary.json").read_text(encoding="utf-8")))
     except (OSError, ValueError):
         return None
 

@@ -72,7 +72,7 @@ def convert_folder(folder: Path, force: bool = False) -> list[str]:
         size = sum(t.numel() * t.element_size() for t in state.values())
         done.append(f"{path.name} -> {target.name}: {len(state)} tensors, {format_bytes(size)}, verified tensor by tensor")
     for index in sorted(folder.glob("*.bin.index.json")):
-        data = json.loads(index.read_text())
+        data = json.loads(index.read_text(encoding="utf-8"))
         data["weight_map"] = {k: _target_name(v) if v.endswith(".bin") else v for k, v in data.get("weight_map", {}).items()}
         target = folder / _target_name(index.name[: -len(".index.json")]).replace(".safetensors", ".safetensors.index.json")
         publish_json(target, data)

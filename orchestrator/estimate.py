@@ -231,7 +231,7 @@ def _known_storages(module) -> set:
 def _read_config(model_path: Path, part: str) -> str:
     path = Path(model_path) / part / "config.json"
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
         json.loads(text)
     except (OSError, json.JSONDecodeError) as exc:
         raise JobFileError(f"{path} cannot be read as JSON ({exc}); the model folder is damaged") from None

@@ -19,7 +19,6 @@ import base64
 import hashlib
 import html
 import json
-import os
 import re
 from pathlib import Path
 from urllib.parse import quote
@@ -27,7 +26,7 @@ from urllib.parse import quote
 from orchestrator.plan import plan_job
 from orchestrator.runner import measured_peak
 from stages.contract import RESOLVED_JOB, STAGES, JobFileError, ResourceError
-from stages.files import publish_bytes
+from stages.files import publish_bytes, shown_path
 from stages.measure import format_bytes
 from stages.records import read_record
 from stages.resolved import read_job
@@ -176,7 +175,7 @@ def _stage_rows(job_dir: Path, job: dict) -> list[dict]:
     rows = []
     for stage in STAGES:
         try:
-            summary = json.loads((job_dir / stage / "summary.json").read_text())
+            summary = json.loads((job_dir / stage / "summary.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             summary = None
         planned = (runtime.get("stages") or {}).get(stage, {})
@@ -401,7 +400,7 @@ def write_gallery_after_run(job_dir: Path, job: dict, echo, exc: BaseException |
         echo(f"warning: gallery page not written ({type(error).__name__}: {error})")
         return None
     if exc is not None:
-        echo(f"gallery: {os.path.relpath(path)}")
+        echo(f"gallery: {shown_path(path)}")
     return path
 
 

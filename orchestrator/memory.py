@@ -84,7 +84,7 @@ def _cuda_free_bytes(index: int) -> int:
     import sys
 
     code = f"import torch; print(torch.cuda.mem_get_info({index})[0])"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8", errors="replace", check=False)
     if result.returncode != 0:
         said = (result.stderr.strip().splitlines() or ["no output"])[-1]
         raise JobFileError(f"cannot read the free memory of cuda:{index} ({said}); give --max-vram")
@@ -327,7 +327,7 @@ def plan_key(resolved: dict, budget_bytes: int, host_budget_bytes: int | None, a
 
 def _read_plan_cache(job_dir: Path) -> dict:
     try:
-        data = json.loads((Path(job_dir) / PLAN_CACHE).read_text())
+        data = json.loads((Path(job_dir) / PLAN_CACHE).read_text(encoding="utf-8"))
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}  # none yet, or damaged: plan again

@@ -68,7 +68,7 @@ def runtime_if_nothing_to_do(job_dir: Path, resolved: dict, flags: dict) -> dict
     import json
 
     try:
-        previous = json.loads((job_dir / "job.resolved.json").read_text())
+        previous = json.loads((job_dir / "job.resolved.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     runtime = previous.get("runtime") or {}

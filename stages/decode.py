@@ -110,7 +110,7 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
         path, digest = units.verified_input(job_dir, "decode", unit, upstream, key)
         record, _ = records.read_record(job_dir / upstream / f"{key}.json")
         inputs[unit.key] = (path, digest, record)
-    vae_config = json.loads((resolved.component_root(job, "vae") / "vae" / "config.json").read_text())
+    vae_config = json.loads((resolved.component_root(job, "vae") / "vae" / "config.json").read_text(encoding="utf-8"))
     scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
     for unit in todo:
         record = inputs[unit.key][2]

@@ -23,7 +23,7 @@ from stages import contract, entry, family, files, measure, records, resolved, u
 
 def vae_scale_factor(model_path: str) -> int:
     """2 ** (number of VAE blocks - 1), read from vae/config.json as the pipeline does."""
-    config = json.loads((Path(model_path) / "vae" / "config.json").read_text())
+    config = json.loads((Path(model_path) / "vae" / "config.json").read_text(encoding="utf-8"))
     return 2 ** (len(config["block_out_channels"]) - 1)
 
 
@@ -73,7 +73,7 @@ def load_transformer(job: dict, device, strategy: str = "resident"):
             else:
                 transformer.to(device)
     scheduler_path = resolved.component_root(job, "scheduler")
-    scheduler_config = json.loads((scheduler_path / "scheduler" / "scheduler_config.json").read_text())
+    scheduler_config = json.loads((scheduler_path / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
     # The model's scheduler, or the job's override built from the model's scheduler config (as
     # `Class.from_config(pipe.scheduler.config)`).
     scheduler_class = getattr(diffusers, str(job.get("scheduler") or scheduler_config.get("_class_name")), None)
@@ -190,7 +190,7 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
     strategy, batch_size = plan.get("strategy", "resident"), max(1, plan.get("batch_size") or 1)
     items = {item["id"]: item for item in job["items"]}
     scale = vae_scale_factor(resolved.component_root(job, "vae"))
-    sample_size = json.loads((resolved.component_root(job, "transformer") / "transformer" / "config.json").read_text())["sample_size"]
+    sample_size = json.loads((resolved.component_root(job, "transformer") / "transformer" / "config.json").read_text(encoding="utf-8"))["sample_size"]
     # Check every input before loading the model (diffusers' check_inputs comes first too).
     inputs, sizes = {}, {}
     for unit in todo:

@@ -23,7 +23,7 @@ def write_record(path: Path, record: dict) -> None:
 def read_record(path: Path) -> tuple[dict | None, str]:
     """(record, "") when valid, else (None, why it is not usable)."""
     try:
-        record = json.loads(Path(path).read_text())
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None, "no record"
     except (json.JSONDecodeError, UnicodeDecodeError, OSError):

@@ -26,7 +26,7 @@ class WeightIndex:
         indexes = sorted(folder.glob("*.safetensors.index.json"))
         self.files: dict[str, Path] = {}
         if indexes:
-            for key, name in json.loads(indexes[0].read_text())["weight_map"].items():
+            for key, name in json.loads(indexes[0].read_text(encoding="utf-8"))["weight_map"].items():
                 self.files[key] = folder / name
         else:
             for file in sorted(folder.glob("*.safetensors")):
