@@ -518,6 +518,7 @@ SAFE_NAME = re.compile(r"^(\d{4}-[a-z0-9-]{1,40}\.(json|safetensors|png)|[a-z0-9
                        r"stage\.log|summary\.json|\.lock)$")
 
 
+@pytest.mark.platforms
 def test_hostile_prompts_make_safe_file_names_inside_the_job_folder(tiny_model, tmp_path):
     """Guards point 8: prompts full of path tricks become `<index>-<slug>` names; every file the run
     writes is inside the job folder, and the model folder is untouched."""

@@ -4,6 +4,7 @@ that touches nothing. Chunked local runs and the Ray executor hand work to stage
 
 from __future__ import annotations
 
+import pytest
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
