@@ -64,14 +64,14 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 def read_stage(job_dir: Path, stage: str) -> dict:
     """A stage's summary.json, its per-item records, and the strategy the plan gave it (if any)."""
     folder = Path(job_dir) / stage
-    summary = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").exists() else {}
+    summary = json.loads((folder / "summary.json").read_text(encoding="utf-8")) if (folder / "summary.json").exists() else {}
     records = []
     for path in published(folder, "*.json"):
         if path.name != "summary.json":
-            record = json.loads(path.read_text())
+            record = json.loads(path.read_text(encoding="utf-8"))
             if record.get("stage") == stage:
                 records.append(record)
-    resolved = json.loads((Path(job_dir) / "job.resolved.json").read_text())
+    resolved = json.loads((Path(job_dir) / "job.resolved.json").read_text(encoding="utf-8"))
     plan = ((resolved.get("runtime") or {}).get("stages") or {}).get(stage) or {}
     return {"summary": summary, "records": records, "plan": plan}
 
@@ -129,7 +129,7 @@ def machine() -> dict:
     header. Imports no torch: a CUDA context here would hold GPU memory while the runs go."""
     cpu = platform.processor() or platform.machine()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
@@ -137,7 +137,7 @@ def machine() -> dict:
         pass
     memory = None
     try:
-        memory = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
+        memory = int(Path("/proc/meminfo").read_text(encoding="utf-8").split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     info = {"cpu": cpu, "cores": os.cpu_count(), "memory": format_bytes(memory) if memory else "?", "python": platform.python_version()}
@@ -148,7 +148,7 @@ def machine() -> dict:
             info[package] = "not installed"
     if shutil.which("nvidia-smi"):
         query = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
-        result = subprocess.run(query, capture_output=True, text=True, check=False)
+        result = subprocess.run(query, capture_output=True, encoding="utf-8", errors="replace", check=False)
         if result.returncode == 0 and result.stdout.strip():
             info["gpu"] = result.stdout.strip().splitlines()[0]
     return info
@@ -166,7 +166,7 @@ def copy_tree_logs(job_dir: Path, log) -> None:
     for stage in STAGES:
         path = Path(job_dir) / stage / "stage.log"
         if path.exists():
-            log.write(f"\n----- {path} -----\n{path.read_text(errors='replace')}")
+            log.write(f"\n----- {path} -----\n{path.read_text(encoding='utf-8', errors='replace')}")
 
 
 def remove(path: Path) -> None:
@@ -194,4 +194,4 @@ def write_job(path: Path, model: Path, items: list[dict], name: str, written_by:
         lines.append("[[generation]]")
         lines += [f"{k} = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}" for k, v in item.items()]
         lines.append("")
-    path.write_text("\n".join(lines))
+    path.write_text("\n".join(lines), encoding="utf-8")

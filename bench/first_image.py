@@ -47,7 +47,7 @@ def run(job_file: Path, workdir: Path, chunk: list[str], threads: int) -> dict:
     pngs = common.published(job_dir / "decode", "*.png")
     if len(pngs) != ITEMS:
         raise RuntimeError(f"{len(pngs)} images made, expected {ITEMS}; see {workdir / 'orchestrate.log'}")
-    said = (workdir / "orchestrate.log").read_text()
+    said = (workdir / "orchestrate.log").read_text(encoding="utf-8")
     result.update(first_image=common.first_file_seconds(job_dir / "decode", "*.png", result["start_epoch"]),
                   chunks=[str(len(units.split(","))) for units in re.findall(r"^> python -m stages\.denoise .* --units (\S+)$", said, re.M)],
                   processes={stage: said.count(f"> python -m stages.{stage} ") for stage in common.STAGES},
@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ])
     out = common.results_dir(args.out)
-    (out / "first_image.md").write_text(text)
-    (out / "first_image.json").write_text(json.dumps({"machine": info, "results": results}, indent=2) + "\n")
+    (out / "first_image.md").write_text(text, encoding="utf-8")
+    (out / "first_image.json").write_text(json.dumps({"machine": info, "results": results}, indent=2) + "\n", encoding="utf-8")
     print(text)
     return 0 if same["equal"] == same["compared"] == ITEMS else 1
 

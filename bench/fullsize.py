@@ -82,7 +82,7 @@ PRESETS = {
 def model_configs(preset: str = "full", overrides: dict | None = None, model: str = "alpha-1024") -> dict:
     """The reference configs of `model` with the preset's (and then the caller's) overrides applied."""
     sources = MODELS[model]
-    configs = {part: json.loads((CONFIGS / sources[part] / part / "config.json").read_text()) for part in ("text_encoder", "transformer", "vae")}
+    configs = {part: json.loads((CONFIGS / sources[part] / part / "config.json").read_text(encoding="utf-8")) for part in ("text_encoder", "transformer", "vae")}
     for source in (PRESETS[preset], overrides or {}):
         for part, values in source.items():
             configs[part].update(values)
@@ -284,7 +284,7 @@ def save_text_encoder(folder: Path, config: dict, dtype, device, generator, shar
         "metadata": {"total_parameters": sum(math.prod(s) for _, s in entries), "total_size": total},
         "weight_map": dict(sorted(weight_map.items())),
     }
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return {"parameters": index["metadata"]["total_parameters"], "bytes": total, "files": len(groups)}
 
 
@@ -354,7 +354,7 @@ def build_model(out: Path, preset: str = "full", dtype_name: str = "float16", de
     report["bytes"] = sum(c.get("bytes", 0) for c in report["components"].values())
     if "text_encoder" in parts and "tokenizer" in parts:
         verify_model(partial, configs)
-    (partial / "BENCH_MODEL.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    (partial / "BENCH_MODEL.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     if out.exists():
         shutil.rmtree(out)
     partial.rename(out)
@@ -368,7 +368,7 @@ def verify_model(folder: Path, configs: dict) -> None:
     from transformers import T5Tokenizer
 
     entries, _ = text_encoder_entries(configs["text_encoder"])
-    index = json.loads((folder / "text_encoder" / "model.safetensors.index.json").read_text())
+    index = json.loads((folder / "text_encoder" / "model.safetensors.index.json").read_text(encoding="utf-8"))
     found = {}
     for file in sorted(set(index["weight_map"].values())):
         with safe_open(str(folder / "text_encoder" / file), "pt") as f:
@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--parts: choose from {', '.join(PARTS)}")
     built = args.out / "BENCH_MODEL.json"
     if built.exists() and not args.force:
-        previous = json.loads(built.read_text())
+        previous = json.loads(built.read_text(encoding="utf-8"))
         if ((previous.get("preset"), previous.get("dtype"), previous.get("seed"), previous.get("overrides"), previous.get("model", "alpha-1024"),
              tuple(previous.get("parts", PARTS))) == (preset, args.dtype, args.seed, {}, args.model, parts)):
             print(f"{args.out}: already built ({args.model}, {preset}, {args.dtype}, seed {args.seed}); --force rebuilds")

@@ -149,7 +149,7 @@ class GpuMemorySampler:
         if self.source == "nvidia-smi":
             query = ["nvidia-smi", f"--id={self.index}", "--query-gpu=memory.used", "--format=csv,noheader,nounits"]
             try:
-                out = subprocess.run(query, capture_output=True, text=True, timeout=10)
+                out = subprocess.run(query, capture_output=True, encoding="utf-8", errors="replace", timeout=10)
                 return int(out.stdout.strip().splitlines()[0])
             except (subprocess.SubprocessError, OSError, ValueError, IndexError):
                 return None
@@ -198,7 +198,7 @@ def run_logged(command: list[str], log_path: Path, timeout: float) -> dict:
     """Run in its own process group; on timeout the group (ours) is killed. Wall seconds and exit
     code: the process's, or 'timeout', or 'interrupted' (the bench was stopped meanwhile)."""
     start_epoch, clock = time.time(), time.perf_counter()
-    with open(log_path, "w") as log:
+    with open(log_path, "w", encoding="utf-8") as log:
         log.write("$ " + " ".join(command) + "\n")
         log.flush()
         with LIVE_LOCK:
@@ -230,7 +230,7 @@ def run_logged(command: list[str], log_path: Path, timeout: float) -> dict:
 def last_error(log_path: Path) -> str:
     """The last `error:` line of a run's output, for the table's note."""
     try:
-        text = log_path.read_text(errors="replace")
+        text = log_path.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return ""
     lines = [line for line in text.splitlines() if "error:" in line.lower() or "Error" in line or line.startswith("[bench]")]
@@ -270,9 +270,9 @@ def run_ours(spec: dict, job_file: Path, work: Path, device: str, timeout: float
             "peak": summary.get("peak", {}),
             "item_seconds": [r.get("seconds") for r in records],
         }
-    resolved = json.loads((job_dir / "job.resolved.json").read_text())
+    resolved = json.loads((job_dir / "job.resolved.json").read_text(encoding="utf-8"))
     result["budget_bytes"] = (resolved.get("runtime") or {}).get("budget_bytes")
-    result["warnings"] = [line.strip() for line in (folder / "run.log").read_text(errors="replace").splitlines() if line.startswith("warning:")]
+    result["warnings"] = [line.strip() for line in (folder / "run.log").read_text(encoding="utf-8", errors="replace").splitlines() if line.startswith("warning:")]
     items = resolved["items"]
     # Per item, in order; None where the run did not get that far (a failed or killed run).
     result["images"] = [str(job_dir / i["image"]) if (job_dir / i["image"]).exists() else None for i in items]
@@ -308,7 +308,7 @@ def run_pipeline(spec: dict, model: Path, items_file: Path, n_items: int, work: 
     if result["exit"] != 0:
         result["error"] = last_error(folder / "run.log")
     if (folder / "report.json").exists():
-        result["report"] = json.loads((folder / "report.json").read_text())
+        result["report"] = json.loads((folder / "report.json").read_text(encoding="utf-8"))
     result["images"] = [str(p) if p.exists() else None for p in (folder / "images" / f"{n:04d}.png" for n in range(n_items))]
     result["latents"] = [str(p) if p.exists() else None for p in (folder / "latents" / f"{n:04d}.safetensors" for n in range(n_items))]
     result["first_image"] = common.first_file_seconds(folder / "images", "*.png", result["start_epoch"])
@@ -317,7 +317,7 @@ def run_pipeline(spec: dict, model: Path, items_file: Path, n_items: int, work: 
 
 def budget_flags_available() -> bool:
     """Whether this checkout's `orchestrate run` takes --max-vram (docs/memory.md)."""
-    out = subprocess.run(common.orchestrate_command() + ["run", "--help"], capture_output=True, text=True, env=common.subprocess_env(),
+    out = subprocess.run(common.orchestrate_command() + ["run", "--help"], capture_output=True, encoding="utf-8", errors="replace", env=common.subprocess_env(),
                          cwd=common.ROOT)
     return "--max-vram" in out.stdout + out.stderr
 
@@ -455,14 +455,14 @@ STAGE_HEADER = ["run", "stage", "strategy", "span s", "load s", "compute s", "pe
 
 def fail(out: Path, message: str, say) -> int:
     """Write the reason where the tables would be, and print it last."""
-    (out / "gpu_bench.md").write_text(f"# GPU benchmark: not run\n\n{message}\n")
+    (out / "gpu_bench.md").write_text(f"# GPU benchmark: not run\n\n{message}\n", encoding="utf-8")
     say(f"error: {message}")
     return 1
 
 
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -502,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     out = common.results_dir(args.out) if (args.out or os.environ.get("OUT") or not args.smoke) else Path(tempfile.mkdtemp(prefix="gpu-bench-out-"))
     work = args.work or (Path(tempfile.mkdtemp(prefix="gpu-bench-")) if args.smoke else Path("/tmp/pixart-gpu-bench"))
     work.mkdir(parents=True, exist_ok=True)
-    log = open(out / "gpu_bench.log", "w")
+    log = open(out / "gpu_bench.log", "w", encoding="utf-8")
     log_lock = threading.Lock()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, stop_everything)
@@ -524,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 0. Fail fast: the libraries import, and on the GPU path torch sees the GPU.
     check = "import torch, diffusers, transformers, ftfy, bs4; print(torch.__version__, torch.cuda.is_available())"
-    preflight = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=common.subprocess_env())
+    preflight = subprocess.run([sys.executable, "-c", check], capture_output=True, encoding="utf-8", errors="replace", env=common.subprocess_env())
     say(f"preflight: {preflight.stdout.strip()} {preflight.stderr.strip()[-500:]}")
     if preflight.returncode != 0 or (settings["device"] == "cuda" and not preflight.stdout.strip().endswith("True")):
         return fail(out, "preflight failed: the libraries do not import or torch sees no CUDA GPU (see above)", say)
@@ -534,18 +534,18 @@ def main(argv: list[str] | None = None) -> int:
     say(f"[{time.perf_counter() - started:5.0f} s] building the model: bench/fullsize.py {' '.join(settings['build'])}")
     build = run_logged([sys.executable, str(common.ROOT / "bench" / "fullsize.py"), "--out", str(model)] + settings["build"],
                        work / "build.log", limit - 60)
-    build_log = (work / "build.log").read_text(errors="replace")
+    build_log = (work / "build.log").read_text(encoding="utf-8", errors="replace")
     build["reused"] = "already built" in build_log
     log.write(build_log)
     say(f"[{time.perf_counter() - started:5.0f} s] build: exit {build['exit']}, {build['wall']:.1f} s" + (" (reused)" if build["reused"] else ""))
     if build["exit"] != 0:
         return fail(out, f"the model could not be built (exit {build['exit']}): {last_error(work / 'build.log')}", say)
-    model_report = json.loads((model / "BENCH_MODEL.json").read_text())
+    model_report = json.loads((model / "BENCH_MODEL.json").read_text(encoding="utf-8"))
 
     # 2. The queue and the runs.
     items = job_items(settings)
     items_file = work / "items.json"
-    items_file.write_text(json.dumps(items, indent=2))
+    items_file.write_text(json.dumps(items, indent=2), encoding="utf-8")
     job_file = work / "bench.toml"
     write_job(job_file, model, items)
     sigma_items = job_items(settings, "sigma")
@@ -565,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
                     job = work / "bench-sigma.toml"
                     write_job(job, folder, sigma_items, "bench-sigma", text_encoder_from=model)
                     items_path = work / "items-sigma.json"
-                    items_path.write_text(json.dumps(sigma_items, indent=2))
+                    items_path.write_text(json.dumps(sigma_items, indent=2), encoding="utf-8")
                     sigma["ready"] = (folder, job, items_path)
                     say(f"[{time.perf_counter() - started:5.0f} s] Σ-2K build: {built['wall']:.1f} s")
             return sigma["ready"]
@@ -655,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"[{time.perf_counter() - started:5.0f} s] {spec['name']}: exit {result['exit']}, {result['wall']:.1f} s"
                     + (f" ({result['error']})" if result.get("error") else ""))
                 with log_lock:
-                    log.write(f"\n===== {spec['name']} =====\n" + Path(result["log"]).read_text(errors="replace"))
+                    log.write(f"\n===== {spec['name']} =====\n" + Path(result["log"]).read_text(encoding="utf-8", errors="replace"))
                     log.flush()
         except Exception as error:  # a bug in the bench itself: this row says so, the others go on
             results[spec["slug"]] = dict(results.get(spec["slug"]) or {}, exit="bench error", wall=0.0,

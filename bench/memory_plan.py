@@ -55,10 +55,11 @@ def main() -> None:
         "Made by `python bench/memory_plan.py` from the real configs alone (fake tensors; nothing allocated).\n"
         "Peak = weights + activations + workspace (cuBLAS 32 MiB; decode adds 64 MiB for cuDNN), as\n"
         "torch.cuda.max_memory_allocated counts it; the CUDA context (~0.5 GiB) is not included.\n\n"
-        f"{table}\n\nPlanned all budgets in {seconds:.1f} s (imports included).\n"
+        f"{table}\n\nPlanned all budgets in {seconds:.1f} s (imports included).\n",
+        encoding="utf-8",
     )
     (results / "memory_plan.json").write_text(json.dumps({"model": "PixArt-XL-2-1024-MS", "size": "1024x1024", "dtype": "float16",
-                                                          "device_type": "cuda", "plans": plans}, indent=2) + "\n")
+                                                          "device_type": "cuda", "plans": plans}, indent=2) + "\n", encoding="utf-8")
     print(table)
     print(f"\nplanned in {seconds:.1f} s; wrote {results / 'memory_plan.md'} and memory_plan.json")
 

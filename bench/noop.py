@@ -30,7 +30,7 @@ import common
 
 def timed(command: list[str], cwd: Path) -> tuple[float, str]:
     clock = time.perf_counter()
-    result = subprocess.run(command, cwd=cwd, env=common.subprocess_env(), capture_output=True, text=True)
+    result = subprocess.run(command, cwd=cwd, env=common.subprocess_env(), capture_output=True, encoding="utf-8", errors="replace")
     seconds = time.perf_counter() - clock
     if result.returncode != 0:
         raise SystemExit(f"error: {' '.join(command)} failed ({result.returncode}): {result.stderr.strip()[-500:]}")
@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if not (work / "demo-model" / "model_index.json").exists():
         save_tiny_model(work / "demo-model")
-    (work / "demo.toml").write_text(DEMO_JOB)
-    (work / "budget.toml").write_text(DEMO_JOB.replace('name = "demo"', 'name = "budget"'))
+    (work / "demo.toml").write_text(DEMO_JOB, encoding="utf-8")
+    (work / "budget.toml").write_text(DEMO_JOB.replace('name = "demo"', 'name = "budget"'), encoding="utf-8")
     orchestrate = common.orchestrate_command()
     rows = {
         "orchestrate --help (the floor)": orchestrate + ["--help"],
@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         *lines,
         "",
     ])
-    (out / "noop.md").write_text(text)
-    (out / "noop.json").write_text(json.dumps({"machine": info, "times": times, "last_lines": said}, indent=2) + "\n")
+    (out / "noop.md").write_text(text, encoding="utf-8")
+    (out / "noop.json").write_text(json.dumps({"machine": info, "times": times, "last_lines": said}, indent=2) + "\n", encoding="utf-8")
     print(text)
     return 0
 

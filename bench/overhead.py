@@ -56,7 +56,7 @@ def ensure_model(work: Path) -> Path:
     """The MEDIUM random model in <work>/model, built once (again when MEDIUM changed)."""
     model = Path(work) / "model"
     built = model / "BENCH_MODEL.json"
-    if not built.exists() or json.loads(built.read_text()).get("overrides") != MEDIUM:
+    if not built.exists() or json.loads(built.read_text(encoding="utf-8")).get("overrides") != MEDIUM:
         print(f"building the moderate-width random model in {model}")
         fullsize.build_model(model, "full", "float32", "cpu", 0, MEDIUM)
     return model
@@ -84,7 +84,7 @@ def timed_run(command: list[str], log_path: Path, threads: int) -> dict:
     """Run to completion; wall and CPU seconds of the whole process tree, output to a log file."""
     cpu = cpu_seconds_of_children()
     start_epoch, clock = time.time(), time.perf_counter()
-    with open(log_path, "w") as log:
+    with open(log_path, "w", encoding="utf-8") as log:
         code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=common.subprocess_env(threads), cwd=common.ROOT).returncode
     wall = time.perf_counter() - clock
     if code != 0:
@@ -111,7 +111,7 @@ def run_staged(job_file: Path, workdir: Path, threads: int) -> dict:
             "units": summary.get("units_done"),
             "host_peak_rss_bytes": summary.get("peak", {}).get("host_peak_rss_bytes"),
         }
-    items = json.loads((job_dir / "job.resolved.json").read_text())["items"]
+    items = json.loads((job_dir / "job.resolved.json").read_text(encoding="utf-8"))["items"]
     result.update(stages=stages, images=[str(job_dir / i["image"]) for i in items],
                   first_image=common.first_file_seconds(job_dir / "decode", "*.png", result["start_epoch"]))
     return result
@@ -125,7 +125,7 @@ def run_pipeline(model: Path, items_file: Path, folder: Path, threads: int) -> d
     command = [sys.executable, str(common.ROOT / "bench" / "pipeline_run.py"), "--model", str(model), "--items", str(items_file),
                "--images", str(folder / "images"), "--report", str(report), "--device", "cpu"]
     result = timed_run(command, folder / "pipeline.log", threads)
-    result["report"] = json.loads(report.read_text())
+    result["report"] = json.loads(report.read_text(encoding="utf-8"))
     result["images"] = [str(p) for p in sorted((folder / "images").glob("*.png"))]
     result["first_image"] = common.first_file_seconds(folder / "images", "*.png", result["start_epoch"])
     return result
@@ -169,10 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
 
     model = ensure_model(args.work)
-    report = json.loads((model / "BENCH_MODEL.json").read_text())
+    report = json.loads((model / "BENCH_MODEL.json").read_text(encoding="utf-8"))
     items = job_items(args.size, args.steps)
     items_file = args.work / "items.json"
-    items_file.write_text(json.dumps(items, indent=2))
+    items_file.write_text(json.dumps(items, indent=2), encoding="utf-8")
     job_file = args.work / "overhead.toml"
     write_job(job_file, model, items)
 
@@ -259,10 +259,10 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Made by `python bench/overhead.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])) + "`.",
     ])
-    (out / "overhead.md").write_text(text + "\n")
+    (out / "overhead.md").write_text(text + "\n", encoding="utf-8")
     (out / "overhead.json").write_text(json.dumps({"machine": info, "model": report, "items": items, "runs": runs,
                                                    "images": images, "wall_ratio": wall_ratio,
-                                                   "min_wall_ratio": min_ratio, "fixed_overhead_seconds": fixed, "cpu_ratio": cpu_ratio, "threads": args.threads}, indent=2, default=str) + "\n")
+                                                   "min_wall_ratio": min_ratio, "fixed_overhead_seconds": fixed, "cpu_ratio": cpu_ratio, "threads": args.threads}, indent=2, default=str) + "\n", encoding="utf-8")
     print()
     print(text)
     print(f"\nwritten: {out / 'overhead.md'}, {out / 'overhead.json'}")

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-encoder-from", type=Path, default=None,
                         help="take tokenizer and text_encoder from this folder (a composed model, as [job.components] does)")
     args = parser.parse_args(argv)
-    items = json.loads(args.items.read_text())
+    items = json.loads(args.items.read_text(encoding="utf-8"))
     args.images.mkdir(parents=True, exist_ok=True)
     if args.latents:
         args.latents.mkdir(parents=True, exist_ok=True)
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         report["device_max_allocated_bytes"] = max(s["device_max_allocated_bytes"] for s in stats.values())
         report["device_max_reserved_bytes"] = max(s["device_max_reserved_bytes"] for s in stats.values())
     report["inside_seconds"] = round(time.perf_counter() - begun, 3)
-    args.report.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    args.report.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return 0
 
 

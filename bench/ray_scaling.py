@@ -47,7 +47,7 @@ def start_cluster(workers: int, threads: int, log_path: Path) -> tuple[subproces
     ray_cli = Path(sys.executable).parent / "ray"
     port = free_port()
     clock = time.perf_counter()
-    log = open(log_path, "w")
+    log = open(log_path, "w", encoding="utf-8")
     process = subprocess.Popen([str(ray_cli), "start", "--head", f"--port={port}", f"--num-cpus={workers}", "--num-gpus=0",
                                 "--include-dashboard=false", "--disable-usage-stats", "--block"],
                                stdout=log, stderr=subprocess.STDOUT, env=common.subprocess_env(threads))
@@ -87,14 +87,14 @@ def timed_run(command: list[str], workdir: Path, threads: int) -> dict:
     """One `orchestrate run` from an empty workdir: wall seconds, seconds to the first PNG, images."""
     common.fresh_folder(workdir)
     start_epoch, clock = time.time(), time.perf_counter()
-    with open(workdir / "orchestrate.log", "w") as log:
+    with open(workdir / "orchestrate.log", "w", encoding="utf-8") as log:
         code = subprocess.run(command + ["--workdir", str(workdir)], stdout=log, stderr=subprocess.STDOUT,
                               env=common.subprocess_env(threads), cwd=common.ROOT).returncode
     wall = round(time.perf_counter() - clock, 2)
     if code != 0:
         raise SystemExit(f"error: {' '.join(command[:4])} ... exited {code}; see {workdir / 'orchestrate.log'}")
     job_dir = workdir / "scaling"
-    items = json.loads((job_dir / "job.resolved.json").read_text())["items"]
+    items = json.loads((job_dir / "job.resolved.json").read_text(encoding="utf-8"))["items"]
     first = common.first_file_seconds(job_dir / "decode", "*.png", start_epoch)
     return {"wall": wall, "first_image": first, "images": [str(job_dir / i["image"]) for i in items]}
 
@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         common.markdown_table(header, table),
         "",
     ])
-    (out / "ray_scaling.md").write_text(text)
-    (out / "ray_scaling.json").write_text(json.dumps({"machine": info, "rows": rows, "load": [load_before, load_after]}, indent=2) + "\n")
+    (out / "ray_scaling.md").write_text(text, encoding="utf-8")
+    (out / "ray_scaling.json").write_text(json.dumps({"machine": info, "rows": rows, "load": [load_before, load_after]}, indent=2) + "\n", encoding="utf-8")
     print(text)
     return 0
 

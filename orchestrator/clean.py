@@ -27,7 +27,7 @@ from stages.locks import exclusive_lock
 from stages.measure import format_bytes
 from stages.units import plan_units
 
-KEEP = {"summary.json", "stage.log", ".lock", ".units.lock", "shards"}  # a stage folder's own files (shards/: the Ray executor's)
+KEEP = {"summary.json", "stage.log", ".lock", ".lock.pid", "shards"}  # a stage folder's own files (stages/locks.py; shards/: the Ray executor's)
 
 
 def unused_files(job_dir: Path, job: dict) -> list[Path]:

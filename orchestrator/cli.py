@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from orchestrator.plan import describe_stage, plan_job
 from orchestrator.prepare import describe_model, prepare_job, resolve_device
 from orchestrator.runner import StageFailedError, run_job, summary_table
 from stages.contract import STAGES, ArtifactError, JobFileError, ResourceError
+from stages.files import shown_path
 from stages.measure import format_bytes
 
 app = typer.Typer(
@@ -108,7 +108,8 @@ def expected_errors(command):
             _fail(str(exc), exc.exit_code)
         except KeyboardInterrupt as exc:
             signum = getattr(exc, "signum", signal.SIGINT)
-            what = {signal.SIGTERM: "terminated (SIGTERM)", signal.SIGHUP: "hung up (SIGHUP)"}.get(signum, "interrupted")
+            what = {signal.SIGTERM: "terminated (SIGTERM)", getattr(signal, "SIGHUP", None): "hung up (SIGHUP)",
+                    getattr(signal, "SIGBREAK", None): "interrupted (Ctrl-Break)"}.get(signum, "interrupted")
             try:
                 typer.echo(f"{what}: finished items are kept; run the same command again to resume", err=True)
             except OSError:  # the terminal that hung up is gone
@@ -129,7 +130,7 @@ def _gallery_refresher(resolved: dict):
         page = write_gallery_after_run(job_dir, resolved, echo, items=items)  # remakes the chunk's data only
         if page is not None and not said:
             said.append(str(page))
-            echo(f"gallery: {os.path.relpath(page)} (refreshed after each chunk)")
+            echo(f"gallery: {shown_path(page)} (refreshed after each chunk)")
 
     return refresh
 
@@ -144,7 +145,7 @@ def _run(job_file: Path, workdir: Path, device: str, force: tuple[str, ...], mem
     plans: list = []  # the local executor leaves its final plan here, so the gallery does not plan again
     job_dir, resolved = prepare_job(job_file, workdir, device, memory, store, model, reader)
     echo(f"job {resolved['name']}: {len(resolved['items'])} images, model {resolved['model']['given']}, "
-         f"{resolved['dtype']} on {resolved['device']}, folder {os.path.relpath(job_dir)}")
+         f"{resolved['dtype']} on {resolved['device']}, folder {shown_path(job_dir)}")
     if resolved["runtime"]:
         from orchestrator.memory import describe_runtime
 
@@ -166,7 +167,7 @@ def _run(job_file: Path, workdir: Path, device: str, force: tuple[str, ...], mem
         remember_plan(job_dir, resolved["runtime"])  # a rerun with the same shapes and budget will not plan again
     page = write_gallery_after_run(job_dir, resolved, echo, states=plans[-1] if plans else None)
     if not runs:
-        echo(f"nothing to do: all {len(resolved['items'])} images are up to date in {os.path.relpath(job_dir / 'decode')}")
+        echo(f"nothing to do: all {len(resolved['items'])} images are up to date in {shown_path(job_dir / 'decode')}")
     else:
         echo("")
         echo(summary_table(runs))
@@ -175,9 +176,9 @@ def _run(job_file: Path, workdir: Path, device: str, force: tuple[str, ...], mem
 
             echo("")
             echo(worker_table(runs))
-        echo(f"images: {os.path.relpath(job_dir / 'decode')}/")
+        echo(f"images: {shown_path(job_dir / 'decode')}/")
     if page is not None:
-        echo(f"gallery: {os.path.relpath(page)}")
+        echo(f"gallery: {shown_path(page)}")
 
 
 @app.command()
@@ -235,7 +236,7 @@ def gallery(
     from orchestrator.gallery import job_dir_of, write_gallery
 
     path = write_gallery(job_dir_of(job_file, workdir))
-    echo(f"gallery: {os.path.relpath(path)}")
+    echo(f"gallery: {shown_path(path)}")
     if open_page:
         import webbrowser
 
@@ -413,11 +414,11 @@ def demo(
     suffix = "" if family == "alpha" else f"-{family}"
     model = workdir / f"demo-model{suffix}"
     if not (model / "model_index.json").exists():
-        echo(f"building a tiny random-weight PixArt-{'α' if family == 'alpha' else 'Σ'} model in {os.path.relpath(model)}")
+        echo(f"building a tiny random-weight PixArt-{'α' if family == 'alpha' else 'Σ'} model in {shown_path(model)}")
         save_tiny_model(model, family=family)
     job_file = workdir / f"demo{suffix}.toml"
-    job_file.write_text(DEMO_JOB.replace('name = "demo"', f'name = "demo{suffix}"').replace('model = "demo-model"', f'model = "demo-model{suffix}"'))
-    echo(f"job file: {os.path.relpath(job_file)}")
+    job_file.write_text(DEMO_JOB.replace('name = "demo"', f'name = "demo{suffix}"').replace('model = "demo-model"', f'model = "demo-model{suffix}"'), encoding="utf-8")
+    echo(f"job file: {shown_path(job_file)}")
     _run(job_file, workdir, device, ())
 
 
@@ -437,8 +438,10 @@ def _terminate(signum, frame) -> None:
 
 
 def main() -> None:
-    for signum in (signal.SIGTERM, signal.SIGHUP):  # a scheduler, a closed terminal: like Ctrl-C
-        signal.signal(signum, _terminate)
+    # A scheduler, a closed terminal (POSIX), Ctrl-Break (Windows): like Ctrl-C.
+    for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None), getattr(signal, "SIGBREAK", None)):
+        if signum is not None:
+            signal.signal(signum, _terminate)
     app()
 
 

@@ -27,7 +27,6 @@ import base64
 import hashlib
 import html
 import json
-import os
 import re
 from pathlib import Path
 from urllib.parse import quote
@@ -35,7 +34,7 @@ from urllib.parse import quote
 from orchestrator.plan import UnitState, plan_job
 from orchestrator.runner import measured_peak
 from stages.contract import RESOLVED_JOB, STAGES, JobFileError, ResourceError
-from stages.files import canonical_json, publish_bytes, read_bytes_limited, read_json_limited, sha256_bytes
+from stages.files import canonical_json, publish_bytes, read_bytes_limited, read_json_limited, sha256_bytes, shown_path
 from stages.measure import format_bytes
 from stages.records import read_record
 from stages.resolved import read_job
@@ -682,7 +681,7 @@ def write_gallery_after_run(job_dir: Path, job: dict, echo, exc: BaseException |
         echo(f"warning: gallery page not written ({type(error).__name__}: {error})")
         return None
     if exc is not None:
-        echo(f"gallery: {os.path.relpath(path)}")
+        echo(f"gallery: {shown_path(path)}")
     return path
 
 

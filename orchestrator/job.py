@@ -21,7 +21,7 @@ from orchestrator.prompts import prompt_list_tables, read_prompt_lines
 from stages import family
 from stages.contract import FORMAT_VERSION, JobFileError
 from stages.files import MAX_TEXT_BYTES, canonical_json, read_bytes_limited, read_json_limited
-from stages.resolved import hub_snapshot, slugify
+from stages.resolved import hub_snapshot, slugify, windows_reserved
 from stages.weights import check_weight_files
 
 DTYPES = ("float16", "bfloat16", "float32")
@@ -215,6 +215,10 @@ def _job_from_tables(data: dict, path: Path) -> Job:
         raise JobFileError(
             f"{path.name} [job]: name {name!r} is not a safe folder name; use letters, digits, '.', '_' and '-' (set name = \"...\")"
         )
+    if windows_reserved(name) or name.endswith("."):  # refused everywhere, so a job folder can be copied to Windows
+        why = "a device name Windows reserves (CON, PRN, AUX, NUL, COM1-9, LPT1-9, with any extension)" if windows_reserved(name) \
+            else "ends with a dot, which Windows drops"
+        raise JobFileError(f"{path.name} [job]: name {name!r} is {why}; choose another (set name = \"...\")")
     settings = JobSettings(**{**asdict(settings), "name": name})
     defaults = _read_table(f"{path.name} [defaults]", data.get("defaults", {}), GenerationParams, exclude=("prompt",))
     entries = data.get("generation", [])
@@ -676,5 +680,15 @@ def _previous_seeds(job_dir: Path) -> dict:
 
 
 def job_dir_for(job: Job, workdir: Path) -> Path:
-    return Path(workdir).resolve() / job.settings.name
+    """<workdir>/<name>. A folder there whose name differs only in case is refused: on Windows and
+    macOS (case-insensitive) both names are one folder, on Linux two, so a copy would mix jobs."""
+    workdir, name = Path(workdir).resolve(), job.settings.name
+    try:
+        others = [p.name for p in workdir.iterdir() if p.name != name and p.name.lower() == name.lower()]
+    except OSError:
+        others = []
+    if others:
+        raise JobFileError(f"job name {name!r} differs only in case from the job folder {others[0]!r} in {workdir}; "
+                           f"set [job] name = {others[0]!r} to use that job, or choose another name")
+    return workdir / name
 

@@ -85,7 +85,7 @@ def _cuda_free_bytes(index: int) -> int:
     import sys
 
     code = f"import torch; print(torch.cuda.mem_get_info({index})[0])"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8", errors="replace", check=False)
     if result.returncode != 0:
         said = (result.stderr.strip().splitlines() or ["no output"])[-1]
         raise JobFileError(f"cannot read the free memory of cuda:{index} ({said}); give --max-vram")

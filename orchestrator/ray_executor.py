@@ -23,7 +23,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import tempfile
@@ -36,7 +35,7 @@ from orchestrator.plan import UnitState, _states, describe_stage
 from orchestrator.runner import PROJECT_ROOT, StageFailedError, StageRun, _remove_leftovers, _shown, budget_overrun, stage_command
 from stages import lifeline
 from stages.contract import EXIT_INTERRUPTED, EXIT_RESOURCE_ERROR, EXIT_USER_ERROR, RESOLVED_JOB, STAGES, TMP_PREFIX, ArtifactError, JobFileError
-from stages.files import publish_json, sha256_file
+from stages.files import publish_json, sha256_file, shown_path
 from stages.locks import exclusive_lock
 from stages.measure import Clock, format_bytes
 from stages.resolved import read_job
@@ -99,10 +98,12 @@ def run_shard(stage: str, job_dir: str, keys: list[str], force: bool, summary_pa
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [pythonpath, os.environ.get("PYTHONPATH")])))
     env[lifeline.ENV] = str(os.getpid())  # it dies with this worker, however the worker dies
+    lifeline.create_stage_job()  # Windows: the Job Object it joins, ended with this worker
     command = stage_command(stage, Path(job_dir), force, keys) + ["--summary", summary_path]
     clock = Clock()
-    with tempfile.TemporaryFile("w+", errors="replace") as stderr:
-        process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+    with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as stderr:
+        process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+                                   encoding="utf-8", **lifeline.popen_options())
         try:
             while process.poll() is None:  # short waits: ray.cancel's KeyboardInterrupt lands between them
                 with contextlib.suppress(subprocess.TimeoutExpired):
@@ -113,11 +114,11 @@ def run_shard(stage: str, job_dir: str, keys: list[str], force: bool, summary_pa
         stderr.seek(0)
         said = stderr.read()
     code = process.returncode
-    if code < 0 or code == EXIT_INTERRUPTED:
+    if code < 0 or lifeline.was_interrupted(code, EXIT_INTERRUPTED):
         raise ShardKilledError(f"stage {stage} {'killed by signal ' + str(-code) if code < 0 else 'interrupted'}: {_last_line(said)}")
     summary = {}
     with contextlib.suppress(OSError, ValueError):
-        summary = json.loads(Path(summary_path).read_text())
+        summary = json.loads(Path(summary_path).read_text(encoding="utf-8"))
     gpus = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
     return {"code": code, "error": _last_line(said), "seconds": clock.seconds(), "node": ray.util.get_node_ip_address(),
             "pid": os.getpid(), "gpus": list(gpus), "summary": summary}
@@ -145,7 +146,7 @@ def probe_job_folder(job_dir: str, resolved_sha256: str) -> str:
 
 def _stop_process(process: subprocess.Popen) -> None:
     """Ctrl-C to the stage, time to clean up, then SIGKILL (as the local runner's _interrupt)."""
-    process.send_signal(signal.SIGINT)
+    lifeline.send_interrupt(process)
     try:
         process.wait(timeout=STOP_SECONDS)
     except subprocess.TimeoutExpired:
@@ -401,7 +402,7 @@ class _Driver:
     def _collect(self, ref) -> None:
         """A shard's task ended: check it, verify its units against their records, print progress."""
         shard, _ = self.running.pop(ref)
-        log = os.path.relpath(self.job_dir / shard.stage / "stage.log")
+        log = shown_path(self.job_dir / shard.stage / "stage.log")
         hint = "finished items are kept; run the same command again to resume"
         try:
             result = self.ray.get(ref)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from stages import lifeline
 from orchestrator import chunks
 from orchestrator.plan import describe_stage, plan_job
 from stages.contract import EXIT_INTERRUPTED, EXIT_RESOURCE_ERROR, RESOLVED_JOB, STAGES, TMP_PREFIX, JobFileError
-from stages.files import publish_json, remove_temp_files
+from stages.files import publish_json, remove_temp_files, shown_path
 from stages.locks import exclusive_lock
 from stages.measure import Clock, format_bytes
 from stages.records import RecordReader
@@ -55,16 +54,13 @@ def stage_command(stage: str, job_dir: Path, force: bool = False, units: list[st
 def _shown(command: list[str]) -> str:
     """The command as a user would type it: `python`, and paths relative to the current folder."""
     shown = ["python"] + command[1:]
-    try:
-        shown[3] = os.path.relpath(shown[3])
-    except ValueError:
-        pass
+    shown[3] = shown_path(shown[3])
     return shlex.join(shown)
 
 
 def _last_error(job_dir: Path, stage: str) -> str:
     try:
-        lines = (job_dir / stage / "stage.log").read_text(errors="replace").splitlines()
+        lines = (job_dir / stage / "stage.log").read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
         return ""
     for line in reversed(lines[-50:]):
@@ -77,10 +73,13 @@ def start_stage(stage: str, job_dir: Path, force: bool, wait: bool = False, unit
     """Start a stage process; with `wait` it only imports its libraries until `go_stage`."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])))
     env[lifeline.ENV] = str(os.getpid())  # it dies with us, however we die (stages/lifeline.py)
+    lifeline.create_stage_job()  # Windows: the Job Object it joins, ended with us
     command = stage_command(stage, job_dir, force, units) + (["--wait"] if wait else [])
     # A waiting process gets its own session, so a Ctrl-C in the terminal (sent to our process group)
     # cannot hit it mid-import; the orchestrator dismisses it or forwards the SIGINT once it runs.
-    return subprocess.Popen(command, env=env, stdin=subprocess.PIPE if wait else None, text=True, start_new_session=wait)
+    # On Windows every stage gets its own process group, so that Ctrl-Break can be sent to it.
+    return subprocess.Popen(command, env=env, stdin=subprocess.PIPE if wait else None, encoding="utf-8",
+                            **lifeline.popen_options(new_session=wait))
 
 
 def go_stage(process: subprocess.Popen, go: bool, units: list[str] | None = None) -> None:
@@ -110,7 +109,7 @@ def run_stage(stage: str, job_dir: Path, force: bool, echo, units: list[str] | N
 def _interrupt(process: subprocess.Popen) -> None:
     """Forward Ctrl-C (a stage started ahead runs in its own session, and a signal may have been
     sent to us alone) and give the stage time to clean up; kill it if it does not stop."""
-    process.send_signal(signal.SIGINT)
+    lifeline.send_interrupt(process)
     try:
         process.wait(timeout=30)
     except subprocess.TimeoutExpired:
@@ -127,11 +126,11 @@ def finish_stage(stage: str, job_dir: Path, process: subprocess.Popen, clock: Cl
     if code != 0:
         log = job_dir / stage / "stage.log"
         detail = _last_error(job_dir, stage)
-        if code == EXIT_INTERRUPTED or code == -signal.SIGINT:
+        if lifeline.was_interrupted(code, EXIT_INTERRUPTED):
             raise KeyboardInterrupt
         how = f"killed by signal {-code}" if code < 0 else f"exit {code}"
         hint = "finished items are kept; run the same command again to resume"
-        message = f"stage {stage} failed ({how}){': ' + detail if detail else ''}; log: {os.path.relpath(log)}; {hint}"
+        message = f"stage {stage} failed ({how}){': ' + detail if detail else ''}; log: {shown_path(log)}; {hint}"
         raise StageFailedError(message, EXIT_RESOURCE_ERROR if code == EXIT_RESOURCE_ERROR else 2)
     try:
         summary = read_json(job_dir / stage / "summary.json")
@@ -241,7 +240,7 @@ class _Run:
                 self.stage("decode", None if whole else decode, then="denoise" if start < len(items) else None)
                 if start < len(items) and self.on_images is not None:  # the run's end writes its own page
                     self.on_images(self.job_dir, ids)
-            self.echo(f"images: {start} of {len(items)} made in {os.path.relpath(self.job_dir / 'decode')}/")
+            self.echo(f"images: {start} of {len(items)} made in {shown_path(self.job_dir / 'decode')}/")
 
     def _auto_chunk(self, total: int, made: int, remaining: int) -> tuple[int, str]:
         """The next chunk's size, and the plan in words, from this run's measurements, else an

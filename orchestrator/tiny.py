@@ -157,7 +157,7 @@ def save_tiny_model(path: Path, seed: int = 0, size: str = "tiny", family: str =
     pipe = pipeline_class(**build_tiny_components(seed, size, family, sample_size))
     pipe.save_pretrained(path, safe_serialization=True)
     (path / "TINY_MODEL.json").write_text(json.dumps({"built_by": "orchestrator.tiny", "seed": seed, "size": size, "family": family,
-                                                      "sample_size": sample_size}) + "\n")
+                                                      "sample_size": sample_size}) + "\n", encoding="utf-8")
     return path
 
 

@@ -29,7 +29,7 @@ def setup_logging(job_dir: Path, stage: str) -> logging.Logger:
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     console = logging.StreamHandler(sys.stderr)
     console.addFilter(lambda record: not record.name.startswith(ITEM_LOG))  # per-item lines: stage.log only
-    for handler, level in ((console, logging.INFO), (logging.FileHandler(stage_dir / "stage.log"), logging.DEBUG)):
+    for handler, level in ((console, logging.INFO), (logging.FileHandler(stage_dir / "stage.log", encoding="utf-8"), logging.DEBUG)):
         handler.setFormatter(fmt)
         handler.setLevel(level)
         root.addHandler(handler)
@@ -240,7 +240,14 @@ def wait_for_go(imports: tuple[str, ...]) -> tuple[bool, list[str] | None]:
     return True, (_unit_list(words[2]) if words[1:2] == ["--units"] and len(words) > 2 else None)
 
 
-# Signals received (SIGINT, SIGTERM, SIGHUP). A KeyboardInterrupt raised inside an import can come
+# What stops a stage: Ctrl-C, a scheduler, a closed terminal (POSIX only), and on Windows
+# Ctrl-Break, which the orchestrator sends there instead of SIGINT (stages/lifeline.py).
+def stop_signals() -> tuple[int, ...]:
+    """The stop signals this platform has."""
+    return tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None), getattr(signal, "SIGBREAK", None)) if s is not None)
+
+
+# Signals received (SIGINT, SIGTERM, SIGHUP, SIGBREAK). A KeyboardInterrupt raised inside an import can come
 # out as another exception (numpy's lazy attributes, transformers' and diffusers' lazy modules wrap
 # it in RecursionError / ModuleNotFoundError / RuntimeError); with a signal on record, any error is
 # the interruption, reported as one (exit 130, one line), not a traceback.
@@ -277,7 +284,7 @@ def stage_main(stage: str, make_units, argv: list[str] | None = None, imports: t
     parser.add_argument("--wait", action="store_true", help="import libraries, then wait for a line `go` on stdin "
                         "before reading or writing anything (used by orchestrate to overlap start-up with the previous stage)")
     args = parser.parse_args(argv)
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # Ctrl-C, a scheduler, a closed terminal: cleanup, exit 130
+    for signum in stop_signals():  # Ctrl-C, a scheduler, a closed terminal, Ctrl-Break: cleanup, exit 130
         signal.signal(signum, _interrupted)
     if args.wait:
         go, units = wait_for_go(("torch", "diffusers", "transformers", *imports))
@@ -335,10 +342,12 @@ def _stop_interrupted(job_dir: Path, stage: str, log, keys=None) -> int:
     """After Ctrl-C, SIGTERM or SIGHUP: remove half-written files, say how to resume, exit 130."""
     # Ctrl-C reaches us twice (from the terminal and forwarded by the orchestrator): the second
     # must not cut this cleanup short.
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    twice = (signal.SIGINT, getattr(signal, "SIGBREAK", None))
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in twice if signum is not None}
     try:
         remove_temp_files(job_dir / stage, keys)
         log.warning("%s: interrupted; finished items are kept, run the same command again to resume", stage)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return EXIT_INTERRUPTED

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
 import stat
+import sys
+import time
 from pathlib import Path
 
 from stages.contract import TMP_PREFIX, JobFileError, ResourceError
@@ -102,11 +105,48 @@ def read_json_limited(path: Path, what: str, limit: int = MAX_CONFIG_BYTES, erro
 
 
 def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+    """Make a rename durable (POSIX). Windows cannot open a folder as a file and has no need to;
+    some filesystems (network, FUSE) refuse a folder fsync: the rename still happened."""
+    if sys.platform == "win32":
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except (PermissionError, IsADirectoryError):
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EBADF, errno.EACCES, errno.EPERM, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    """Flush a file just written (by safetensors, PIL or us) to disk, through a handle opened for
+    writing: Windows' FlushFileBuffers refuses a read-only one (and every publish would fail)."""
+    fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# Windows refuses to replace a file another process has open (a viewer, an antivirus scan, a
+# stage reading it): PermissionError until it lets go, usually within milliseconds.
+REPLACE_RETRY_DELAYS_S = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
+
+
+def replace_file(source: Path, target: Path) -> None:
+    """os.replace, retried with backoff on Windows while another process holds `target`."""
+    for delay in (*REPLACE_RETRY_DELAYS_S, None):
+        try:
+            os.replace(source, target)
+            return
+        except PermissionError:
+            if sys.platform != "win32" or delay is None:
+                raise
+            time.sleep(delay)
 
 
 def publish(path: Path, write) -> None:
@@ -119,18 +159,19 @@ def publish(path: Path, write) -> None:
 
         raise ArtifactError(f"{path} is a folder where a file belongs; remove it (e.g. `rm -r {path}`), then run again")
     tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{path.name}")
+    replacing = False
     try:
         write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        _fsync_file(tmp)
+        replacing = True
+        replace_file(tmp, path)
         _fsync_dir(path.parent)
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if replacing and isinstance(exc, PermissionError) and sys.platform == "win32":
+            raise ResourceError(f"could not replace {path}: another program keeps it open (an image viewer, an antivirus "
+                                f"scan?); close it, then run again") from exc
         reason = _write_error_reason(exc)
         if reason:
             raise ResourceError(f"could not write {path}: {reason}; free disk space or fix the folder, then run again") from exc
@@ -157,7 +198,7 @@ def publish_bytes(path: Path, data: bytes) -> None:
 
 
 def publish_json(path: Path, obj) -> None:
-    publish_bytes(path, (json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode())
+    publish_bytes(path, (json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def remove_temp_files(directory: Path, keys=None) -> list[Path]:
@@ -173,3 +214,12 @@ def remove_temp_files(directory: Path, keys=None) -> list[Path]:
             tmp.unlink()
             removed.append(tmp)
     return removed
+
+
+def shown_path(path) -> str:
+    """`path` relative to the current folder when it can be, else absolute (on Windows,
+    os.path.relpath raises ValueError across drives, e.g. a job on D: run from C:)."""
+    try:
+        return os.path.relpath(path)
+    except ValueError:
+        return os.path.abspath(path)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import sys
 import time
 from pathlib import Path
 
@@ -33,29 +33,40 @@ def reset_peak_rss() -> None:
     """Restart the kernel's peak-RSS counter (VmHWM), so the peak measures this stage's work and
     not the import of torch and friends. Linux only; elsewhere the peak is the process's."""
     try:
-        Path("/proc/self/clear_refs").write_text("5")
+        Path("/proc/self/clear_refs").write_text("5", encoding="utf-8")
     except OSError:
         pass
 
 
 def peak_rss() -> int:
-    """Peak resident set size since the last reset_peak_rss (VmHWM), else since process start."""
+    """Peak resident set size since the last reset_peak_rss (Linux VmHWM), else since process start:
+    the peak working set on Windows, ru_maxrss on macOS (bytes there, KiB on Linux)."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError):
         pass
-    import resource
+    import psutil
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    info = psutil.Process().memory_info()
+    if sys.platform == "win32":
+        return int(getattr(info, "peak_wset", info.rss))
+    try:
+        import resource  # macOS and other Unixes; Windows has none
+    except ImportError:
+        return int(info.rss)
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return max(int(maxrss if sys.platform == "darwin" else maxrss * 1024), int(info.rss))
 
 
 def current_rss() -> int:
-    """Resident set size now (Linux /proc), to tell a stage's own memory from the interpreter's."""
+    """Resident set size now, to tell a stage's own memory from the interpreter's (psutil: any OS)."""
+    import psutil
+
     try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
+        return int(psutil.Process().memory_info().rss)
+    except psutil.Error:
         return 0
 
 

@@ -35,10 +35,21 @@ def read_model_config(path: Path) -> dict:
     return config
 
 
+# Names Windows refuses for a file or folder, with any extension ("con.txt" too): a job folder made
+# on Linux must still work when copied there.
+WINDOWS_RESERVED = frozenset({"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))})
+
+
+def windows_reserved(name: str) -> bool:
+    """Windows reserves `name` for a device (CON, NUL, COM1, ... with any extension or trailing spaces)."""
+    return name.split(".")[0].rstrip(" ").upper() in WINDOWS_RESERVED
+
+
 def slugify(text: str, max_len: int = 40) -> str:
-    """A file-name-safe slug of a prompt: lowercase ASCII words joined by '-'."""
+    """A file-name-safe slug of a prompt: lowercase ASCII words joined by '-', never a name that
+    Windows reserves (so 'nul' becomes 'nul-'); no dots, so no trailing dot, and one case only."""
     slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:max_len].strip("-")
-    return slug or "empty"
+    return (f"{slug}-" if windows_reserved(slug) else slug) or "empty"
 
 
 def uses_guidance(item: dict) -> bool:

@@ -21,6 +21,25 @@ from orchestrator.runner import StageRun, run_job  # noqa: E402
 from stages.measure import Clock  # noqa: E402
 
 
+def project_pythonpath() -> str:
+    """PYTHONPATH for a process a test starts: the project, then what was there (in foreign-platform
+    mode tests/foreign, so that the process is foreign too)."""
+    return os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")]))
+
+
+def pytest_configure(config):
+    """Foreign-platform mode (tests/foreign/sitecustomize.py): refuse to run half-set-up, since a
+    run without the import guard or the encoding errors would pass for the wrong reason."""
+    if os.environ.get("PIXART_FOREIGN_PLATFORM") != "1":
+        return
+    import builtins
+    import sys
+
+    if not getattr(builtins.__import__, "foreign_platform", False) or not sys.flags.warn_default_encoding:
+        raise pytest.UsageError("PIXART_FOREIGN_PLATFORM=1 needs PYTHONPATH=$PWD/tests/foreign and PYTHONWARNDEFAULTENCODING=1 "
+                                "(see .ci/run)")
+
+
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", help="run tests that need real weights or a GPU")
 

@@ -79,6 +79,7 @@ def test_chunked_run_makes_first_images_early_and_identical(tiny_model, tmp_path
     assert (summary["processes"], summary["units_done"]) == (3, 5)
 
 
+@pytest.mark.platforms
 def test_interrupted_chunked_run_resumes_without_redoing(tiny_model, tmp_path):
     job_file = write_job(tmp_path, JOB.format(model=tiny_model))
     started = []

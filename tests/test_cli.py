@@ -8,16 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
-from tests.conftest import resolved_items, run_inprocess, write_job
+from tests.conftest import project_pythonpath, resolved_items, run_inprocess, write_job
 
 ORCHESTRATE = [sys.executable, "-m", "orchestrator.cli"]
 
 
 def orchestrate(*args, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=project_pythonpath())
     return subprocess.run([*ORCHESTRATE, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -37,6 +38,7 @@ def test_console_script_entry_point_exists():
     assert callable(getattr(__import__(module, fromlist=[func]), func))
 
 
+@pytest.mark.platforms
 def test_run_end_to_end_with_real_subprocesses(tiny_model, tmp_path):
     job_file = write_job(tmp_path, f"""
         [job]
@@ -86,7 +88,7 @@ def test_run_end_to_end_with_real_subprocesses(tiny_model, tmp_path):
 
     # A stage can be run directly, as printed.
     direct = subprocess.run([sys.executable, "-m", "stages.decode", str(job_dir), "--force"], cwd=tmp_path,
-                            env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent)),
+                            env=dict(os.environ, PYTHONPATH=project_pythonpath()),
                             capture_output=True, text=True, timeout=300)
     assert direct.returncode == 0, direct.stderr[-2000:]
     assert "decode: done 2" in direct.stderr

@@ -610,6 +610,7 @@ def test_the_fp32_retry_of_decode_is_planned_under_the_budget():
     assert "upcast_retry" not in memory.plan_memory(full_size, "float32", "cuda", [item], 120, 8 * 1024**3, None)["stages"]["decode"]
 
 
+@pytest.mark.platforms
 def test_demo_family_sigma_runs_a_tiny_sigma_model(tmp_path):
     from typer.testing import CliRunner
 

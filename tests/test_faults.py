@@ -35,13 +35,13 @@ import pytest
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
-from orchestrator.runner import PROJECT_ROOT, stage_command
+from orchestrator.runner import stage_command
 from stages import contract, files
 from stages.contract import STAGES, TMP_PREFIX
 from stages.records import read_record
 from stages.resolved import read_job
 from stages.units import plan_units, unit_status
-from tests.conftest import artifact_bytes, run_inprocess, write_job
+from tests.conftest import artifact_bytes, project_pythonpath, run_inprocess, write_job
 
 SEED = 4_2024
 JOB_NAME = "faults"
@@ -311,11 +311,12 @@ def test_killed_or_failed_stage_recovers_exactly(harness, tmp_path, stage, point
     print(f"fault trial {stage} {point} {arg}: exit {process.exitcode}, {outcome}: recovered byte-identical")
 
 
+@pytest.mark.platforms
 def test_kill9_of_a_real_stage_process(harness, tmp_path):
     """Guards point 1 with a real `python -m stages.denoise` process, killed after its first record."""
     shutil.copytree(harness.templates["denoise"], tmp_path / "work")
     job_dir = tmp_path / "work" / JOB_NAME
-    env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
+    env = dict(os.environ, PYTHONPATH=project_pythonpath())
     process = subprocess.Popen(stage_command("denoise", job_dir), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     units = plan_units(read_job(job_dir))["denoise"]
     deadline = time.monotonic() + 120
@@ -343,7 +344,7 @@ def test_ctrl_c_stops_orchestrate_run_cleanly_and_a_second_run_is_refused(tiny_m
     workdir = tmp_path / "work"
     job_dir = workdir / JOB_NAME
     out, err = tmp_path / "out.txt", tmp_path / "err.txt"
-    env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
+    env = dict(os.environ, PYTHONPATH=project_pythonpath())
     command = [str(Path(sys.executable).with_name("orchestrate")), "run", str(harness.job_file), "--workdir", str(workdir), "--device", "cpu"]
     with open(out, "w") as stdout, open(err, "w") as stderr:
         process = subprocess.Popen(command, env=env, stdout=stdout, stderr=stderr, start_new_session=True)

@@ -28,9 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.runner import PROJECT_ROOT
 from stages.contract import STAGES
-from tests.conftest import artifact_bytes, write_job
+from tests.conftest import artifact_bytes, project_pythonpath, write_job
 from tests.test_faults import FAULT_JOB, JOB_NAME, UNITS, Harness, accepted_records, temp_files
 
 SEED = 11_2026
@@ -62,7 +61,7 @@ def trial(harness: Harness, work: Path, target: str, delay: float, how: str) -> 
     """One kill: wait until `target`'s stage is at work, `delay` s more, then `how` (SIGKILL to the
     group, SIGTERM or SIGHUP to the orchestrator); check what is left and that a rerun finishes."""
     job_dir = work / JOB_NAME
-    env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
+    env = dict(os.environ, PYTHONPATH=project_pythonpath())
     out, err = work.with_suffix(".out"), work.with_suffix(".err")
     command = [ORCHESTRATE, "run", str(harness.job_file), "--workdir", str(work), "--device", "cpu"]
     with open(out, "w") as stdout, open(err, "w") as stderr:
@@ -119,6 +118,7 @@ STRESS = ([(_rng.choice(STAGES), round(_rng.uniform(0, 1.5), 2), "SIGKILL") for 
           + [(_rng.choice(STAGES), round(_rng.uniform(0, 1.5), 2), how) for how in ("SIGTERM", "SIGHUP") for _ in range(3)])
 
 
+@pytest.mark.platforms
 @pytest.mark.parametrize(("target", "delay", "how"), BASIC, ids=[f"{h}-{t}-{d}" for t, d, h in BASIC])
 def test_no_stage_outlives_the_orchestrator(slow_harness, tmp_path, target, delay, how):
     print(trial(slow_harness, tmp_path / "work", target, delay, how))
@@ -130,6 +130,7 @@ def test_no_stage_outlives_the_orchestrator_at_random_moments(slow_harness, tmp_
     print(trial(slow_harness, tmp_path / "work", target, delay, how))
 
 
+@pytest.mark.platforms
 def test_a_stage_started_by_hand_is_not_bound(monkeypatch):
     """Without the orchestrator's variable nothing is armed; with it, the process is bound (on
     Linux by the kernel) and the variable is gone, so what the stage starts does not inherit it."""
@@ -139,14 +140,15 @@ def test_a_stage_started_by_hand_is_not_bound(monkeypatch):
     assert lifeline.bind_to_parent() is None
     code = ("import os, sys; from stages import lifeline; os.environ[lifeline.ENV] = str(os.getppid()); "
             "how = lifeline.bind_to_parent(); print(how, lifeline.ENV in os.environ)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(PROJECT_ROOT)))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=project_pythonpath()))
     assert result.stdout.split() == ["prctl" if sys.platform.startswith("linux") else "watch", "False"], result.stderr
 
 
+@pytest.mark.platforms
 def test_a_stage_whose_orchestrator_is_already_gone_exits_at_once():
     """The race: the orchestrator died between starting the stage and the binding."""
     result = subprocess.run([sys.executable, "-m", "stages.denoise", "/nonexistent", "--wait"],
-                            env=dict(os.environ, PYTHONPATH=str(PROJECT_ROOT), PIXART_ORCHESTRATOR_PID="1"),
+                            env=dict(os.environ, PYTHONPATH=project_pythonpath(), PIXART_ORCHESTRATOR_PID="1"),
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 130 and result.stdout == "" and result.stderr == ""
 
@@ -175,7 +177,7 @@ def test_an_interrupt_that_a_library_turns_into_another_error_is_still_an_interr
         "        raise RuntimeError('Failed to import diffusers.pipelines because of the following error') from exc\n"
         f"sys.exit(entry.stage_main('encode', make_units, [{str(job_dir)!r}]))\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, PYTHONPATH=str(PROJECT_ROOT)),
+    result = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, PYTHONPATH=project_pythonpath()),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 130, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and "encode: interrupted; finished items are kept" in result.stderr

@@ -83,6 +83,7 @@ def reference_pipe(tiny_model):
     return pipe
 
 
+@pytest.mark.platforms
 @pytest.mark.parametrize("clean_caption", [True, False])
 def test_stages_match_pipeline_bit_for_bit(tiny_model, reference_pipe, tmp_path, clean_caption):
     job_file = write_job(tmp_path, PARITY_JOB.format(model=tiny_model, clean_caption=str(clean_caption).lower()))

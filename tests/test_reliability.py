@@ -34,7 +34,7 @@ from stages import contract, decode, denoise, encode, entry, files
 from stages.contract import EXIT_RESOURCE_ERROR, EXIT_USER_ERROR, STAGES, TMP_PREFIX
 from stages.resolved import read_job
 from stages.units import plan_units, unit_status
-from tests.conftest import artifact_bytes, run_inprocess, toml_string, tree_state, write_job
+from tests.conftest import artifact_bytes, project_pythonpath, run_inprocess, toml_string, tree_state, write_job
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Six items with six prompts, so each corruption below hits a different encode unit and item.
@@ -206,12 +206,13 @@ with exclusive_lock(sys.argv[1], "test holder"):
 
 def hold_lock(path: Path) -> subprocess.Popen:
     """Another process that holds `path`'s lock until its stdin closes (or it is killed)."""
-    env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
+    env = dict(os.environ, PYTHONPATH=project_pythonpath())
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     assert holder.stdout.readline().strip() == "locked"
     return holder
 
 
+@pytest.mark.platforms
 def test_a_second_run_of_the_same_job_is_refused_naming_the_first(reference, tmp_path):
     """Guards point 4: while another process holds the job, `orchestrate run` exits 2 with one line
     naming that process's pid and writes nothing."""
@@ -229,6 +230,7 @@ def test_a_second_run_of_the_same_job_is_refused_naming_the_first(reference, tmp
         holder.wait(10)
 
 
+@pytest.mark.platforms
 def test_a_stage_refuses_to_run_while_another_process_holds_it(reference, tmp_path):
     """Guards point 4 at the stage level: `python -m stages.denoise` run twice at once."""
     job_dir = reference.copy(tmp_path / "work")
@@ -244,6 +246,7 @@ def test_a_stage_refuses_to_run_while_another_process_holds_it(reference, tmp_pa
         holder.wait(10)
 
 
+@pytest.mark.platforms
 def test_locks_left_by_killed_processes_are_taken_over(reference, tmp_path, caplog):
     """Guards point 4: a run and a stage killed with -9 leave lock files naming dead pids; the next
     run detects that, says so, and takes both over."""
@@ -252,7 +255,7 @@ def test_locks_left_by_killed_processes_are_taken_over(reference, tmp_path, capl
     for holder in holders:
         holder.send_signal(signal.SIGKILL)
         holder.wait(10)
-    assert (job_dir / "run.lock").read_text() == str(holders[0].pid)  # the stale pid is still written there
+    assert (job_dir / "run.lock.pid").read_text() == str(holders[0].pid)  # the stale pid is still written beside it
     caplog.set_level(logging.INFO)
     _, runs, _ = run_inprocess(reference.job_file, tmp_path / "work", force=("denoise",))
     assert made(runs) == {"denoise": 6, "decode": 6}
@@ -515,6 +518,7 @@ SAFE_NAME = re.compile(r"^(\d{4}-[a-z0-9-]{1,40}\.(json|safetensors|png)|[a-z0-9
                        r"stage\.log|summary\.json|\.lock)$")
 
 
+@pytest.mark.platforms
 def test_hostile_prompts_make_safe_file_names_inside_the_job_folder(tiny_model, tmp_path):
     """Guards point 8: prompts full of path tricks become `<index>-<slug>` names; every file the run
     writes is inside the job folder, and the model folder is untouched."""

@@ -4,11 +4,12 @@ that touches nothing. Chunked local runs and the Ray executor hand work to stage
 
 from __future__ import annotations
 
+import pytest
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
 from stages import decode, denoise, encode
-from tests.conftest import resolved_items, run_inprocess, tree_state, write_job
+from tests.conftest import project_pythonpath, resolved_items, run_inprocess, tree_state, write_job
 
 JOB = """
 [job]
@@ -110,14 +111,13 @@ def _hold_units(job_dir, stage: str, keys: list[str]):
     import subprocess
     import sys
 
-    from orchestrator.runner import PROJECT_ROOT
-
     holder = subprocess.Popen([sys.executable, "-c", HOLD_UNITS, str(job_dir), stage, ",".join(keys)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(PROJECT_ROOT)))
+                              stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=project_pythonpath()))
     assert holder.stdout.readline().strip() == "locked"
     return holder
 
 
+@pytest.mark.platforms
 def test_shards_of_a_stage_run_side_by_side_but_never_on_the_same_unit(tiny_model, tmp_path, capsys):
     job_dir, _, _ = run_inprocess(write_job(tmp_path, JOB.format(model=tiny_model)), tmp_path / "work")
     ids = [item["id"] for item in resolved_items(job_dir)]
