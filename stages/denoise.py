@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from stages import contract, entry, family, files, measure, records, resolved, units
+from stages import attention, contract, entry, family, files, measure, records, resolved, units
 
 
 def vae_scale_factor(model_path: str) -> int:
@@ -204,6 +204,7 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
     host_rss_at_start = measure.reset_peak_memory(device)
     with entry.oom_guard(job, *todo):  # loading can run out of memory too
         transformer, new_scheduler, loader = load_transformer(job, device, strategy)
+    attention.use_chunked_attention(transformer, plan.get("attention_chunk"))  # the plan's, where the backend has no fused kernel
     load_seconds = clock.seconds()
     context = records.record_context(job, "denoise", device)
     log.info("denoise: %d items, strategy %s, batch size %d", len(todo), strategy, batch_size)
