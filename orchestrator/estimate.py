@@ -40,7 +40,7 @@ ROCm cards; memory.attention_path) run the plain path, which materialises the [B
 scores (5.38 instead of 1.36 GiB for denoise at 1024 px): with `plain`, denoise and decode are
 traced with PlainAttention, which makes the scores and their softmax as torch's math path does
 (`_scaled_dot_product_attention_math`: matmul, mask added in place, softmax, matmul), on
-`chunk` queries at a time when the plan chunks attention (stages/attention.py).
+`chunk` queries at a time when the plan chunks attention (stages/backends.py).
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ class Estimate:
     workspace_bytes: int
     tile_size: int | None = None
     retry: Estimate | None = None
-    attention_chunk: int | None = None  # denoise: queries per attention call (stages/attention.py); None: all  # decode in 16 bits: the float32 retry of an item whose output overflowed
+    attention_chunk: int | None = None  # denoise: queries per attention call (stages/backends.py); None: all  # decode in 16 bits: the float32 retry of an item whose output overflowed
 
     @property
     def peak_bytes(self) -> int:
@@ -330,7 +330,7 @@ def _make_replaying_decoder():
 
 
 def _make_plain_attention():
-    from stages.attention import ChunkedAttnProcessor
+    from stages.backends import ChunkedAttnProcessor
 
     class PlainAttention(ChunkedAttnProcessor):
         """SDPA's plain path, as torch's math kernel runs it: the scores [B, heads, q, k] are made,

@@ -40,7 +40,7 @@ CUDA_SAFETY_FRACTION = 0.05
 MACOS_RESERVE_BYTES = 2560 * 1024**2
 MPS_PROCESS_BYTES = 1024**3
 # Query chunks the planner tries, largest first, when a backend runs attention's plain path
-# (stages/attention.py): 1024 quarters the score matrix at 1024 px (4096 tokens), 64 cuts it 64-fold.
+# (stages/backends.py): 1024 quarters the score matrix at 1024 px (4096 tokens), 64 cuts it 64-fold.
 ATTENTION_CHUNKS = (1024, 256, 64)
 DENOISE_BATCH_SIZES = (1, 2, 4)
 TILE_SIZES = (512, 256)  # tried in this order when the untiled decode does not fit
@@ -229,7 +229,7 @@ def choose_strategies(model_path, dtype: str, device_type: str, items: list[dict
     largest_group = max(groups.values())
     sizes = [b for b in DENOISE_BATCH_SIZES if b <= largest_group] if device_type == "cuda" and budget_bytes is not None and not exact else [1]
     # On a plain-path backend each strategy is tried whole, then with attention in query chunks
-    # (stages/attention.py: the same pixels, a smaller score matrix), before the next strategy.
+    # (stages/backends.py: the same pixels, a smaller score matrix), before the next strategy.
     chunks = (None, *ATTENTION_CHUNKS) if plain else (None,)
     denoise = [estimate_denoise(model, dtype, device_type, strategy, b, denoise_shapes, max_sequence_length, plain, chunk)
                for strategy, b in [("resident", b) for b in reversed(sizes)] + [("offload", 1)] for chunk in chunks]

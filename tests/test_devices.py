@@ -326,7 +326,7 @@ def test_chunked_attention_gives_the_same_latents_bit_for_bit_on_the_cpu(tiny_mo
 def test_the_chunked_processor_is_installed_when_planned(tiny_model):
     from diffusers import PixArtTransformer2DModel
 
-    from stages.attention import ChunkedAttnProcessor, use_chunked_attention
+    from stages.backends import ChunkedAttnProcessor, use_chunked_attention
 
     transformer = PixArtTransformer2DModel.from_pretrained(tiny_model, subfolder="transformer")
     use_chunked_attention(transformer, None)
@@ -335,3 +335,56 @@ def test_the_chunked_processor_is_installed_when_planned(tiny_model):
     assert all(isinstance(p, ChunkedAttnProcessor) and p.chunk_size == 64 for p in transformer.attn_processors.values())
     with pytest.raises(ValueError, match="at least 2"):
         ChunkedAttnProcessor(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# No float64 on MPS and XPU
+
+
+def test_no_float64_is_made_on_a_device_without_it(tiny_model, monkeypatch):
+    """At a size other than the model's own, diffusers builds the transformer's position table in
+    float64 on the latents' device. On MPS and XPU the stage builds it on the CPU first: the loop
+    then makes no float64 tensor, and the latents stay the same bit for bit. The CPU plays such a
+    device here (NO_FLOAT64), and the same run without it shows the float64 table being made."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    from stages import backends, denoise
+
+    made, placing = [], []
+
+    class Float64Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not placing and any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in tree_leaves(out)):
+                made.append(str(func))
+            return out
+
+    real = backends.place_position_table
+
+    def on_the_host(*args):  # what it computes is on the CPU by design: not counted
+        placing.append(True)
+        try:
+            real(*args)
+        finally:
+            placing.clear()
+
+    monkeypatch.setattr(backends, "place_position_table", on_the_host)
+    embeds = {"prompt_embeds": torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(0)),
+              "prompt_attention_mask": torch.ones(1, 16, dtype=torch.long)}
+    item = {"guidance_scale": 1.0, "num_inference_steps": 2, "seed": 3, "timesteps": None}
+
+    def latents(no_float64):
+        monkeypatch.setattr(backends, "NO_FLOAT64", no_float64)
+        transformer, new_scheduler, _ = denoise.load_transformer({"model": {"path": str(tiny_model)}, "dtype": "float32"}, torch.device("cpu"))
+        made.clear()
+        with Float64Spy():
+            *_, (_, _, out) = denoise.generate_latents(transformer, new_scheduler(), [embeds], [item], 128, 96, 8,
+                                                       torch.device("cpu"), torch.float32)
+        return out, list(made)
+
+    plain, made_plain = latents(())
+    kept, made_kept = latents(("cpu",))
+    assert made_plain, "diffusers no longer makes float64 here: the test guards nothing"
+    assert made_kept == []
+    assert torch.equal(plain, kept)

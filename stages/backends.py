@@ -1,12 +1,15 @@
-"""Query-chunked attention: the attention processor a stage installs when the plan asks for it.
+"""What a stage does where a backend lacks something: query-chunked attention, and float64 kept off the device.
 
-Where the backend has no fused attention kernel (MPS, consumer ROCm cards), scaled_dot_product_attention
+Attention. Where the backend has no fused attention kernel (MPS, consumer ROCm cards), scaled_dot_product_attention
 runs its plain path, which materialises the score matrix [batch, heads, queries, keys]: 5.4 GiB of
 activations for denoise at 1024 px instead of 1.4 GiB. Splitting the queries into chunks of
 `chunk_size` bounds that matrix to [batch, heads, chunk_size, keys]; each query row attends to
 all keys either way, so the result is the same (bit for bit on the CPU in float32, tested in
 tests/test_devices.py). The planner (orchestrator/memory.py) picks the chunk size; the denoise
 stage installs it with `use_chunked_attention`.
+
+Float64. MPS has none, nor have Intel Arc GPUs (XPU); place_position_table builds the one float64
+table of the denoise loop on the CPU. diffusers' schedulers already keep float64 off MPS.
 """
 
 from __future__ import annotations
@@ -81,3 +84,28 @@ def use_chunked_attention(transformer, chunk_size: int | None) -> None:
     (None: leave diffusers' default processor)."""
     if chunk_size:
         transformer.set_attn_processor(ChunkedAttnProcessor(chunk_size))
+
+
+# Devices without float64 (MPS; Intel Arc GPUs on XPU). diffusers' PatchEmbed builds the sin-cos
+# position table in float64 on the latents' device at any size but the model's own; diffusers
+# downcasts it to float32 on MPS only, and Arc fails on it.
+NO_FLOAT64 = ("mps", "xpu")
+
+
+def place_position_table(transformer, height: int, width: int, scale: int, device) -> None:
+    """On a device without float64, build the transformer's position table for this size on the CPU
+    (float64, as on the CPU and CUDA, then float32 as diffusers keeps it) and hand it to the device,
+    so the forward never computes it there."""
+    import torch
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+    patch = transformer.pos_embed
+    if device.type not in NO_FLOAT64 or getattr(patch, "pos_embed_max_size", None) or getattr(patch, "pos_embed", None) is None:
+        return
+    grid = (height // scale // patch.patch_size, width // scale // patch.patch_size)  # patches, as PatchEmbed.forward counts them
+    if (patch.height, patch.width) == grid:
+        return
+    table = get_2d_sincos_pos_embed(embed_dim=patch.pos_embed.shape[-1], grid_size=grid, base_size=patch.base_size,
+                                    interpolation_scale=patch.interpolation_scale, device=torch.device("cpu"), output_type="pt")
+    patch.register_buffer("pos_embed", table.float().unsqueeze(0).to(patch.pos_embed.device), persistent=False)  # [1, h*w, dim]
+    patch.height, patch.width = grid
