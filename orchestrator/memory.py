@@ -208,7 +208,7 @@ def choose_strategies(model_path, dtype: str, device_type: str, items: list[dict
         groups[key] = groups.get(key, 0) + 1
 
     def fits(estimate: Estimate) -> bool:
-        if budget_bytes is not None and estimate.peak_bytes > budget_bytes:
+        if budget_bytes is not None and pool_bytes(model, dtype, device_type, estimate) > budget_bytes:
             return False
         # On CUDA --max-ram also bounds what a strategy keeps on the host (on the CPU it is the budget).
         return not (device_type in ("cuda", "xpu") and host_budget_bytes is not None
@@ -251,6 +251,16 @@ def choose_strategies(model_path, dtype: str, device_type: str, items: list[dict
         retry = next((r for r in retries if budget_bytes is None or r.peak_bytes <= budget_bytes), retries[-1])
         chosen["decode"] = dataclasses.replace(chosen["decode"], retry=retry)
     return chosen
+
+
+def pool_bytes(model: ModelConfigs, dtype: str, device_type: str, estimate: Estimate) -> int:
+    """What a strategy takes from the budget: its device peak; on MPS (one pool for GPU and CPU)
+    also the weights it keeps in host memory, which is the same memory there: a streamed T5's
+    embedding table and read-ahead block, an offloaded transformer's blocks. So on a Mac offloading
+    never looks like a saving; a resident model's host copy is gone once it is on the GPU."""
+    if device_type.partition(":")[0] != "mps" or estimate.strategy not in ("stream", "offload"):
+        return estimate.peak_bytes
+    return estimate.peak_bytes + estimate_host_bytes(model, dtype, estimate)
 
 
 def no_fit_message(chosen: dict, budget_bytes: int, allow_tiling: bool, host_budget_bytes: int | None = None) -> str:

@@ -288,6 +288,11 @@ def test_the_plain_path_is_counted_and_chunked_to_fit(tiny_model):
     on_cuda = memory.choose_strategies(tiny_model, "float32", "cuda", items, 16, budget + CUBLAS_WORKSPACE_BYTES + 2**16)["denoise"]
     assert on_cuda.attention_chunk is None and "attention_chunk" not in on_cuda.runtime_entry()
     assert "attention 64 queries at a time" in memory.format_plan({"denoise": chunked}, budget)
+    # The VAE's mid-block attention too ([1, 1 head, 4096, 4096] at 512 px): it can make decode tile.
+    from orchestrator.estimate import estimate_decode
+
+    vae_fused, vae_plain = (estimate_decode(model, "float32", "mps", None, [(512, 512, None)], plain) for plain in (False, True))
+    assert vae_plain.activation_bytes - vae_fused.activation_bytes > 4096 * 4096 * 4
 
 
 def test_plan_for_mps_on_this_machine_says_one_pool_and_chunks(tiny_model, tmp_path, mac_8gb):
@@ -388,3 +393,22 @@ def test_no_float64_is_made_on_a_device_without_it(tiny_model, monkeypatch):
     assert made_plain, "diffusers no longer makes float64 here: the test guards nothing"
     assert made_kept == []
     assert torch.equal(plain, kept)
+
+
+def test_on_mps_weights_kept_on_the_host_come_out_of_the_same_pool(tiny_model):
+    """Offloading the transformer to host memory saves nothing on unified memory: on MPS a
+    strategy's host-kept weights count against the one budget; on CUDA they do not."""
+    from orchestrator.estimate import ModelConfigs, estimate_denoise, estimate_encode, estimate_host_bytes
+
+    model = ModelConfigs.read(tiny_model)
+    offload = estimate_denoise(model, "float32", "mps", "offload", 1, [(64, 64, True)], 16)
+    stream = estimate_encode(model, "float32", "mps", "stream", 1, 16)
+    resident = estimate_denoise(model, "float32", "mps", "resident", 1, [(64, 64, True)], 16)
+    whole = estimate_host_bytes(model, "float32", offload)
+    assert whole > 0 and memory.pool_bytes(model, "float32", "mps", offload) == offload.peak_bytes + whole
+    assert memory.pool_bytes(model, "float32", "mps", stream) == stream.peak_bytes + estimate_host_bytes(model, "float32", stream)
+    assert memory.pool_bytes(model, "float32", "mps", resident) == resident.peak_bytes
+    assert memory.pool_bytes(model, "float32", "cuda", offload) == offload.peak_bytes
+    # Planned: a budget that holds offload's device peak but not its host-kept weights holds no offload on MPS.
+    chosen = memory.choose_strategies(tiny_model, "float32", "mps", _tiny_items(64), 16, offload.peak_bytes)["denoise"]
+    assert isinstance(chosen, memory.NoFit) or chosen.strategy == "resident"
