@@ -79,7 +79,8 @@ BLOCKS_HELD = 2
 
 
 def _blocks_held(part: str, device_type: str) -> int:
-    return 1 if part == "text_encoder" and device_type == "cuda" else BLOCKS_HELD
+    # Off the CPU (CUDA, and MPS and XPU alike) the encode stage reads ahead into host memory.
+    return 1 if part == "text_encoder" and device_type != "cpu" else BLOCKS_HELD
 # Activations are simulated on models cut to their first blocks (see _fake_model).
 ACTIVATION_DEPTH = 2
 

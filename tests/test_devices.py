@@ -295,18 +295,23 @@ def test_the_plain_path_is_counted_and_chunked_to_fit(tiny_model):
     assert vae_plain.activation_bytes - vae_fused.activation_bytes > 4096 * 4096 * 4
 
 
-def test_plan_for_mps_on_this_machine_says_one_pool_and_chunks(tiny_model, tmp_path, mac_8gb):
-    """`orchestrate plan --device mps --max-vram ...` plans without a Mac, as CUDA plans do."""
+def test_plan_for_mps_on_this_machine_plans_one_pool(tiny_model, tmp_path, mac_8gb):
+    """`orchestrate plan --device mps --max-vram ...` plans without a Mac, as CUDA plans do: one
+    budget from both flags, no host budget, and the device named."""
+    import json
+
     from orchestrator.cli import app
 
     job_file = job_toml(tmp_path, tiny_model, side=128)
-    result = CliRunner().invoke(app, ["plan", str(job_file), "--workdir", str(tmp_path / "work"), "--device", "mps",
-                                      "--max-vram", "6GiB", "--max-ram", "4GiB", "--json"])
+    args = ["plan", str(job_file), "--workdir", str(tmp_path / "work"), "--device", "mps", "--max-vram", "6GiB", "--max-ram", "4GiB"]
+    result = CliRunner().invoke(app, args + ["--json"])
     assert result.exit_code == 0, result.output
-    import json
-
     plan = json.loads(result.output)
     assert plan["device_type"] == "mps" and plan["budget_bytes"] == 4 * GIB and plan["host_budget_bytes"] is None
+    table = CliRunner().invoke(app, args)
+    assert table.exit_code == 0, table.output
+    assert "device: mps: Apple Metal (MPS), memory shared with the CPU" in table.output
+    assert "budget 4.00 GiB (--max-vram 6GiB and --max-ram 4GiB: one pool on MPS (unified memory), the smaller taken)" in table.output
 
 
 # ---------------------------------------------------------------------------------------------
