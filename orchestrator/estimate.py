@@ -477,7 +477,7 @@ def _decode_image(vae, height: int, width: int, requested: tuple | None, tile_si
 
 @functools.lru_cache(maxsize=128)
 def _decode_activations(config_text: str, dtype_name: str, device_type: str, height: int, width: int,
-                        requested: tuple | None, tile_size: int | None, plain: bool = False) -> int:
+                        requested: tuple | None, tile_size: int | None, plain: bool = False, chunk: int | None = None) -> int:
     import torch
 
     from stages.resolved import torch_dtype
@@ -486,7 +486,7 @@ def _decode_activations(config_text: str, dtype_name: str, device_type: str, hei
     counter = _counter(vae, device_type)
     vae.decoder.start(counter)
     try:
-        with _attention(vae, plain, None), torch.no_grad(), mode, counter:
+        with _attention(vae, plain, chunk), torch.no_grad(), mode, counter:
             _decode_image(vae, height, width, requested, tile_size, torch_dtype(dtype_name))
     finally:
         vae.use_tiling = False
@@ -578,11 +578,14 @@ def estimate_denoise(model: ModelConfigs, dtype: str, device_type: str, strategy
                     activations, _workspace("denoise", device_type), attention_chunk=chunk)
 
 
-def estimate_decode(model: ModelConfigs, dtype: str, device_type: str, tile_size: int | None, shapes, plain: bool = False) -> Estimate:
+def estimate_decode(model: ModelConfigs, dtype: str, device_type: str, tile_size: int | None, shapes, plain: bool = False,
+                    chunk: int | None = None) -> Estimate:
     """`shapes`: the distinct (height, width, requested (height, width) or None) the job decodes;
-    `plain`: the backend runs attention's plain path (the VAE's mid-block attention)."""
-    activations = max(_decode_activations(model.decode, dtype, device_type, h, w, requested, tile_size, plain) for h, w, requested in shapes)
+    `plain`: the backend runs attention's plain path (the VAE's mid-block attention), on `chunk`
+    queries at a time (None: all)."""
+    activations = max(_decode_activations(model.decode, dtype, device_type, h, w, requested, tile_size, plain, chunk)
+                      for h, w, requested in shapes)
     return Estimate("decode", "full" if tile_size is None else "tiled", 1, _weights("vae", model.decode, dtype, device_type, "full"),
-                    activations, _workspace("decode", device_type), tile_size)
+                    activations, _workspace("decode", device_type), tile_size, attention_chunk=chunk)
 
 

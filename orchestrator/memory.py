@@ -233,9 +233,10 @@ def choose_strategies(model_path, dtype: str, device_type: str, items: list[dict
     chunks = (None, *ATTENTION_CHUNKS) if plain else (None,)
     denoise = [estimate_denoise(model, dtype, device_type, strategy, b, denoise_shapes, max_sequence_length, plain, chunk)
                for strategy, b in [("resident", b) for b in reversed(sizes)] + [("offload", 1)] for chunk in chunks]
-    # Decode: tiled only when the untiled decode does not fit, and never with --no-tiling.
-    decode = [estimate_decode(model, dtype, device_type, None, decode_shapes, plain)]
-    if allow_tiling and not fits(decode[0]):
+    # Decode: tiled only when the untiled decode does not fit, and never with --no-tiling; on a
+    # plain-path backend chunked attention first (same pixels, where tiling changes them slightly).
+    decode = [estimate_decode(model, dtype, device_type, None, decode_shapes, plain, chunk) for chunk in chunks]
+    if allow_tiling and not any(fits(d) for d in decode):
         decode += [estimate_decode(model, dtype, device_type, tile, decode_shapes, plain) for tile in TILE_SIZES]
     chosen = {}
     for stage, candidates in (("encode", encode), ("denoise", denoise), ("decode", decode)):
@@ -247,7 +248,9 @@ def choose_strategies(model_path, dtype: str, device_type: str, items: list[dict
     if dtype != "float32" and budget_bytes is not None and not isinstance(chosen["decode"], NoFit):
         tiles = [None, *TILE_SIZES] if allow_tiling else [None]
         start = tiles.index(chosen["decode"].tile_size) if chosen["decode"].tile_size in tiles else 0
-        retries = [estimate_decode(model, "float32", device_type, tile, decode_shapes, plain) for tile in tiles[start:]]
+        chunk = chosen["decode"].attention_chunk  # the untiled retry keeps it; tiles are small enough whole
+        retries = [estimate_decode(model, "float32", device_type, tile, decode_shapes, plain, None if tile else chunk)
+                   for tile in tiles[start:]]
         retry = next((r for r in retries if budget_bytes is None or r.peak_bytes <= budget_bytes), retries[-1])
         chosen["decode"] = dataclasses.replace(chosen["decode"], retry=retry)
     return chosen

@@ -293,6 +293,12 @@ def test_the_plain_path_is_counted_and_chunked_to_fit(tiny_model):
 
     vae_fused, vae_plain = (estimate_decode(model, "float32", "mps", None, [(512, 512, None)], plain) for plain in (False, True))
     assert vae_plain.activation_bytes - vae_fused.activation_bytes > 4096 * 4096 * 4
+    # ... and decode then chunks its attention, which keeps the pixels, before it tiles, which does not.
+    vae_chunked = estimate_decode(model, "float32", "mps", None, [(512, 512, None)], True, 1024)
+    assert vae_chunked.peak_bytes < vae_plain.peak_bytes
+    budget = (vae_plain.peak_bytes + vae_chunked.peak_bytes) // 2
+    decode = memory.choose_strategies(tiny_model, "float32", "mps", _tiny_items(512), 16, budget)["decode"]
+    assert (decode.strategy, decode.tile_size) == ("full", None) and decode.attention_chunk is not None
 
 
 def test_plan_for_mps_on_this_machine_plans_one_pool(tiny_model, tmp_path, mac_8gb):
@@ -318,19 +324,21 @@ def test_plan_for_mps_on_this_machine_plans_one_pool(tiny_model, tmp_path, mac_8
 # Chunked attention: the same pixels
 
 
-def test_chunked_attention_gives_the_same_latents_bit_for_bit_on_the_cpu(tiny_model, tmp_path):
-    """A denoise planned with attention in chunks of 64 queries (256 tokens at 256 px: 4 chunks)
-    writes the same latents, byte for byte, as the default processor in float32 on the CPU."""
+def test_chunked_attention_gives_the_same_pixels_bit_for_bit_on_the_cpu(tiny_model, tmp_path):
+    """Denoise and decode planned with attention in chunks of 64 queries (256 tokens in the
+    transformer at 256 px: 4 chunks; 1024 in the VAE's mid-block: 16) write the same latents and
+    the same PNG, byte for byte, as the default processor in float32 on the CPU."""
     job_file = job_toml(tmp_path, tiny_model, side=256)
-    plans = {"whole": None, "chunked": {"budget_bytes": None, "stages": {"denoise": {"strategy": "resident", "batch_size": 1,
-                                                                                    "attention_chunk": 64}}}}
-    latents = {}
-    for name, runtime in plans.items():
+    stages = {"denoise": {"strategy": "resident", "batch_size": 1, "attention_chunk": 64},
+              "decode": {"strategy": "full", "tile_size": None, "batch_size": 1, "attention_chunk": 64}}
+    made = {}
+    for name, runtime in {"whole": None, "chunked": {"budget_bytes": None, "stages": stages}}.items():
         job_dir, runs, _ = run_inprocess(job_file, tmp_path / name, device="cpu", runtime=runtime)
-        outputs = sorted((job_dir / "denoise").glob("*.safetensors"))
-        assert len(outputs) == 1
-        latents[name] = outputs[0].read_bytes()
-    assert latents["chunked"] == latents["whole"]
+        outputs = sorted((job_dir / "denoise").glob("*.safetensors")) + sorted((job_dir / "decode").glob("*.png"))
+        assert len(outputs) == 2
+        made[name] = [path.read_bytes() for path in outputs]
+    assert made["chunked"][0] == made["whole"][0]  # latents
+    assert made["chunked"][1] == made["whole"][1]  # PNG
 
 
 def test_the_chunked_processor_is_installed_when_planned(tiny_model):
