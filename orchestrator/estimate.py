@@ -39,7 +39,8 @@ kernel returns, so the same trace stands for CUDA. Backends without such a kerne
 ROCm cards; memory.attention_path) run the plain path, which materialises the [B, heads, 4096, 4096]
 scores (5.38 instead of 1.36 GiB for denoise at 1024 px): with `plain`, denoise and decode are
 traced with PlainAttention, which makes the scores and their softmax as torch's math path does
-(`_scaled_dot_product_attention_math`: matmul, mask added in place, softmax, matmul), on
+(`_scaled_dot_product_attention_math`: upcast to float32, matmul, mask added in place, softmax,
+matmul), on
 `chunk` queries at a time when the plan chunks attention (stages/backends.py).
 """
 
@@ -334,16 +335,22 @@ def _make_plain_attention():
     from stages.backends import ChunkedAttnProcessor
 
     class PlainAttention(ChunkedAttnProcessor):
-        """SDPA's plain path, as torch's math kernel runs it: the scores [B, heads, q, k] are made,
-        the mask added in place, and the softmax made beside them before the scores are freed."""
+        """SDPA's plain path, as torch's math kernel runs it: in float32 (since torch 2.5 it upcasts
+        float16 and bfloat16 unless allow_fp16_bf16_reduction_math_sdp is set), the scores
+        [B, heads, q, k] are made, the mask added in place, and the softmax made beside them
+        before the scores are freed. That is PIXART-NOTES.md's 5.38 GiB for denoise at 1024 px."""
 
         def attend(self, query, key, value, mask):
-            scores = query @ (key.transpose(-2, -1) * query.shape[-1] ** -0.5)  # [B, heads, q, k]
+            import torch
+
+            dtype = query.dtype
+            query, key, value = (t.to(torch.float32) for t in (query, key, value))
+            scores = query @ (key.transpose(-2, -1) * query.shape[-1] ** -0.5)  # [B, heads, q, k], float32
             if mask is not None:
                 scores.add_(mask)
             probs = scores.softmax(dim=-1)
             del scores
-            return probs @ value  # [B, heads, q, d]
+            return (probs @ value).to(dtype)  # [B, heads, q, d]
 
     return PlainAttention
 
