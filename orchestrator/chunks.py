@@ -31,7 +31,7 @@ OVERHEAD = 0.03  # the share of the run that extra model loads may cost (issue 1
 # chunk measures the real ones, and the chunk size is recomputed from them.
 PROCESS_SECONDS = 1.0  # set-up and exit not overlapped by the next process's warm start
 LOAD_BYTES_PER_SECOND = 1.0e9  # safetensors from a local disk into memory, with construction
-FLOPS = {"cpu": 5.0e10, "cuda": 5.0e13, "mps": 5.0e12}
+FLOPS = {"cpu": 5.0e10, "cuda": 5.0e13, "mps": 5.0e12, "xpu": 2.0e13}
 VAE_FLOPS_PER_PIXEL = 2.4e6  # the SD/PixArt VAE decoder (49.5M parameters): ~2.5 TFLOP at 1024x1024
 VAE_FULL_BYTES = 334_640_000  # that VAE's float32 weights on disk (83.7M parameters, encoder too)
 

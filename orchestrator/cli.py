@@ -27,7 +27,7 @@ app = typer.Typer(
 )
 
 WORKDIR = typer.Option(Path("workdir"), "--workdir", help="Where job folders are made: <workdir>/<job name>/.")
-DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (auto: cuda if available).")
+DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N | mps | xpu | xpu:N (auto: torch's current accelerator, else cpu; ROCm GPUs are cuda).")
 MAX_VRAM = typer.Option(None, "--max-vram", help="Device memory budget, e.g. 2GiB (CUDA default: free memory minus a margin).")
 MAX_RAM = typer.Option(None, "--max-ram", help="Host memory budget, e.g. 8GiB; on --device cpu it is the budget.")
 NO_TILING = typer.Option(False, "--no-tiling", help="Fail instead of tiling a decode that fits only tiled.")
@@ -326,8 +326,8 @@ def plan_memory(
     from orchestrator import memory
 
     loaded = jobfile.load_job(job.job_file)
-    # Planning needs no GPU: with --max-vram, plan for CUDA on a machine without one too.
-    target = job.device if job.max_vram is not None and re.fullmatch(r"cuda(:\d+)?", job.device) else resolve_device(job.device)
+    # Planning needs no GPU: with --max-vram, plan for CUDA, XPU or MPS on a machine without one too.
+    target = job.device if job.max_vram is not None and re.fullmatch(r"(cuda|xpu)(:\d+)?|mps", job.device) else resolve_device(job.device)
     resolved = jobfile.resolve_job(loaded, jobfile.job_dir_for(loaded, job.workdir), target, require_weights=False)
     budget_bytes, host_budget_bytes = memory.budgets(resolved["device"], job.max_vram, job.max_ram)
     chosen = memory.choose_for_job(resolved, budget_bytes, not job.no_tiling, job.exact, host_budget_bytes)

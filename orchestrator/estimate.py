@@ -35,12 +35,18 @@ GiB of interpreter and libraries), and host-side copies on CUDA (blocks read and
 
 Attention: the CPU device picks `_scaled_dot_product_flash_attention_for_cpu` for every SDPA call
 (masks too); its output and fp32 logsumexp have the sizes of what a GPU's flash or memory-efficient
-kernel returns, so the same trace stands for CUDA. Never the math path, which would materialise the
-[B, heads, 4096, 4096] scores (5.38 instead of 1.36 GiB for denoise at 1024 px).
+kernel returns, so the same trace stands for CUDA. Backends without such a kernel (MPS, consumer
+ROCm cards; memory.attention_path) run the plain path, which materialises the [B, heads, 4096, 4096]
+scores (5.38 instead of 1.36 GiB for denoise at 1024 px): with `plain`, denoise and decode are
+traced with PlainAttention, which makes the scores and their softmax as torch's math path does
+(`_scaled_dot_product_attention_math`: upcast to float32, matmul, mask added in place, softmax,
+matmul), on
+`chunk` queries at a time when the plan chunks attention (stages/backends.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -75,7 +81,8 @@ BLOCKS_HELD = 2
 
 
 def _blocks_held(part: str, device_type: str) -> int:
-    return 1 if part == "text_encoder" and device_type == "cuda" else BLOCKS_HELD
+    # Off the CPU (CUDA, and MPS and XPU alike) the encode stage reads ahead into host memory.
+    return 1 if part == "text_encoder" and device_type != "cpu" else BLOCKS_HELD
 # Activations are simulated on models cut to their first blocks (see _fake_model).
 ACTIVATION_DEPTH = 2
 
@@ -96,6 +103,7 @@ class Estimate:
     workspace_bytes: int
     tile_size: int | None = None
     retry: Estimate | None = None  # decode in 16 bits: the float32 retry of an item whose output overflowed
+    attention_chunk: int | None = None  # denoise: queries per attention call (stages/backends.py); None: all
     # encode on CUDA: the embeddings it keeps on the host between units (stages/embedding_cache.py);
     # on the CPU they are in activation_bytes, since there the host is the budget
     host_kept_bytes: int = 0
@@ -106,6 +114,8 @@ class Estimate:
 
     def runtime_entry(self) -> dict:
         entry = {"strategy": self.strategy, "batch_size": self.batch_size, "peak_bytes": self.peak_bytes}
+        if self.attention_chunk:
+            entry["attention_chunk"] = self.attention_chunk
         if self.stage != "decode":
             return entry
         entry["tile_size"] = self.tile_size
@@ -325,6 +335,46 @@ def _make_replaying_decoder():
     return ReplayingDecoder
 
 
+def _make_plain_attention():
+    from stages.backends import ChunkedAttnProcessor
+
+    class PlainAttention(ChunkedAttnProcessor):
+        """SDPA's plain path, as torch's math kernel runs it: in float32 (since torch 2.5 it upcasts
+        float16 and bfloat16 unless allow_fp16_bf16_reduction_math_sdp is set), the scores
+        [B, heads, q, k] are made, the mask added in place, and the softmax made beside them
+        before the scores are freed. That is PIXART-NOTES.md's 5.38 GiB for denoise at 1024 px."""
+
+        def attend(self, query, key, value, mask):
+            import torch
+
+            dtype = query.dtype
+            query, key, value = (t.to(torch.float32) for t in (query, key, value))
+            scores = query @ (key.transpose(-2, -1) * query.shape[-1] ** -0.5)  # [B, heads, q, k], float32
+            if mask is not None:
+                scores.add_(mask)
+            probs = scores.softmax(dim=-1)
+            del scores
+            return (probs @ value).to(dtype)  # [B, heads, q, d]
+
+    return PlainAttention
+
+
+@contextlib.contextmanager
+def _attention(module, plain: bool, chunk: int | None):
+    """Trace `module` with the plain path's attention (on `chunk` queries at a time), then give it
+    back diffusers' default processor: the fake models are cached and shared."""
+    if not plain:
+        yield
+        return
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    module.set_attn_processor(_make_plain_attention()(chunk))
+    try:
+        yield
+    finally:
+        module.set_attn_processor(AttnProcessor2_0())
+
+
 def _counter(module, device_type: str):
     round_to = CUDA_BLOCK_BYTES if device_type == "cuda" else 1
     return _make_live_bytes()(round_to, _known_storages(module), cpu_conv_scratch=device_type == "cpu")
@@ -404,7 +454,7 @@ def _denoise_step(transformer, batch: int, cfg: bool, height: int, width: int, s
 
 @functools.lru_cache(maxsize=128)
 def _denoise_activations(config_text: str, dtype_name: str, device_type: str, batch: int, cfg: bool,
-                         height: int, width: int, scale: int, seq_len: int) -> int:
+                         height: int, width: int, scale: int, seq_len: int, plain: bool = False, chunk: int | None = None) -> int:
     """Peak activation bytes of one step at this (binned) size; the same for resident and offload."""
     import torch
 
@@ -412,7 +462,7 @@ def _denoise_activations(config_text: str, dtype_name: str, device_type: str, ba
 
     mode, model = _fake_model("transformer", config_text, dtype_name, ACTIVATION_DEPTH)
     counter = _counter(model, device_type)
-    with torch.no_grad(), mode, counter:
+    with _attention(model, plain, chunk), torch.no_grad(), mode, counter:
         _denoise_step(model, batch, cfg, height, width, scale, seq_len, torch_dtype(dtype_name))
     return counter.peak
 
@@ -438,7 +488,7 @@ def _decode_image(vae, height: int, width: int, requested: tuple | None, tile_si
 
 @functools.lru_cache(maxsize=128)
 def _decode_activations(config_text: str, dtype_name: str, device_type: str, height: int, width: int,
-                        requested: tuple | None, tile_size: int | None) -> int:
+                        requested: tuple | None, tile_size: int | None, plain: bool = False, chunk: int | None = None) -> int:
     import torch
 
     from stages.resolved import torch_dtype
@@ -447,7 +497,7 @@ def _decode_activations(config_text: str, dtype_name: str, device_type: str, hei
     counter = _counter(vae, device_type)
     vae.decoder.start(counter)
     try:
-        with torch.no_grad(), mode, counter:
+        with _attention(vae, plain, chunk), torch.no_grad(), mode, counter:
             _decode_image(vae, height, width, requested, tile_size, torch_dtype(dtype_name))
     finally:
         vae.use_tiling = False
@@ -538,18 +588,24 @@ def estimate_encode(model: ModelConfigs, dtype: str, device_type: str, strategy:
                     activations + (kept if on_host else 0), _workspace("encode", device_type), host_kept_bytes=0 if on_host else kept)
 
 
-def estimate_denoise(model: ModelConfigs, dtype: str, device_type: str, strategy: str, batch_size: int, shapes, seq_len: int) -> Estimate:
-    """`shapes`: the distinct (height, width, guidance on) the job denoises at."""
-    activations = max(_denoise_activations(model.denoise, dtype, device_type, batch_size, cfg, h, w, model.scale, seq_len)
+def estimate_denoise(model: ModelConfigs, dtype: str, device_type: str, strategy: str, batch_size: int, shapes, seq_len: int,
+                     plain: bool = False, chunk: int | None = None) -> Estimate:
+    """`shapes`: the distinct (height, width, guidance on) the job denoises at; `plain`: the backend
+    runs attention's plain path, on `chunk` queries at a time (None: all)."""
+    activations = max(_denoise_activations(model.denoise, dtype, device_type, batch_size, cfg, h, w, model.scale, seq_len, plain, chunk)
                       for h, w, cfg in shapes)
     return Estimate("denoise", strategy, batch_size, _weights("transformer", model.denoise, dtype, device_type, strategy),
-                    activations, _workspace("denoise", device_type))
+                    activations, _workspace("denoise", device_type), attention_chunk=chunk)
 
 
-def estimate_decode(model: ModelConfigs, dtype: str, device_type: str, tile_size: int | None, shapes) -> Estimate:
-    """`shapes`: the distinct (height, width, requested (height, width) or None) the job decodes."""
-    activations = max(_decode_activations(model.decode, dtype, device_type, h, w, requested, tile_size) for h, w, requested in shapes)
+def estimate_decode(model: ModelConfigs, dtype: str, device_type: str, tile_size: int | None, shapes, plain: bool = False,
+                    chunk: int | None = None) -> Estimate:
+    """`shapes`: the distinct (height, width, requested (height, width) or None) the job decodes;
+    `plain`: the backend runs attention's plain path (the VAE's mid-block attention), on `chunk`
+    queries at a time (None: all)."""
+    activations = max(_decode_activations(model.decode, dtype, device_type, h, w, requested, tile_size, plain, chunk)
+                      for h, w, requested in shapes)
     return Estimate("decode", "full" if tile_size is None else "tiled", 1, _weights("vae", model.decode, dtype, device_type, "full"),
-                    activations, _workspace("decode", device_type), tile_size)
+                    activations, _workspace("decode", device_type), tile_size, attention_chunk=chunk)
 
 

@@ -30,6 +30,19 @@ KIB, MIB, GIB = 1024, 1024**2, 1024**3
 CUDA_CONTEXT_BYTES = 512 * MIB
 # default_budget also keeps this share of the free memory back for allocator fragmentation.
 CUDA_SAFETY_FRACTION = 0.05
+# On MPS the GPU and the CPU share one memory, so --max-vram and --max-ram are one budget. Its
+# default starts from Metal's recommended working set (torch.mps.recommended_max_memory(), the
+# device's recommendedMaxWorkingSetSize: what macOS lets the GPU hold before it pages, about two
+# thirds of the RAM on an 8 GB Mac and three quarters on larger ones), capped at the RAM less
+# MACOS_RESERVE_BYTES (the system, a browser and the window server, which the working set does
+# not subtract), less MPS_PROCESS_BYTES: the stage process's own interpreter, torch and libraries
+# (0.5-1 GiB of host RSS before any model, summaries' host_rss_at_start_bytes), which on unified
+# memory come out of the same pool. An 8 GB Mac: min(5.33, 8 - 2.5) - 1 = 4.33 GiB.
+MACOS_RESERVE_BYTES = 2560 * 1024**2
+MPS_PROCESS_BYTES = 1024**3
+# Query chunks the planner tries, largest first, when a backend runs attention's plain path
+# (stages/backends.py): 1024 quarters the score matrix at 1024 px (4096 tokens), 64 cuts it 64-fold.
+ATTENTION_CHUNKS = (1024, 256, 64)
 DENOISE_BATCH_SIZES = (1, 2, 4)
 TILE_SIZES = (512, 256)  # tried in this order when the untiled decode does not fit
 
@@ -55,10 +68,14 @@ def default_budget(device: str) -> int | None:
     back for allocator fragmentation). That process has made its CUDA context before asking, so
     the context a stage will make is already out of the figure and is not subtracted twice. On the
     CPU None (unlimited), so the defaults stay the fastest and bit-exact; give --max-ram to plan
-    for host RAM."""
-    if not device.startswith("cuda"):
+    for host RAM. XPU as CUDA; MPS: one pool for GPU and CPU (MACOS_RESERVE_BYTES)."""
+    kind, _, index = device.partition(":")
+    if kind == "mps":
+        recommended, ram = _mps_memory()
+        return min(recommended, ram - MACOS_RESERVE_BYTES) - MPS_PROCESS_BYTES
+    if kind not in ("cuda", "xpu"):
         return None
-    return budget_from_free(_cuda_free_bytes(int(device.partition(":")[2] or 0)))
+    return budget_from_free(_cuda_free_bytes(int(index or 0)) if kind == "cuda" else _device_free_bytes("xpu", int(index or 0)))
 
 
 def budget_from_free(free_bytes: int) -> int:
@@ -69,27 +86,65 @@ def budget_source(device: str, max_vram: str | None, max_ram: str | None, budget
     """How the budget was chosen, for `plan` and `run` to say."""
     if budget_bytes is None:
         return "no budget: every stage resident, untiled"
-    if device.startswith("cuda"):
+    if device.startswith("mps"):
+        return _mps_budget_source(max_vram, max_ram)
+    if device.startswith(("cuda", "xpu")):
         if max_vram is not None:
             return f"--max-vram {max_vram}"
         free = round(budget_bytes / (1 - CUDA_SAFETY_FRACTION))
         return (f"default: 95% of the {format_bytes(free)} a fresh process sees free on {device} "
-                f"(its CUDA context, like each stage's, already out of it; 5% kept for fragmentation)")
+                f"(its {'CUDA' if device.startswith('cuda') else 'XPU'} context, like each stage's, already out of it; "
+                f"5% kept for fragmentation)")
     return f"--max-ram {max_ram}" if max_ram is not None else f"--max-vram {max_vram} (host memory on the CPU)"
 
 
+def _mps_budget_source(max_vram: str | None, max_ram: str | None) -> str:
+    given = [f"{flag} {value}" for flag, value in (("--max-vram", max_vram), ("--max-ram", max_ram)) if value is not None]
+    if given:
+        return " and ".join(given) + (": one pool on MPS (unified memory), the smaller taken" if len(given) > 1 else
+                                      " (MPS: GPU and CPU share this one pool)")
+    recommended, ram = _mps_memory()
+    return (f"default: Metal's recommended working set {format_bytes(recommended)} (torch.mps.recommended_max_memory()), at most "
+            f"the RAM {format_bytes(ram)} less {format_bytes(MACOS_RESERVE_BYTES)} for macOS, less {format_bytes(MPS_PROCESS_BYTES)} "
+            f"for the stage process itself: one pool for GPU and CPU")
+
+
+def _mps_memory() -> tuple[int, int]:
+    """(Metal's recommended working set, the machine's RAM). Asked here: MPS has no per-process
+    context worth keeping out of the orchestrator."""
+    import psutil
+    import torch
+
+    return torch.mps.recommended_max_memory(), psutil.virtual_memory().total
+
+
 def _cuda_free_bytes(index: int) -> int:
-    """Free device memory, asked in a child process: a CUDA context made here would stay alive
-    (and take ~0.5 GiB) in the orchestrator while the stages run."""
+    return _device_free_bytes("cuda", index)
+
+
+def _device_free_bytes(kind: str, index: int) -> int:
+    """Free device memory of cuda:N or xpu:N, asked in a child process: a CUDA (or XPU) context
+    made here would stay alive (and take ~0.5 GiB) in the orchestrator while the stages run."""
     import subprocess
     import sys
 
-    code = f"import torch; print(torch.cuda.mem_get_info({index})[0])"
+    code = f"import torch; print(torch.{kind}.mem_get_info({index})[0])"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8", errors="replace", check=False)
     if result.returncode != 0:
         said = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise JobFileError(f"cannot read the free memory of cuda:{index} ({said}); give --max-vram")
+        raise JobFileError(f"cannot read the free memory of {kind}:{index} ({said}); give --max-vram")
     return int(result.stdout.strip())
+
+
+def attention_path(device: str) -> str:
+    """`fused` where SDPA has a kernel whose memory grows linearly with the tokens (CUDA's flash and
+    memory-efficient kernels; the CPU's flash kernel, fp32/bf16/fp16 in torch 2.13), else `plain`:
+    the whole score matrix [B, heads, queries, keys] is made. MPS's SDPA is the plain path; so is
+    ROCm's on consumer cards (aotriton's flash kernel covers MI200/MI300 only unless
+    TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL is set); XPU is counted plain until measured on one."""
+    from orchestrator.prepare import device_kind
+
+    return "fused" if device_kind(device) in ("cpu", "cuda") else "plain"
 
 
 @dataclass(frozen=True)
@@ -148,6 +203,7 @@ def choose_strategies(model_path, dtype: str, device_type: str, items: list[dict
     """Per stage the fastest Estimate that fits the budget, or a NoFit: resident before stream or
     offload, untiled before tiled 512 before tiled 256, then the largest batch that fits. `exact`
     (--exact) keeps denoise at batch 1, as the pipeline computes each image, for parity checks."""
+    plain = attention_path(device_type) == "plain"
     device_type = device_type.partition(":")[0]
     model = ModelConfigs.read(model_path if isinstance(model_path, dict) else Path(model_path))
     sample_size = json.loads(model.denoise)["sample_size"]
@@ -162,10 +218,10 @@ def choose_strategies(model_path, dtype: str, device_type: str, items: list[dict
         groups[key] = groups.get(key, 0) + 1
 
     def fits(estimate: Estimate) -> bool:
-        if budget_bytes is not None and estimate.peak_bytes > budget_bytes:
+        if budget_bytes is not None and pool_bytes(model, dtype, device_type, estimate) > budget_bytes:
             return False
         # On CUDA --max-ram also bounds what a strategy keeps on the host (on the CPU it is the budget).
-        return not (device_type == "cuda" and host_budget_bytes is not None
+        return not (device_type in ("cuda", "xpu") and host_budget_bytes is not None
                     and estimate_host_bytes(model, dtype, estimate) > host_budget_bytes)
 
     # Encode: the first strategy that fits one text, then as many texts as fit (all without a budget).
@@ -192,12 +248,16 @@ def choose_strategies(model_path, dtype: str, device_type: str, items: list[dict
     # Denoise: batch 1 on the CPU (bit parity with the one-process pipeline) and without a budget.
     largest_group = max(groups.values())
     sizes = [b for b in DENOISE_BATCH_SIZES if b <= largest_group] if device_type == "cuda" and budget_bytes is not None and not exact else [1]
-    denoise = [estimate_denoise(model, dtype, device_type, "resident", b, denoise_shapes, max_sequence_length) for b in reversed(sizes)]
-    denoise.append(estimate_denoise(model, dtype, device_type, "offload", 1, denoise_shapes, max_sequence_length))
-    # Decode: tiled only when the untiled decode does not fit, and never with --no-tiling.
-    decode = [estimate_decode(model, dtype, device_type, None, decode_shapes)]
-    if allow_tiling and not fits(decode[0]):
-        decode += [estimate_decode(model, dtype, device_type, tile, decode_shapes) for tile in TILE_SIZES]
+    # On a plain-path backend each strategy is tried whole, then with attention in query chunks
+    # (stages/backends.py: the same pixels, a smaller score matrix), before the next strategy.
+    chunks = (None, *ATTENTION_CHUNKS) if plain else (None,)
+    denoise = [estimate_denoise(model, dtype, device_type, strategy, b, denoise_shapes, max_sequence_length, plain, chunk)
+               for strategy, b in [("resident", b) for b in reversed(sizes)] + [("offload", 1)] for chunk in chunks]
+    # Decode: tiled only when the untiled decode does not fit, and never with --no-tiling; on a
+    # plain-path backend chunked attention first (same pixels, where tiling changes them slightly).
+    decode = [estimate_decode(model, dtype, device_type, None, decode_shapes, plain, chunk) for chunk in chunks]
+    if allow_tiling and not any(fits(d) for d in decode):
+        decode += [estimate_decode(model, dtype, device_type, tile, decode_shapes, plain) for tile in TILE_SIZES]
     chosen = {}
     for stage, candidates in (("encode", encode), ("denoise", denoise), ("decode", decode)):
         fitting = [c for c in candidates if fits(c)]
@@ -208,10 +268,22 @@ def choose_strategies(model_path, dtype: str, device_type: str, items: list[dict
     if dtype != "float32" and budget_bytes is not None and not isinstance(chosen["decode"], NoFit):
         tiles = [None, *TILE_SIZES] if allow_tiling else [None]
         start = tiles.index(chosen["decode"].tile_size) if chosen["decode"].tile_size in tiles else 0
-        retries = [estimate_decode(model, "float32", device_type, tile, decode_shapes) for tile in tiles[start:]]
+        chunk = chosen["decode"].attention_chunk  # the untiled retry keeps it; tiles are small enough whole
+        retries = [estimate_decode(model, "float32", device_type, tile, decode_shapes, plain, None if tile else chunk)
+                   for tile in tiles[start:]]
         retry = next((r for r in retries if budget_bytes is None or r.peak_bytes <= budget_bytes), retries[-1])
         chosen["decode"] = dataclasses.replace(chosen["decode"], retry=retry)
     return chosen
+
+
+def pool_bytes(model: ModelConfigs, dtype: str, device_type: str, estimate: Estimate) -> int:
+    """What a strategy takes from the budget: its device peak; on MPS (one pool for GPU and CPU)
+    also the weights it keeps in host memory, which is the same memory there: a streamed T5's
+    embedding table and read-ahead block, an offloaded transformer's blocks. So on a Mac offloading
+    never looks like a saving; a resident model's host copy is gone once it is on the GPU."""
+    if device_type.partition(":")[0] != "mps" or estimate.strategy not in ("stream", "offload"):
+        return estimate.peak_bytes
+    return estimate.peak_bytes + estimate_host_bytes(model, dtype, estimate)
 
 
 def no_fit_message(chosen: dict, budget_bytes: int, allow_tiling: bool, host_budget_bytes: int | None = None) -> str:
@@ -260,11 +332,15 @@ def plan_memory(model_path, dtype: str, device_type: str, items: list[dict], max
 
 
 def budgets(device: str, max_vram: str | None, max_ram: str | None) -> tuple[int | None, int | None]:
-    """(budget_bytes, host_budget_bytes) from the CLI flags: on CUDA --max-vram or the default; on
-    the CPU --max-ram, else --max-vram, else unlimited."""
+    """(budget_bytes, host_budget_bytes) from the CLI flags: on CUDA and XPU --max-vram or the
+    default; on MPS one pool (unified memory): the smaller of the two, else the default; on the CPU
+    --max-ram, else --max-vram, else unlimited."""
     vram = parse_size(max_vram) if max_vram is not None else None
     ram = parse_size(max_ram) if max_ram is not None else None
-    if device.startswith("cuda"):
+    if device.startswith("mps"):
+        given = [size for size in (vram, ram) if size is not None]
+        return (min(given) if given else default_budget(device)), None
+    if device.startswith(("cuda", "xpu")):
         return (vram if vram is not None else default_budget(device)), ram
     return (ram if ram is not None else vram), ram
 
@@ -338,11 +414,17 @@ def plan_key(resolved: dict, budget_bytes: int, host_budget_bytes: int | None, a
                                  i.get("timesteps")]) for i in resolved["items"]})
     groups = sorted(json.dumps([i["width"], i["height"], i["num_inference_steps"], i["guidance_scale"], i.get("timesteps")])
                     for i in resolved["items"])
-    key = {"model": resolved["model"]["component_hashes"], "dtype": resolved["dtype"], "device": resolved["device"].partition(":")[0],
+    key = {"model": resolved["model"]["component_hashes"], "dtype": resolved["dtype"], "device": _device_kind(resolved["device"]),
            "pipeline": resolved.get("pipeline"), "tokens": resolved["max_sequence_length"], "texts": len(_texts(resolved["items"])),
            "shapes": shapes, "groups": groups, "budget": _floor(budget_bytes), "host": _floor(host_budget_bytes),
            "tiling": allow_tiling, "exact": exact, "code": _code_version()}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _device_kind(device: str) -> str:
+    from orchestrator.prepare import device_kind
+
+    return device_kind(device)
 
 
 def _read_plan_cache(job_dir: Path) -> dict:
@@ -377,7 +459,8 @@ def _write_plan_cache(job_dir: Path, key: str, runtime: dict) -> None:
 
 
 def _strategy_name(estimate: Estimate) -> str:
-    return f"tiled {estimate.tile_size} px" if estimate.tile_size else estimate.strategy
+    name = f"tiled {estimate.tile_size} px" if estimate.tile_size else estimate.strategy
+    return name + (f", attention {estimate.attention_chunk} queries at a time" if estimate.attention_chunk else "")
 
 
 def _describe(estimate: Estimate) -> str:
@@ -412,6 +495,7 @@ def describe_runtime(runtime: dict) -> str:
     parts = []
     for stage, entry in runtime["stages"].items():
         name = f"tiled {entry['tile_size']} px" if entry.get("tile_size") else entry["strategy"]
+        name += f", attention {entry['attention_chunk']} queries at a time" if entry.get("attention_chunk") else ""
         parts.append(f"{stage} {name} (batch {entry['batch_size']}, ~{format_bytes(entry['peak_bytes'])})")
     source = f" ({runtime['budget_source']})" if runtime.get("budget_source") else ""
     return f"memory: budget {format_bytes(runtime['budget_bytes'])}{source}: " + ", ".join(parts)

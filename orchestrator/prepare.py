@@ -3,6 +3,7 @@ embedding store and the memory plan, reused when nothing is left to do (docs/mem
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from orchestrator import job as jobfile
@@ -21,22 +22,76 @@ def describe_model(resolved: dict) -> list[str]:
     for part in ("text_encoder", "tokenizer", "transformer", "vae", "scheduler"):
         where = f"{components[part]['given']} ([job.components])" if part in components else model["given"]
         lines.append(f"  {part:<12} {where}")
+    if resolved.get("device", "cpu") != "cpu":
+        lines.append(describe_device(resolved["device"]))
     return lines
 
 
+DEVICE_FORMS = "auto, cpu, cuda, cuda:N, mps, xpu, xpu:N"
+_DEVICE = re.compile(r"(cpu|mps|cuda(:\d+)?|xpu(:\d+)?)")
+# What to say when torch cannot see the backend a --device names (the fix is a different torch build).
+_MISSING = {
+    "cuda": "torch sees no CUDA or ROCm GPU here; use --device cpu, or install torch's CUDA or ROCm wheel (docs/platforms.md)",
+    "mps": "torch sees no Apple GPU (MPS) here: MPS needs an Apple-silicon Mac with macOS 12.3 or later and torch's macOS "
+           "wheel; use --device cpu",
+    "xpu": "torch sees no Intel GPU (XPU) here; use --device cpu, or install torch's XPU wheel and Intel's GPU driver "
+           "(docs/platforms.md)",
+}
+
+
+def backend_available(kind: str) -> bool:
+    """Whether this torch can run on `kind` (cuda, mps or xpu) here."""
+    import torch
+
+    if kind == "cuda":
+        return torch.cuda.is_available()
+    if kind == "mps":
+        return torch.backends.mps.is_available()
+    return hasattr(torch, "xpu") and torch.xpu.is_available()
+
+
 def resolve_device(device: str) -> str:
-    """`auto` becomes cuda when torch sees a GPU; anything else is checked, not guessed."""
-    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
-        raise JobFileError(f"--device {device!r} is not one of auto, cpu, cuda, cuda:N")
+    """`auto` becomes torch's current accelerator (cuda, mps or xpu) when there is one, else cpu;
+    anything else is checked, not guessed."""
+    if not _DEVICE.fullmatch(device) and device != "auto":
+        raise JobFileError(f"--device {device!r} is not one of {DEVICE_FORMS}")
     if device == "cpu":
         return device
     import torch
 
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if not torch.cuda.is_available():
-        raise JobFileError(f"--device {device}: torch sees no CUDA GPU here; use --device cpu or install a CUDA build of torch")
+        accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+        if accelerator is not None:
+            found = accelerator.current_accelerator()
+            # An accelerator this project has no path for (e.g. a Meta MTIA) leaves the CPU.
+            return found.type if found is not None and found.type in _MISSING else "cpu"
+        return next((kind for kind in ("cuda", "mps", "xpu") if backend_available(kind)), "cpu")
+    kind = device.partition(":")[0]
+    if not backend_available(kind):
+        raise JobFileError(f"--device {device}: {_MISSING[kind]}")
     return device
+
+
+def device_kind(device: str) -> str:
+    """cpu, cuda, rocm, mps or xpu: ROCm builds of torch run AMD GPUs as `cuda` with
+    torch.version.hip set. Only a CUDA device imports torch to ask."""
+    kind = device.partition(":")[0]
+    if kind != "cuda":
+        return kind
+    import torch
+
+    return "rocm" if getattr(torch.version, "hip", None) else "cuda"
+
+
+def describe_device(device: str) -> str:
+    """One line for `status` and `plan`: the device and the backend torch runs it with."""
+    import torch
+
+    kind = device_kind(device)
+    cuda = f"NVIDIA CUDA {torch.version.cuda}" if torch.version.cuda else "CUDA (planned only: this torch has no CUDA)"
+    said = {"cuda": cuda, "rocm": f"AMD ROCm (HIP {torch.version.hip}), as torch's cuda device",
+            "mps": "Apple Metal (MPS), memory shared with the CPU", "xpu": "Intel GPU (XPU)"}[kind]
+    return f"device: {device}: {said}"
 
 
 def prepare_job(job_file: Path, workdir: Path, device: str, memory: tuple = (None, None, True, False),

@@ -307,10 +307,11 @@ def merge_runs(runs: list[StageRun]) -> list[StageRun]:
 
 
 def measured_peak(summary: dict, device_type: str) -> int | None:
-    """What the budget limits: CUDA reserved memory on a GPU (allocated would hide the caching
-    allocator's slack); on the CPU, the host memory the stage's model work added."""
+    """What the budget limits: reserved memory on a GPU (allocated would hide the caching
+    allocator's slack; on MPS what Metal's driver holds); on the CPU, the host memory the stage's
+    model work added."""
     peak = summary.get("peak", {})
-    if device_type == "cuda":
+    if device_type in ("cuda", "xpu", "mps"):
         return peak.get("device_max_reserved_bytes")
     if "host_peak_rss_bytes" in peak and "host_rss_at_start_bytes" in summary:
         return peak["host_peak_rss_bytes"] - summary["host_rss_at_start_bytes"]

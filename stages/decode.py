@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from stages import artifacts, contract, entry, files, measure, records, resolved, units
+from stages import artifacts, backends, contract, entry, files, measure, records, resolved, units
 
 
 def load_vae(job: dict, device, tile_size: int | None = None):
@@ -186,6 +186,7 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
     host_rss_at_start = measure.reset_peak_memory(device)
     with entry.oom_guard(job, *todo):  # loading can run out of memory too
         vae = load_vae(job, device, tile_size)
+    backends.use_chunked_attention(vae, plan.get("attention_chunk"))  # the mid-block's, where the backend has no fused kernel
     log.info("decode: %d items, %s", len(todo), f"tiled, {tile_size} px tiles" if tile_size else "untiled")
     load_seconds = clock.seconds()
     context = records.record_context(job, "decode", device)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from stages import artifacts, contract, entry, family, files, measure, records, resolved, units
+from stages import artifacts, backends, contract, entry, family, files, measure, records, resolved, units
 
 
 def vae_scale_factor(model_path: str) -> int:
@@ -124,6 +124,7 @@ def generate_latents(transformer, scheduler, embeds: list[dict], items: list[dic
         resolution = torch.tensor([height, width]).repeat(rows, 1).to(dtype=dtype, device=device)
         aspect_ratio = torch.tensor([float(height / width)]).repeat(rows, 1).to(dtype=dtype, device=device)
         added_cond_kwargs = {"resolution": resolution, "aspect_ratio": aspect_ratio}
+    backends.place_position_table(transformer, height, width, scale, device)  # no float64 on MPS and XPU
     # 7. Denoising loop.
     if rules.set_begin_index and hasattr(scheduler, "set_begin_index"):  # α's pipeline does, Σ's does not
         scheduler.set_begin_index(0)
@@ -208,6 +209,7 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
     host_rss_at_start = measure.reset_peak_memory(device)
     with entry.oom_guard(job, *todo):  # loading can run out of memory too
         transformer, new_scheduler, loader = load_transformer(job, device, strategy)
+    backends.use_chunked_attention(transformer, plan.get("attention_chunk"))  # the plan's, where the backend has no fused kernel
     load_seconds = clock.seconds()
     context = records.record_context(job, "denoise", device)
     log.info("denoise: %d items, strategy %s, batch size %d", len(todo), strategy, batch_size)

@@ -123,22 +123,29 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 
 
 def open_device(job: dict):
-    """The stage's torch.device. On CUDA: make it the current device (so that a stage on cuda:1
-    creates no context on GPU 0 and group offloading's side stream is on the right card), and cap
-    this process at the job's memory budget, so that going over it is an out-of-memory error the
-    stage reports (exit 3, finished items kept) rather than memory taken from the card silently."""
+    """The stage's torch.device. On CUDA (ROCm too) and XPU: make it the current device (so that a
+    stage on cuda:1 creates no context on GPU 0 and group offloading's side stream is on the right
+    card), and cap this process at the job's memory budget, so that going over it is an
+    out-of-memory error the stage reports (exit 3, finished items kept) rather than memory taken
+    from the card silently. On MPS the same cap, as a share of Metal's recommended working set."""
     import torch
 
     device = torch.device(job["device"])
-    if device.type != "cuda":
-        return device
-    if device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    torch.cuda.set_device(device)
     budget = (job.get("runtime") or {}).get("budget_bytes")
+    if device.type == "mps":
+        if budget:
+            # torch.mps takes the fraction of recommended_max_memory() and refuses more than 2.0.
+            torch.mps.set_per_process_memory_fraction(min(2.0, budget / torch.mps.recommended_max_memory()))
+        return device
+    if device.type not in ("cuda", "xpu"):
+        return device
+    backend = getattr(torch, device.type)  # torch.cuda and torch.xpu share these calls
+    if device.index is None:
+        device = torch.device(device.type, backend.current_device())
+    backend.set_device(device)
     if budget:
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
+        total = backend.get_device_properties(device).total_memory
+        backend.set_per_process_memory_fraction(min(1.0, budget / total), device)
     return device
 
 
