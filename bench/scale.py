@@ -56,9 +56,9 @@ prompts_file = "p{n}.txt"
 def write_job(work: Path, n: int) -> Path:
     """s<n>.toml: n distinct prompts, one image each."""
     lines = [f"a {WORDS[i % 10]} {WORDS[10 + (i // 10) % 10]} number {i}" for i in range(n)]
-    (work / f"p{n}.txt").write_text("\n".join(lines) + "\n")
+    (work / f"p{n}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     path = work / f"s{n}.toml"
-    path.write_text(JOB.format(n=n))
+    path.write_text(JOB.format(n=n), encoding="utf-8")
     return path
 
 
@@ -66,12 +66,12 @@ def timed(command: list[str], cwd: Path) -> dict:
     """Wall seconds, the process's peak RSS (VmHWM, polled every 20 ms: monotonic, so the last
     reading is its peak up to then), stdout lines; exits on failure."""
     clock = time.perf_counter()
-    process = subprocess.Popen(command, cwd=cwd, env=common.subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, cwd=cwd, env=common.subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8", errors="replace")
     peak = 0
     status = Path(f"/proc/{process.pid}/status")
     while process.poll() is None:
         try:
-            for line in status.read_text().splitlines():
+            for line in status.read_text(encoding="utf-8").splitlines():
                 if line.startswith("VmHWM:"):
                     peak = max(peak, int(line.split()[1]) * 1024)
         except (OSError, ValueError):
@@ -89,7 +89,7 @@ def stage_figures(job_dir: Path) -> dict:
     out = {}
     for stage in common.STAGES:
         try:
-            summary = json.loads((job_dir / stage / "summary.json").read_text())
+            summary = json.loads((job_dir / stage / "summary.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
         done = summary.get("units_done") or 0
@@ -115,20 +115,24 @@ def clone_job(work: Path, workdir: Path, template: Path, n: int) -> None:
     hashes: dict[tuple, str] = {}
     for stage, units in plan_units(resolved).items():
         (job_dir / stage).mkdir(parents=True, exist_ok=True)
-        model = json.loads(next(p for p in common.published(template / stage, "*.json") if p.name != "summary.json").read_text())
-        (name, entry), = model["outputs"].items()
-        data = (template / stage / name).read_bytes()
-        digest = sha256_bytes(data)
+        model = json.loads(next(p for p in common.published(template / stage, "*.json") if p.name != "summary.json").read_text(encoding="utf-8"))
+        # Each output of the template's unit (decode: the PNG and its thumbnail), by its suffix.
+        template_outputs = {name.split(".", 1)[1]: (name, entry) for name, entry in model["outputs"].items()}
+        data = {suffix: (template / stage / name).read_bytes() for suffix, (name, _) in template_outputs.items()}
+        digests = {suffix: sha256_bytes(blob) for suffix, blob in data.items()}
         for unit in units:
-            (out,) = unit.outputs
-            (job_dir / stage / out).write_bytes(data)
-            record = dict(model, key=unit.key, items=list(unit.items), params=unit.params, outputs={out: dict(entry, sha256=digest)},
+            outputs = {}
+            for out in unit.outputs:
+                suffix = out.split(".", 1)[1]
+                (job_dir / stage / out).write_bytes(data[suffix])
+                outputs[out] = dict(template_outputs[suffix][1], sha256=digests[suffix])
+            record = dict(model, key=unit.key, items=list(unit.items), params=unit.params, outputs=outputs,
                           inputs={f"{up}/{key}.safetensors": hashes[(up, key)] for up, key in unit.inputs})
             record.pop("checksum", None)
             record["checksum"] = records.record_checksum(record)
             # A plain write, not publish_json's fsync per file: this is the bench's fixture.
-            (job_dir / stage / f"{unit.key}.json").write_text(json.dumps(record, sort_keys=True, indent=2, ensure_ascii=False) + "\n")
-            hashes[(stage, unit.key)] = digest
+            (job_dir / stage / f"{unit.key}.json").write_text(json.dumps(record, sort_keys=True, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            hashes[(stage, unit.key)] = digests[unit.outputs[0].split(".", 1)[1]]
 
 
 def measure(args, work: Path) -> dict:
@@ -248,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         common.markdown_table(header, rows),
         "",
     ])
-    (out / "scale.md").write_text(text)
-    (out / "scale.json").write_text(json.dumps({"machine": info, "results": {str(k): v for k, v in results.items()}}, indent=2) + "\n")
+    (out / "scale.md").write_text(text, encoding="utf-8")
+    (out / "scale.json").write_text(json.dumps({"machine": info, "results": {str(k): v for k, v in results.items()}}, indent=2) + "\n", encoding="utf-8")
     print(text)
     return 0
 

@@ -14,6 +14,7 @@ pytorch_model[...].bin -> model[...].safetensors; *.bin.index.json -> *.safetens
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 from stages.contract import JobFileError
@@ -77,7 +78,9 @@ def convert_folder(folder: Path, force: bool = False) -> list[str]:
             done.append(f"{path.name}: {target.name} already exists; left alone (--force converts again)")
             continue
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch's note on the pickle protocol: noise beside the one-line verdict
+                warnings.simplefilter("ignore", UserWarning)
+                state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # UnpicklingError for anything but tensors, or a damaged file
             raise JobFileError(f"convert: {path} is not a plain tensor checkpoint; torch.load(weights_only=True) refused it "
                                f"({type(exc).__name__}: {refusal_reason(exc)}); not converted") from None

@@ -514,7 +514,7 @@ HOSTILE_PROMPTS = [
     "x" * 300,
     "",
 ]
-SAFE_NAME = re.compile(r"^(\d{4}-[a-z0-9-]{1,40}\.(json|safetensors|png)|[a-z0-9-]{1,24}-[0-9a-f]{16}\.(json|safetensors)|"
+SAFE_NAME = re.compile(r"^(\d{4}-[a-z0-9-]{1,40}\.(json|safetensors|png|thumb\.webp)|[a-z0-9-]{1,24}-[0-9a-f]{16}\.(json|safetensors)|"
                        r"stage\.log|summary\.json|\.lock)$")
 
 

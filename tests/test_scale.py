@@ -102,7 +102,7 @@ def test_a_run_with_nothing_to_do_reads_each_record_and_hashes_each_output_once(
     expected = {str(p) for stage in ("encode", "denoise", "decode") for p in (job_dir / stage).glob("*.json") if p.name != "summary.json"}
     assert len(expected) == 11 + 11 + 11  # "a cat" with two negatives is two encode units
     assert set(reads) == expected and set(reads.values()) == {1}, reads.most_common(3)
-    outputs = {str(p) for p in job_dir.glob("*/*") if p.suffix in (".safetensors", ".png")}
+    outputs = {str(p) for p in job_dir.glob("*/*") if p.suffix in (".safetensors", ".png", ".webp")}
     assert set(hashes) == outputs and set(hashes.values()) == {1}, hashes.most_common(3)
     # The plan the run leaves is handed back (for the gallery), not made again.
     assert [s.state for states in plans[0].values() for s in states] == ["done"] * 33

@@ -45,7 +45,8 @@ def test_units_remake_only_the_named_items(tiny_model, tmp_path):
     assert decode.main([str(job_dir), "--force", "--units", f"{ids[0]},{ids[2]}"]) == 0
     changed = {name for name in _changed(before, tree_state(job_dir)) if not name.endswith((".log", "summary.json", ".lock"))}
     assert changed == {f"denoise/{ids[2]}.safetensors", f"denoise/{ids[2]}.json",
-                       f"decode/{ids[0]}.png", f"decode/{ids[0]}.json", f"decode/{ids[2]}.png", f"decode/{ids[2]}.json"}
+                       f"decode/{ids[0]}.png", f"decode/{ids[0]}.thumb.webp", f"decode/{ids[0]}.json",
+                       f"decode/{ids[2]}.png", f"decode/{ids[2]}.thumb.webp", f"decode/{ids[2]}.json"}
 
 
 def test_encode_units_take_an_item_id_or_their_own_key(tiny_model, tmp_path):
