@@ -1,6 +1,6 @@
 """How early the first image arrives (issue 10, point 1): the same 24-image queue made by
 `orchestrate run --chunk 0` (one denoise and one decode process for the whole queue) and by the
-default chunked run (denoise and decode alternate over chunks of items, orchestrator/chunks.py).
+default chunked run (denoise and decode alternate over chunks of items, orchestrator/planning/chunks.py).
 
 Reads:  nothing but the reference configs; builds the narrowed random model of bench/overhead.py
 Writes: bench/results/first_image.md and first_image.json (or --out), work files under --work

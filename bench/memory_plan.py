@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import markdown_table  # noqa: E402
-from orchestrator import memory  # noqa: E402
-from orchestrator.tiny import REFERENCE_CONFIGS  # noqa: E402
+from orchestrator.planning import memory  # noqa: E402
+from orchestrator.tools.tiny import REFERENCE_CONFIGS  # noqa: E402
 from stages.measure import format_bytes  # noqa: E402
 
 MODEL = REFERENCE_CONFIGS / "PixArt-XL-2-1024-MS"

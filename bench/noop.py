@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     out = common.results_dir(args.out)
     sys.path.insert(0, str(common.ROOT))
-    from orchestrator.tiny import DEMO_JOB, save_tiny_model
+    from orchestrator.tools.tiny import DEMO_JOB, save_tiny_model
 
     if not (work / "demo-model" / "model_index.json").exists():
         save_tiny_model(work / "demo-model")

@@ -103,7 +103,7 @@ def stage_figures(job_dir: Path) -> dict:
 def clone_job(work: Path, workdir: Path, template: Path, n: int) -> None:
     """Records and artifacts for every unit of s<n>, cloned from the generated `template` job."""
     sys.path.insert(0, str(common.ROOT))
-    from orchestrator import job as jobfile
+    from orchestrator.jobfile import job as jobfile
     from stages import records
     from stages.files import sha256_bytes
     from stages.units import plan_units
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     out = common.results_dir(args.out)
     sys.path.insert(0, str(common.ROOT))
-    from orchestrator.tiny import save_tiny_model
+    from orchestrator.tools.tiny import save_tiny_model
 
     if not (work / "model" / "model_index.json").exists():
         save_tiny_model(work / "model")

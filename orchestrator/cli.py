@@ -11,10 +11,10 @@ from pathlib import Path
 
 import typer
 
-from orchestrator import job as jobfile
-from orchestrator.plan import describe_stage, plan_job
-from orchestrator.prepare import describe_model, prepare_job, resolve_device
-from orchestrator.runner import StageFailedError, run_job, summary_table
+from orchestrator.jobfile import job as jobfile
+from orchestrator.planning.plan import describe_stage, plan_job
+from orchestrator.planning.prepare import describe_model, prepare_job, resolve_device
+from orchestrator.executors.runner import StageFailedError, run_job, summary_table
 from stages.contract import STAGES, ArtifactError, JobFileError, ResourceError
 from stages.files import shown_path
 from stages.measure import format_bytes
@@ -122,7 +122,7 @@ def expected_errors(command):
 def _gallery_refresher(resolved: dict):
     """After each decode process of a chunked run: the gallery page again, so the first images show
     there early (its path is said once)."""
-    from orchestrator.gallery import write_gallery_after_run
+    from orchestrator.views.gallery import write_gallery_after_run
 
     said: list[str] = []
 
@@ -138,7 +138,7 @@ def _gallery_refresher(resolved: dict):
 def _run(job_file: Path, workdir: Path, device: str, force: tuple[str, ...], memory: tuple = (None, None, True, False),
          store: bool = True, chunk: int | None = None, model: str | None = None, executor: tuple = ("local", None, None)) -> None:
     """`executor`: (name, --ray-address, --gpus-per-task)."""
-    from orchestrator.gallery import write_gallery_after_run
+    from orchestrator.views.gallery import write_gallery_after_run
     from stages.records import RecordReader
 
     reader = RecordReader()  # this run's: each record and output read once (issue 21)
@@ -147,12 +147,12 @@ def _run(job_file: Path, workdir: Path, device: str, force: tuple[str, ...], mem
     echo(f"job {resolved['name']}: {len(resolved['items'])} images, model {resolved['model']['given']}, "
          f"{resolved['dtype']} on {resolved['device']}, folder {shown_path(job_dir)}")
     if resolved["runtime"]:
-        from orchestrator.memory import describe_runtime
+        from orchestrator.planning.memory import describe_runtime
 
         echo(describe_runtime(resolved["runtime"]))
     try:
         if executor[0] == "ray":
-            from orchestrator.ray_executor import run_job_on_ray
+            from orchestrator.executors.ray_executor import run_job_on_ray
 
             runs = run_job_on_ray(job_dir, resolved, echo, force, executor[1], executor[2])
         else:
@@ -162,7 +162,7 @@ def _run(job_file: Path, workdir: Path, device: str, force: tuple[str, ...], mem
         write_gallery_after_run(job_dir, resolved, echo, exc)  # the page says what is missing and why
         raise
     finally:
-        from orchestrator.memory import remember_plan
+        from orchestrator.planning.memory import remember_plan
 
         remember_plan(job_dir, resolved["runtime"])  # a rerun with the same shapes and budget will not plan again
     page = write_gallery_after_run(job_dir, resolved, echo, states=plans[-1] if plans else None)
@@ -172,7 +172,7 @@ def _run(job_file: Path, workdir: Path, device: str, force: tuple[str, ...], mem
         echo("")
         echo(summary_table(runs))
         if executor[0] == "ray":
-            from orchestrator.ray_executor import worker_table
+            from orchestrator.executors.ray_executor import worker_table
 
             echo("")
             echo(worker_table(runs))
@@ -211,7 +211,7 @@ def run(
             raise JobFileError(f"--force {stage!r} is not a stage; use one of {', '.join(STAGES)}")
     if chunk is not None and chunk < 0:
         raise JobFileError(f"--chunk {chunk} is negative; give a number of items, or 0 for the whole queue per stage")
-    from orchestrator.ray_executor import check_executor
+    from orchestrator.executors.ray_executor import check_executor
 
     check_executor(executor, ray_address, gpus_per_task)
     if executor == "ray" and chunk is not None:
@@ -233,7 +233,7 @@ def gallery(
 
     Example: orchestrate gallery job.toml --open
     """
-    from orchestrator.gallery import job_dir_of, write_gallery
+    from orchestrator.views.gallery import job_dir_of, write_gallery
 
     path = write_gallery(job_dir_of(job_file, workdir))
     echo(f"gallery: {shown_path(path)}")
@@ -279,7 +279,7 @@ def stage(
                if u.state != "done" and (wanted is None or (s, u.unit.key) in needed)]
     if missing:
         raise ArtifactError(f"{name}: {missing[0]} is not up to date ({len(missing)} upstream units); run `orchestrate run {job.job_file}` first")
-    from orchestrator.runner import run_stage
+    from orchestrator.executors.runner import run_stage
     from stages.contract import RESOLVED_JOB
     from stages.files import publish_json
     from stages.locks import exclusive_lock
@@ -323,7 +323,7 @@ def plan_memory(
     import json
     import re
 
-    from orchestrator import memory
+    from orchestrator.planning import memory
 
     loaded = jobfile.load_job(job.job_file)
     # Planning needs no GPU: with --max-vram, plan for CUDA, XPU or MPS on a machine without one too.
@@ -362,7 +362,7 @@ def clean(
 
     Example: orchestrate clean job.toml --yes --store
     """
-    from orchestrator.clean import clean as clean_job
+    from orchestrator.tools.clean import clean as clean_job
     from stages.files import MAX_TEXT_BYTES, read_json_limited
 
     job = jobfile.load_job(job_file)
@@ -388,7 +388,7 @@ def convert(
 
     Example: orchestrate convert models/PixArt-Alpha-DMD-XL-2-512x512/transformer
     """
-    from orchestrator.convert import convert_folder
+    from orchestrator.tools.convert import convert_folder
 
     for line in convert_folder(folder, force):
         echo(line)
@@ -406,7 +406,7 @@ def demo(
     The images are noise-like (random weights); the demo shows the whole pipeline working.
     Example: orchestrate demo --family sigma
     """
-    from orchestrator.tiny import DEMO_JOB, save_tiny_model
+    from orchestrator.tools.tiny import DEMO_JOB, save_tiny_model
 
     if family not in ("alpha", "sigma"):
         raise JobFileError(f"--family {family!r} is not alpha or sigma")

@@ -5,7 +5,7 @@ runs its plain path, which materialises the score matrix [batch, heads, queries,
 activations for denoise at 1024 px instead of 1.4 GiB. Splitting the queries into chunks of
 `chunk_size` bounds that matrix to [batch, heads, chunk_size, keys]; each query row attends to
 all keys either way, so the result is the same (bit for bit on the CPU in float32, tested in
-tests/test_devices.py). The planner (orchestrator/memory.py) picks the chunk size; the denoise
+tests/test_devices.py). The planner (orchestrator/planning/memory.py) picks the chunk size; the denoise
 stage installs it with `use_chunked_attention`.
 
 Float64. MPS has none, nor have Intel Arc GPUs (XPU); place_position_table builds the one float64

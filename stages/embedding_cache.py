@@ -4,7 +4,7 @@ Encode writes one artifact per unit (prompt, negative prompt); texts recur acros
 negative prompt, one prompt with several negatives), so each text is encoded once per process and
 its embedding kept until the last unit using it is written. Nothing else is kept, so the process's
 memory follows the texts in use at once, not the queue's length (issue 21). The memory plan counts
-the most it holds (`most_held`, orchestrator/memory.py).
+the most it holds (`most_held`, orchestrator/planning/memory.py).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class EmbeddingCache:
 
 def most_held(units_texts: list[list[str]], batch_size: int, stream: bool) -> int:
     """The most embeddings `make_units` holds at once for units needing `units_texts` (in order):
-    the same cache, driven without a model. The memory plan counts them (orchestrator/memory.py)."""
+    the same cache, driven without a model. The memory plan counts them (orchestrator/planning/memory.py)."""
     cache = EmbeddingCache(units_texts)
     for texts in units_texts:
         missing = cache.missing(texts)

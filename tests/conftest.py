@@ -15,9 +15,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from orchestrator import job as jobfile  # noqa: E402
-from orchestrator.gallery import toml_string  # noqa: E402,F401 (job files in tests quote strings as the gallery does)
-from orchestrator.runner import StageRun, run_job  # noqa: E402
+from orchestrator.jobfile import job as jobfile  # noqa: E402
+from orchestrator.views.gallery import toml_string  # noqa: E402,F401 (job files in tests quote strings as the gallery does)
+from orchestrator.executors.runner import StageRun, run_job  # noqa: E402
 from stages.measure import Clock  # noqa: E402
 
 
@@ -64,8 +64,8 @@ def _warm_math_kernels():
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    """A complete tiny diffusers folder with random weights (see orchestrator/tiny.py)."""
-    from orchestrator.tiny import save_tiny_model
+    """A complete tiny diffusers folder with random weights (see orchestrator/tools/tiny.py)."""
+    from orchestrator.tools.tiny import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
 
@@ -74,7 +74,7 @@ def tiny_model(tmp_path_factory) -> Path:
 def tiny_model_256(tmp_path_factory) -> Path:
     """The tiny model with a 256-px default size (sample_size 32, the 256 bins): for jobs that run
     at the model's default size (the tiny model's is 1024 px) or bin their sizes, cheaply."""
-    from orchestrator.tiny import save_tiny_model
+    from orchestrator.tools.tiny import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-256", sample_size=32)
 

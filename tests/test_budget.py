@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator import job as jobfile
-from orchestrator.runner import run_job
+from orchestrator.jobfile import job as jobfile
+from orchestrator.executors.runner import run_job
 from tests.conftest import write_job
 
 MiB = 2**20
@@ -17,7 +17,7 @@ BUDGET = 64 * MiB  # the medium T5 is 128 MiB and the transformer 78 MiB in fp32
 
 @pytest.fixture(scope="module")
 def medium_model(tmp_path_factory):
-    from orchestrator.tiny import save_tiny_model
+    from orchestrator.tools.tiny import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("models") / "medium", size="medium")
 
@@ -29,7 +29,7 @@ def weight_bytes(folder) -> int:
 def run(job_file, job_dir, max_ram: str | None) -> tuple[dict, dict]:
     """`orchestrate run --device cpu [--max-ram X]` with real stage processes (clean peak-RSS
     numbers), planned as the CLI plans it; (summaries by stage, the runtime plan)."""
-    from orchestrator.memory import runtime_for_job
+    from orchestrator.planning.memory import runtime_for_job
 
     resolved = jobfile.resolve_job(jobfile.load_job(job_file), job_dir, "cpu")
     resolved["runtime"] = runtime_for_job(resolved, None, max_ram)

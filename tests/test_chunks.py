@@ -1,4 +1,4 @@
-"""Guards chunked runs (`orchestrate run --chunk`, orchestrator/chunks.py): the queue is encoded
+"""Guards chunked runs (`orchestrate run --chunk`, orchestrator/planning/chunks.py): the queue is encoded
 once, then denoise and decode alternate over chunks of items, so the first PNGs exist before the
 later items are denoised; the images are byte-identical to a one-process-per-stage run; an
 interrupted chunked run resumes without redoing a finished unit; the default chunk size keeps the
@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator import chunks
-from orchestrator.chunks import StageCost
+from orchestrator.planning import chunks
+from orchestrator.planning.chunks import StageCost
 from tests.conftest import inprocess_stage, resolved_items, run_inprocess, tree_state, write_job
 
 JOB = """

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from orchestrator import cli
 from orchestrator.cli import app
-from orchestrator.runner import PROJECT_ROOT
+from orchestrator.executors.runner import PROJECT_ROOT
 from tests.conftest import write_job
 
 JOB = """

@@ -126,7 +126,7 @@ def test_the_default_budget_subtracts_the_cuda_context_once(monkeypatch):
     """Issue 8, point 7: the free memory is read in a fresh process that has already made its own
     CUDA context, so the stage's context is out of the figure; the default keeps 5% back for
     fragmentation and nothing more, and says how it was computed."""
-    from orchestrator import memory
+    from orchestrator.planning import memory
 
     asked = []
     monkeypatch.setattr(memory, "_cuda_free_bytes", lambda index: asked.append(index) or 20 * GIB)

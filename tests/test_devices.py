@@ -12,7 +12,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from orchestrator import memory, prepare
+from orchestrator.planning import memory
+from orchestrator.planning import prepare
 from stages import contract, entry, measure
 
 from tests.conftest import run_inprocess, write_job
@@ -215,7 +216,7 @@ def test_the_mps_sampler_catches_a_peak_between_two_reads(monkeypatch):
 
 
 def test_the_runner_compares_mps_and_xpu_peaks_with_the_budget():
-    from orchestrator.runner import budget_overrun
+    from orchestrator.executors.runner import budget_overrun
 
     summary = {"peak": {"device_max_allocated_bytes": GIB, "device_max_reserved_bytes": 3 * GIB}}
     for kind in ("mps", "xpu"):
@@ -265,7 +266,7 @@ def test_the_plain_path_is_counted_and_chunked_to_fit(tiny_model):
     """On MPS the score matrix is made: the estimate grows by it, and a budget the whole matrix
     breaks gets attention in query chunks (the same pixels), not a slower strategy; on CUDA the
     same job and budget need no chunks (its fused kernel makes no score matrix)."""
-    from orchestrator.estimate import ModelConfigs, estimate_denoise
+    from orchestrator.planning.estimate import ModelConfigs, estimate_denoise
 
     model = ModelConfigs.read(tiny_model)
     shapes = [(256, 256, True)]  # (256 / 8 / 2)^2 = 256 tokens; the matrix: [2 (CFG), 2 heads, 256, 256] floats
@@ -282,14 +283,14 @@ def test_the_plain_path_is_counted_and_chunked_to_fit(tiny_model):
     on_mps = memory.choose_strategies(tiny_model, "float32", "mps", items, 16, budget)["denoise"]
     assert (on_mps.strategy, on_mps.attention_chunk) != ("resident", None) and on_mps.strategy == "resident"
     assert on_mps.peak_bytes <= budget and on_mps.runtime_entry()["attention_chunk"] == on_mps.attention_chunk
-    from orchestrator.estimate import CUBLAS_WORKSPACE_BYTES
+    from orchestrator.planning.estimate import CUBLAS_WORKSPACE_BYTES
 
     # The same budget plus what CUDA adds besides attention (cuBLAS's workspace, 512-byte blocks).
     on_cuda = memory.choose_strategies(tiny_model, "float32", "cuda", items, 16, budget + CUBLAS_WORKSPACE_BYTES + 2**16)["denoise"]
     assert on_cuda.attention_chunk is None and "attention_chunk" not in on_cuda.runtime_entry()
     assert "attention 64 queries at a time" in memory.format_plan({"denoise": chunked}, budget)
     # The VAE's mid-block attention too ([1, 1 head, 4096, 4096] at 512 px): it can make decode tile.
-    from orchestrator.estimate import estimate_decode
+    from orchestrator.planning.estimate import estimate_decode
 
     vae_fused, vae_plain = (estimate_decode(model, "float32", "mps", None, [(512, 512, None)], plain) for plain in (False, True))
     assert vae_plain.activation_bytes - vae_fused.activation_bytes > 4096 * 4096 * 4
@@ -411,7 +412,7 @@ def test_no_float64_is_made_on_a_device_without_it(tiny_model, monkeypatch):
 def test_on_mps_weights_kept_on_the_host_come_out_of_the_same_pool(tiny_model):
     """Offloading the transformer to host memory saves nothing on unified memory: on MPS a
     strategy's host-kept weights count against the one budget; on CUDA they do not."""
-    from orchestrator.estimate import ModelConfigs, estimate_denoise, estimate_encode, estimate_host_bytes
+    from orchestrator.planning.estimate import ModelConfigs, estimate_denoise, estimate_encode, estimate_host_bytes
 
     model = ModelConfigs.read(tiny_model)
     offload = estimate_denoise(model, "float32", "mps", "offload", 1, [(64, 64, True)], 16)

@@ -3,7 +3,7 @@ the CPU in float32, through the same three stages; the family is detected from t
 base repo's model_index names PixArtAlphaPipeline: a trap) or named in the job; composed models
 take components from other folders or hub repos, and each stage fetches only its own.
 
-Tiny Σ twins (orchestrator/tiny.py, family="sigma"): sample_size 128 (the 1024 bins) and 256 (the
+Tiny Σ twins (orchestrator/tools/tiny.py, family="sigma"): sample_size 128 (the 1024 bins) and 256 (the
 2048 bins, the 2K model), no micro-conditions, an SDXL-style VAE."""
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ LONG_PROMPT = " ".join(["a watercolor painting of a lighthouse by the sea at sun
 
 @pytest.fixture(scope="module")
 def tiny_sigma(tmp_path_factory) -> Path:
-    from orchestrator.tiny import save_tiny_model
+    from orchestrator.tools.tiny import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("models") / "sigma", family="sigma", sample_size=128)
 
 
 @pytest.fixture(scope="module")
 def tiny_sigma_2k(tmp_path_factory) -> Path:
-    from orchestrator.tiny import save_tiny_model
+    from orchestrator.tools.tiny import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("models") / "sigma-2k", seed=1, family="sigma", sample_size=256)
 
@@ -196,7 +196,7 @@ def test_a_sigma_base_whose_model_index_names_alpha_is_still_sigma_and_the_key_o
     config = json.loads((base / "transformer" / "config.json").read_text())
     config.pop("use_additional_conditions")  # as Σ-512's config: nothing in it says Σ
     (base / "transformer" / "config.json").write_text(json.dumps(config))
-    from orchestrator import job as jobfile
+    from orchestrator.jobfile import job as jobfile
 
     job = jobfile.load_job(write_job(tmp_path, f'[job]\nmodel = "{base}"\n[[generation]]\nprompt = "x"\nseed = 1\n'))
     resolved = jobfile.resolve_job(job, tmp_path / "w", "cpu")
@@ -208,7 +208,7 @@ def test_a_sigma_base_whose_model_index_names_alpha_is_still_sigma_and_the_key_o
 
 
 def test_an_unknown_pipeline_is_a_one_line_error(tiny_sigma, tmp_path):
-    from orchestrator import job as jobfile
+    from orchestrator.jobfile import job as jobfile
     from stages.contract import JobFileError
 
     with pytest.raises(JobFileError, match=r"'pipeline' = 'PixArtSigmaPipelin' is not a PixArt pipeline \(did you mean PixArtSigmaPipeline\?\)"):
@@ -231,7 +231,7 @@ def test_a_composed_model_matches_the_pipeline_built_from_the_same_components(ti
     from diffusers import PixArtTransformer2DModel
 
     other = tmp_path / "other-transformer"
-    from orchestrator.tiny import save_tiny_model
+    from orchestrator.tools.tiny import save_tiny_model
 
     save_tiny_model(other, seed=5, family="sigma", sample_size=128)
     base = composed_base(tiny_sigma, tmp_path / "base")
@@ -271,7 +271,7 @@ def test_a_composed_model_matches_the_pipeline_built_from_the_same_components(ti
 
 
 def test_composition_errors_are_one_line_and_name_the_fix(tiny_sigma, tmp_path):
-    from orchestrator import job as jobfile
+    from orchestrator.jobfile import job as jobfile
     from stages.contract import JobFileError
 
     base = composed_base(tiny_sigma, tmp_path / "base")
@@ -308,7 +308,7 @@ def test_hub_components_and_each_stage_fetching_only_its_own(tiny_sigma, tmp_pat
     fetches the transformer) and denoise fails with one line saying how to get them."""
     import huggingface_hub.constants
 
-    from orchestrator import job as jobfile
+    from orchestrator.jobfile import job as jobfile
     cache = tmp_path / "hub"
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     hub_snapshot(cache, "tiny/sigma-base", tiny_sigma, ["model_index.json", "text_encoder", "tokenizer", "vae", "scheduler"], "a" * 40)
@@ -342,7 +342,7 @@ def test_hub_components_and_each_stage_fetching_only_its_own(tiny_sigma, tmp_pat
     fresh = tmp_path / "fresh"
     resolved = jobfile.resolve_job(job, jobfile.job_dir_for(job, fresh), "cpu")
     assert resolved["model"]["component_hashes"]["denoise"].isalnum()  # hashed from configs and the commit
-    from orchestrator.runner import run_job
+    from orchestrator.executors.runner import run_job
 
     lines: list[str] = []
     fresh_dir = jobfile.job_dir_for(job, fresh)
@@ -412,7 +412,7 @@ def test_lcm_matches_its_pipeline(tiny_model, tmp_path):
 def test_dmd_style_timesteps_400_one_step_matches_its_pipeline(tmp_path):
     """PixArt-α DMD: a 512 model (sample_size 64: no micro-conditions), DDPMScheduler, run as
     timesteps=[400], one step, guidance 1. The step count comes from the timesteps."""
-    from orchestrator.tiny import save_tiny_model
+    from orchestrator.tools.tiny import save_tiny_model
 
     dmd = with_scheduler(save_tiny_model(tmp_path / "alpha-512", sample_size=64), tmp_path / "dmd", "PixArt-Alpha-DMD-XL-2-512x512")
     body = f"""
@@ -475,7 +475,7 @@ def test_another_scheduler_by_name_matches_the_pipeline_with_it(tiny_model, tmp_
     ("", 'timesteps = ["400"]', "'timesteps' must be a list of integers, not list ['400']; write e.g. timesteps = [400]"),
 ])
 def test_scheduler_and_timesteps_errors_are_one_line(tiny_model, tmp_path, extra_job, extra_gen, message):
-    from orchestrator import job as jobfile
+    from orchestrator.jobfile import job as jobfile
     from stages.contract import JobFileError
 
     path = write_job(tmp_path, f'[job]\nmodel = "{tiny_model}"\n{extra_job}\n[[generation]]\nprompt = "x"\nseed = 1\n{extra_gen}\n')
@@ -495,7 +495,7 @@ def test_convert_turns_a_bin_component_into_verified_safetensors(tiny_model, tmp
     from diffusers import PixArtTransformer2DModel
     from typer.testing import CliRunner
 
-    from orchestrator import job as jobfile
+    from orchestrator.jobfile import job as jobfile
     from orchestrator.cli import app
     from stages.contract import JobFileError
 
@@ -597,7 +597,7 @@ def test_a_vae_that_overflows_in_fp16_is_decoded_again_in_fp32_never_black(tiny_
 
 def test_the_fp32_retry_of_decode_is_planned_under_the_budget():
     """The full-size α at 1024x1024 in fp16 under 2 GiB: the float32 retry gets a tiling that fits."""
-    from orchestrator import memory
+    from orchestrator.planning import memory
 
     full_size = REFERENCE_CONFIGS / "PixArt-XL-2-1024-MS"
     item = {"prompt": "x", "negative_prompt": "", "seed": 1, "width": 1024, "height": 1024, "guidance_scale": 4.5,
@@ -634,7 +634,7 @@ def test_sigma_256_and_512_composed_on_the_sigma_base_match_their_pipeline(tmp_p
     these sizes): detected as Σ by the SDXL VAE, 256 / 512 bins, 300 tokens, bit for bit."""
     from diffusers import PixArtTransformer2DModel
 
-    from orchestrator.tiny import save_tiny_model
+    from orchestrator.tools.tiny import save_tiny_model
 
     twin = save_tiny_model(tmp_path / f"sigma-{sample_size}", seed=sample_size, family="sigma", sample_size=sample_size)
     config = json.loads((twin / "transformer" / "config.json").read_text())
@@ -670,7 +670,7 @@ def test_sigma_256_and_512_composed_on_the_sigma_base_match_their_pipeline(tmp_p
 
 
 def test_a_folder_that_is_not_a_pixart_pipeline_is_a_one_line_error(tiny_model, tmp_path):
-    from orchestrator import job as jobfile
+    from orchestrator.jobfile import job as jobfile
     from stages.contract import JobFileError
 
     other = tmp_path / "sd"

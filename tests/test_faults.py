@@ -35,7 +35,7 @@ import pytest
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
-from orchestrator.runner import stage_command
+from orchestrator.executors.runner import stage_command
 from stages import contract, files
 from stages.contract import STAGES, TMP_PREFIX
 from stages.records import read_record

@@ -1,4 +1,4 @@
-"""The job's gallery page (issue 10, part 2; orchestrator/gallery.py), checked in a real browser:
+"""The job's gallery page (issue 10, part 2; orchestrator/views/gallery.py), checked in a real browser:
 headless Chromium from Debian's package (`apt-get install -y chromium`) driven by Playwright, the
 page opened from file:// as a user would. Guards: every image loads, every text shows as written,
 hostile prompts stay text (no dialog, no injected element, one script), the copy block is valid
@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from orchestrator import gallery
+from orchestrator.views import gallery
 from orchestrator.cli import app
-from orchestrator.runner import StageFailedError, run_job
+from orchestrator.executors.runner import StageFailedError, run_job
 from tests.conftest import inprocess_stage, resolved_items, run_inprocess, toml_string, tree_state, write_job
 
 HOSTILE = "<img src=x onerror=alert(1)>"
@@ -230,7 +230,7 @@ def test_the_chart_draws_peaks_against_the_budget(browser, made, tmp_path):
     job_dir = tmp_path / "gallery"
     shutil.copytree(made_dir, job_dir)
     job = json.loads((job_dir / "job.resolved.json").read_text())
-    from orchestrator.runner import measured_peak
+    from orchestrator.executors.runner import measured_peak
 
     peaks = {s: measured_peak(json.loads((job_dir / s / "summary.json").read_text()), "cpu") for s in ("encode", "denoise", "decode")}
     budget = sorted(peaks.values())[1]  # the largest peak is over it, the smallest under it
@@ -343,7 +343,7 @@ def synthetic_job(folder: Path, model: Path, entries: list[tuple[str, int]], tod
 
     from PIL import Image
 
-    from orchestrator import job as jobfile
+    from orchestrator.jobfile import job as jobfile
     from stages import decode, files
     from stages.units import plan_units, thumbnail_name
 

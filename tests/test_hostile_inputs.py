@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from orchestrator import cli
 from orchestrator.cli import app
-from orchestrator.runner import StageFailedError, run_stage
+from orchestrator.executors.runner import StageFailedError, run_stage
 from tests.conftest import artifact_bytes, tree_state, write_job
 
 JOB = """
@@ -228,7 +228,7 @@ def test_every_accepted_scheduler_drives_a_denoising_loop(model, tmp_path):
     config to finite latents, or cannot be built from that config and is then refused up front."""
     import diffusers
 
-    from orchestrator.job import COMMON_SCHEDULERS, scheduler_choices
+    from orchestrator.jobfile.job import COMMON_SCHEDULERS, scheduler_choices
     from stages.resolved import read_model_config
 
     choices = scheduler_choices()

@@ -54,7 +54,7 @@ def write(tmp_path: Path, model: Path, name: str) -> Path:
 
 def run_inprocess(job_file: Path, workdir: Path) -> Path:
     """`orchestrate run` through cli._run, stages in this process (conftest's cli_in_process)."""
-    from orchestrator.runner import run_job
+    from orchestrator.executors.runner import run_job
     from tests.conftest import inprocess_stage
 
     with pytest.MonkeyPatch.context() as mp:

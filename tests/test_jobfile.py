@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from orchestrator import job as jobfile
+from orchestrator.jobfile import job as jobfile
 from orchestrator.cli import app
 from stages.contract import EXIT_USER_ERROR, JobFileError
 from tests.conftest import toml_string, tree_state

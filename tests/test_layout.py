@@ -34,3 +34,15 @@ def test_the_contract_imports_no_torch():
     code = f"import sys; import {', '.join('stages.' + n for n in CONTRACT)}; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers')))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_the_orchestrator_has_a_folder_per_concern():
+    """The orchestrator's modules live in folders named for what they do (job file, planning,
+    executors, views, tools), each with a one-line docstring saying so; only the CLI sits at the top."""
+    top = ROOT / "orchestrator"
+    assert sorted(p.name for p in top.glob("*.py")) == ["__init__.py", "cli.py"]
+    folders = sorted(p.name for p in top.iterdir() if (p / "__init__.py").exists())
+    assert folders == ["executors", "jobfile", "planning", "tools", "views"]
+    for folder in folders:
+        doc = ast.get_docstring(ast.parse((top / folder / "__init__.py").read_text(encoding="utf-8")))
+        assert doc and "\n" not in doc, folder

@@ -1,4 +1,4 @@
-"""Guards the memory planner (orchestrator/memory.py) and its estimates (orchestrator/estimate.py).
+"""Guards the memory planner (orchestrator/planning/memory.py) and its estimates (orchestrator/planning/estimate.py).
 
 Accuracy: on the CPU, each stage's estimated peak (weights + activations, from fake tensors) is
 within 5% of the peak torch.profiler measures while the same work runs on real tensors, for a small
@@ -18,9 +18,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from orchestrator import estimate, memory
+from orchestrator.planning import estimate
+from orchestrator.planning import memory
 from orchestrator.cli import app
-from orchestrator.tiny import REFERENCE_CONFIGS
+from orchestrator.tools.tiny import REFERENCE_CONFIGS
 from stages.contract import JobFileError
 from stages.units import plan_units
 from tests.conftest import write_job
@@ -37,7 +38,7 @@ def medium_model(tmp_path_factory) -> Path:
     from diffusers import AutoencoderKL, PixArtAlphaPipeline, PixArtTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
-    from orchestrator.tiny import build_tiny_components
+    from orchestrator.tools.tiny import build_tiny_components
 
     parts = build_tiny_components()
     torch.manual_seed(0)
@@ -328,7 +329,7 @@ def test_plan_json_shape(tiny_model, tmp_path):
 
 
 def test_runtime_for_job_is_empty_without_a_budget(tiny_model, tmp_path):
-    from orchestrator import job as jobfile
+    from orchestrator.jobfile import job as jobfile
 
     job = jobfile.load_job(write_job(tmp_path, f"""
         [job]
@@ -424,7 +425,7 @@ def test_sigma_estimates_match_profiler(tmp_path):
     from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
     from transformers import T5EncoderModel, T5Tokenizer
 
-    from orchestrator.tiny import save_tiny_model
+    from orchestrator.tools.tiny import save_tiny_model
 
     path = save_tiny_model(tmp_path / "sigma", family="sigma", sample_size=256)
     configs = estimate.ModelConfigs.read(path)

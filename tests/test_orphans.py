@@ -157,7 +157,7 @@ def test_an_interrupt_that_a_library_turns_into_another_error_is_still_an_interr
     """Found by the stress trials: SIGINT, forwarded while a stage imported diffusers, surfaced as a
     RuntimeError (numpy's and transformers' lazy imports wrap the KeyboardInterrupt) and printed a
     traceback. With a signal on record, any error is the interruption: exit 130, one line."""
-    from orchestrator import job as jobfile
+    from orchestrator.jobfile import job as jobfile
     from stages.contract import RESOLVED_JOB
     from stages.files import publish_json
 

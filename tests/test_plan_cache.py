@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 
-from orchestrator import cli, memory
+from orchestrator import cli
+from orchestrator.planning import memory
 from tests.conftest import write_job
 
 JOB = """

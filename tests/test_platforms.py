@@ -21,8 +21,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator import job as jobfile
-from orchestrator import runner
+from orchestrator.jobfile import job as jobfile
+from orchestrator.executors import runner
 from stages import entry, files, lifeline, measure
 from stages.contract import JobFileError, ResourceError
 from stages.locks import exclusive_lock, read_holder, stage_lock
@@ -378,7 +378,7 @@ def test_every_prompt_gives_a_slug_windows_accepts(prompt):
 
 
 def _project_sources():
-    return sorted(ROOT.glob("orchestrator/*.py")) + sorted(ROOT.glob("stages/*.py")) + sorted(ROOT.glob("bench/*.py"))
+    return sorted(ROOT.glob("orchestrator/**/*.py")) + sorted(ROOT.glob("stages/*.py")) + sorted(ROOT.glob("bench/*.py"))
 
 
 def _keywords(call: ast.Call) -> set[str]:
@@ -423,7 +423,7 @@ def test_the_check_finds_default_encodings():
 def test_no_project_module_imports_what_windows_lacks_at_import_time():
     """fcntl, resource and termios: none at module level (measure.py imports resource on macOS only)."""
     found = []
-    for path in sorted(ROOT.glob("orchestrator/*.py")) + sorted(ROOT.glob("stages/*.py")):
+    for path in sorted(ROOT.glob("orchestrator/**/*.py")) + sorted(ROOT.glob("stages/*.py")):
         for node in ast.parse(path.read_text(encoding="utf-8")).body:
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module] if isinstance(node, ast.ImportFrom) else []
             found += [f"{path.name}: {n}" for n in names if n and n.split(".")[0] in ("fcntl", "resource", "termios")]
@@ -433,7 +433,7 @@ def test_no_project_module_imports_what_windows_lacks_at_import_time():
 def test_signals_windows_lacks_are_never_named_directly():
     """signal.SIGHUP / SIGKILL / SIGBREAK raise AttributeError where the platform has none."""
     found = []
-    for path in sorted(ROOT.glob("orchestrator/*.py")) + sorted(ROOT.glob("stages/*.py")):  # bench/ runs on Linux GPU machines
+    for path in sorted(ROOT.glob("orchestrator/**/*.py")) + sorted(ROOT.glob("stages/*.py")):  # bench/ runs on Linux GPU machines
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "signal" \
                     and node.attr in ("SIGHUP", "SIGKILL", "SIGBREAK", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM"):

@@ -1,4 +1,4 @@
-"""Prompt lists (issue 10, part 3; orchestrator/prompts.py and the `prompts_file` key in job.py):
+"""Prompt lists (issue 10, part 3; orchestrator/jobfile/prompts.py and the `prompts_file` key in job.py):
 each prompt line becomes a generation with its entry's other keys and its own recorded seed; a bad
 list is one line naming the file (and line), exit 2, nothing written; `orchestrate run list.txt
 --model M` runs a list with the defaults in <workdir>/<list name>/."""
@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from orchestrator import job as jobfile
+from orchestrator.jobfile import job as jobfile
 from orchestrator.cli import app
 from stages.contract import EXIT_USER_ERROR, JobFileError
 from stages.files import publish_json

@@ -26,10 +26,10 @@ try:
 except ImportError:  # a failure, not a skip: the executor is part of what the suite checks
     raise ImportError("tests/test_ray.py needs Ray: pip install -e '.[test,ray]'") from None
 
-from orchestrator import job as jobfile  # noqa: E402
+from orchestrator.jobfile import job as jobfile  # noqa: E402
 from orchestrator.cli import app  # noqa: E402
-from orchestrator.ray_executor import run_job_on_ray  # noqa: E402
-from orchestrator.runner import PROJECT_ROOT  # noqa: E402
+from orchestrator.executors.ray_executor import run_job_on_ray  # noqa: E402
+from orchestrator.executors.runner import PROJECT_ROOT  # noqa: E402
 from stages.contract import TMP_PREFIX  # noqa: E402
 from stages.resolved import read_job  # noqa: E402
 from stages.units import plan_units, unit_status  # noqa: E402

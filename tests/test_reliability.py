@@ -26,10 +26,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from orchestrator import job as jobfile
-from orchestrator import runner
+from orchestrator.jobfile import job as jobfile
+from orchestrator.executors import runner
 from orchestrator.cli import app
-from orchestrator.plan import plan_job
+from orchestrator.planning.plan import plan_job
 from stages import contract, decode, denoise, encode, entry, files
 from stages.contract import EXIT_RESOURCE_ERROR, EXIT_USER_ERROR, STAGES, TMP_PREFIX
 from stages.resolved import read_job
@@ -437,7 +437,7 @@ def test_write_error_on_a_record_leaves_the_image_unaccepted(reference, tmp_path
 @pytest.fixture(scope="module")
 def other_weights(tmp_path_factory) -> Path:
     """The tiny model again with other random weights: same configs, same file sizes."""
-    from orchestrator.tiny import save_tiny_model
+    from orchestrator.tools.tiny import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("other") / "tiny-seed-1", seed=1)
 

@@ -9,9 +9,9 @@ import collections
 
 import pytest
 
-from orchestrator import job as jobfile
-from orchestrator.plan import plan_job
-from orchestrator.runner import run_job
+from orchestrator.jobfile import job as jobfile
+from orchestrator.planning.plan import plan_job
+from orchestrator.executors.runner import run_job
 from stages import records
 from stages.contract import JobFileError
 from stages.embedding_cache import EmbeddingCache, most_held
@@ -144,7 +144,7 @@ def test_a_typo_in_one_entrys_count_is_refused_naming_the_entry(tmp_path):
 
 
 def test_a_stream_batch_adds_at_most_its_own_texts_to_what_encode_keeps():
-    """The memory plan's bound (orchestrator/memory.py): held while streaming <= held one text at a
+    """The memory plan's bound (orchestrator/planning/memory.py): held while streaming <= held one text at a
     time + the batch, over random queues with shared and recurring texts."""
     import random
 
@@ -160,7 +160,8 @@ def test_a_stream_batch_adds_at_most_its_own_texts_to_what_encode_keeps():
 def test_the_memory_plan_counts_the_embeddings_encode_keeps(tiny_model, monkeypatch):
     import json
 
-    from orchestrator import estimate, memory
+    from orchestrator.planning import estimate
+    from orchestrator.planning import memory
 
     configs = estimate.ModelConfigs.read(tiny_model)
     d_model = json.loads(configs.encode)["d_model"]

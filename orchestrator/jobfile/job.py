@@ -17,7 +17,7 @@ import tomllib
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from orchestrator.prompts import prompt_list_tables, read_prompt_lines
+from orchestrator.jobfile.prompts import prompt_list_tables, read_prompt_lines
 from stages import family
 from stages.contract import FORMAT_VERSION, JobFileError
 from stages.files import MAX_TEXT_BYTES, canonical_json, read_bytes_limited, read_json_limited
@@ -160,7 +160,7 @@ def _check_range(where: str, gen: GenerationParams) -> None:
 
 def load_job(path: Path, model: str | None = None) -> Job:
     """Parse and check a job file, or a prompt list (a `.txt` file, one prompt per line) run with
-    `model` (orchestrator/prompts.py). Raises JobFileError with a one-line message on any problem."""
+    `model` (orchestrator/jobfile/prompts.py). Raises JobFileError with a one-line message on any problem."""
     path = Path(path)
     if path.suffix.lower() == ".txt":
         if not os.path.lexists(path) or path.is_dir():  # a FIFO or device is refused where the list is read

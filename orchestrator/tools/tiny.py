@@ -13,7 +13,7 @@ import io
 import json
 from pathlib import Path
 
-REFERENCE_CONFIGS = Path(__file__).parent / "reference_configs"
+REFERENCE_CONFIGS = Path(__file__).parent.parent / "reference_configs"
 
 _SENTENCES = [
     "pirate ship trapped in a cosmic maelstrom nebula",
@@ -156,7 +156,7 @@ def save_tiny_model(path: Path, seed: int = 0, size: str = "tiny", family: str =
     pipeline_class = diffusers.PixArtSigmaPipeline if family == "sigma" else diffusers.PixArtAlphaPipeline
     pipe = pipeline_class(**build_tiny_components(seed, size, family, sample_size))
     pipe.save_pretrained(path, safe_serialization=True)
-    (path / "TINY_MODEL.json").write_text(json.dumps({"built_by": "orchestrator.tiny", "seed": seed, "size": size, "family": family,
+    (path / "TINY_MODEL.json").write_text(json.dumps({"built_by": "orchestrator.tools.tiny", "seed": seed, "size": size, "family": family,
                                                       "sample_size": sample_size}) + "\n", encoding="utf-8")
     return path
 

@@ -2,7 +2,7 @@
 
 `orchestrate plan` prints the plan; `orchestrate run` writes it into job.resolved.json's `runtime`
 section, which the stages obey (docs/memory.md). The estimates, and what each strategy holds on the
-device at its peak, are in orchestrator/estimate.py. Order of preference, fastest first: resident
+device at its peak, are in orchestrator/planning/estimate.py. Order of preference, fastest first: resident
 before stream (encode) or offload (denoise), untiled before tiled 512 px before tiled 256 px; then
 the largest batch that fits (encode: texts held together; denoise: 1, 2 or 4 items of one size on
 CUDA, always 1 on the CPU, where batching would break bit parity with the one-process pipeline).
@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.estimate import estimate_host_bytes, Estimate, ModelConfigs, estimate_decode, estimate_denoise, estimate_encode
+from orchestrator.planning.estimate import estimate_host_bytes, Estimate, ModelConfigs, estimate_decode, estimate_denoise, estimate_encode
 from stages.contract import JobFileError
 from stages.files import MAX_TEXT_BYTES, read_json_limited
 from stages.measure import format_bytes
@@ -142,7 +142,7 @@ def attention_path(device: str) -> str:
     the whole score matrix [B, heads, queries, keys] is made. MPS's SDPA is the plain path; so is
     ROCm's on consumer cards (aotriton's flash kernel covers MI200/MI300 only unless
     TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL is set); XPU is counted plain until measured on one."""
-    from orchestrator.prepare import device_kind
+    from orchestrator.planning.prepare import device_kind
 
     return "fused" if device_kind(device) in ("cpu", "cuda") else "plain"
 
@@ -422,7 +422,7 @@ def plan_key(resolved: dict, budget_bytes: int, host_budget_bytes: int | None, a
 
 
 def _device_kind(device: str) -> str:
-    from orchestrator.prepare import device_kind
+    from orchestrator.planning.prepare import device_kind
 
     return device_kind(device)
 

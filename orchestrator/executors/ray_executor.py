@@ -30,9 +30,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.chunks import merge_summaries
-from orchestrator.plan import UnitState, _states, describe_stage
-from orchestrator.runner import PROJECT_ROOT, StageFailedError, StageRun, _remove_leftovers, _shown, budget_overrun, stage_command
+from orchestrator.planning.chunks import merge_summaries
+from orchestrator.planning.plan import UnitState, _states, describe_stage
+from orchestrator.executors.runner import PROJECT_ROOT, StageFailedError, StageRun, _remove_leftovers, _shown, budget_overrun, stage_command
 from stages import lifeline
 from stages.contract import EXIT_INTERRUPTED, EXIT_RESOURCE_ERROR, EXIT_USER_ERROR, RESOLVED_JOB, STAGES, TMP_PREFIX, ArtifactError, JobFileError
 from stages.files import publish_json, sha256_file, shown_path

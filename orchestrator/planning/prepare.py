@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from orchestrator import job as jobfile
+from orchestrator.jobfile import job as jobfile
 from stages.contract import STAGES, JobFileError
 
 
@@ -104,7 +104,7 @@ def prepare_job(job_file: Path, workdir: Path, device: str, memory: tuple = (Non
     job_dir = jobfile.job_dir_for(job, workdir)
     resolved = jobfile.resolve_job(job, job_dir, resolve_device(device))
     resolved["embedding_store"] = str(Path(workdir).resolve() / ".store" / "encode") if store else None
-    from orchestrator.memory import runtime_for_job
+    from orchestrator.planning.memory import runtime_for_job
 
     flags = {"max_vram": memory[0], "max_ram": memory[1], "tiling": memory[2], "exact": memory[3]}
     if resolved["device"] != "cpu" or memory[0] is not None or memory[1] is not None:  # a budget: planning would run

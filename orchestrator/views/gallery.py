@@ -13,7 +13,7 @@ with <script src> (Chromium refuses fetch() on file://). A refresh after a chunk
 files that hold the chunk's items (gallery/manifest.json says what the others count).
 
 The page shows the job as last run: the items of `job.resolved.json`, judged by the same test as
-`orchestrate status` (orchestrator/plan.py, stages/units.py unit_status). It is data, not code:
+`orchestrate status` (orchestrator/planning/plan.py, stages/units.py unit_status). It is data, not code:
 the data files are JSON (ASCII) handed to the one script, which puts every text in with
 textContent; user texts are isolated (bidi) and show control and bidi characters as `\\u202e`;
 a Content-Security-Policy allows the inline script by its hash and the data files of the page's
@@ -31,8 +31,8 @@ import re
 from pathlib import Path
 from urllib.parse import quote
 
-from orchestrator.plan import UnitState, plan_job
-from orchestrator.runner import measured_peak
+from orchestrator.planning.plan import UnitState, plan_job
+from orchestrator.executors.runner import measured_peak
 from stages.contract import RESOLVED_JOB, STAGES, JobFileError, ResourceError
 from stages.files import canonical_json, publish_bytes, read_bytes_limited, read_json_limited, sha256_bytes, shown_path
 from stages.measure import format_bytes
@@ -687,7 +687,7 @@ def write_gallery_after_run(job_dir: Path, job: dict, echo, exc: BaseException |
 
 def job_dir_of(job_file: Path, workdir: Path) -> Path:
     """The folder a job file or prompt list runs in, or a one-line JobFileError when nothing ran there."""
-    from orchestrator import job as jobfile
+    from orchestrator.jobfile import job as jobfile
 
     path = Path(job_file)
     # A prompt list's folder is named after the file; its model (--model of run) does not matter here.

@@ -1,7 +1,7 @@
 """Prompt lists: a text file with one prompt per line, as a job file's `prompts_file` or on its own.
 
 A `[[generation]]` entry may give `prompts_file = "prompts.txt"` (relative to the job file) instead
-of `prompt`; each prompt line becomes one generation with the entry's other keys (orchestrator/job.py
+of `prompt`; each prompt line becomes one generation with the entry's other keys (orchestrator/jobfile/job.py
 expands it). `orchestrate run prompts.txt --model MODEL` runs a list on its own: it is read as the job
 file `[job] model = MODEL` + `[[generation]] prompts_file = "prompts.txt"`, named after the file.
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import stages
 from stages.artifacts import read_json
 from stages import lifeline
-from orchestrator import chunks
-from orchestrator.plan import describe_stage, plan_job
+from orchestrator.planning import chunks
+from orchestrator.planning.plan import describe_stage, plan_job
 from stages.contract import EXIT_INTERRUPTED, EXIT_RESOURCE_ERROR, RESOLVED_JOB, STAGES, TMP_PREFIX, JobFileError
 from stages.files import publish_json, remove_temp_files, shown_path
 from stages.locks import exclusive_lock
@@ -145,7 +145,7 @@ def run_job(job_dir: Path, resolved: dict, echo, force: tuple[str, ...] = (), la
     `launch(stage, job_dir, force, echo, units)` runs one stage; by default a `run_stage`
     subprocess, with the next stage's process started ahead (`--wait`) so its imports overlap this
     one. `chunk`: items per denoise/decode process after the one encode pass (0: the whole queue
-    in one process each; None: chosen by orchestrator/chunks.py). `on_images(job_dir, ids)` is
+    in one process each; None: chosen by orchestrator/planning/chunks.py). `on_images(job_dir, ids)` is
     called after each chunk's decode but the last, with the chunk's item ids (the CLI refreshes the
     gallery page for them). The job is planned once, and again only after a stage made new records;
     `reader` (records.RecordReader, the run's: the CLI shares it with prepare_job) reads each record
@@ -294,7 +294,7 @@ def _publish_merged(job_dir: Path, runs: list[StageRun]) -> None:
 
 
 def merge_runs(runs: list[StageRun]) -> list[StageRun]:
-    """One StageRun per stage, its processes' summaries merged (orchestrator/chunks.py)."""
+    """One StageRun per stage, its processes' summaries merged (orchestrator/planning/chunks.py)."""
     merged = []
     for stage in STAGES:
         mine = [r for r in runs if r.stage == stage]

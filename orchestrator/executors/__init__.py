@@ -1,0 +1,1 @@
+"""Executors: the local subprocess runner and the Ray executor, which run the unchanged stage processes."""

@@ -1,0 +1,1 @@
+"""The job file: TOML to the resolved job, and prompt lists."""

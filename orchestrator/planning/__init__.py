@@ -1,0 +1,1 @@
+"""Planning: what is stale, the memory plan and its estimates, chunking, job preparation."""

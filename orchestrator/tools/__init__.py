@@ -1,0 +1,1 @@
+"""Tools around jobs: clean, convert, and the tiny offline demo model."""
