@@ -140,7 +140,7 @@ def tree_state(root: Path) -> dict[str, tuple]:
 
 
 def artifact_bytes(job_dir: Path) -> dict[str, bytes]:
-    """The bytes of every stage artifact (embeddings, latents, PNGs) of a job, by relative path."""
+    """The bytes of every stage artifact (embeddings, latents, PNGs and their thumbnails) of a job, by relative path."""
     return {p.relative_to(job_dir).as_posix(): p.read_bytes()
             for stage in ("encode", "denoise", "decode") for p in sorted((Path(job_dir) / stage).glob("*"))
-            if p.suffix in (".safetensors", ".png") and not p.name.startswith(".tmp-")}
+            if p.suffix in (".safetensors", ".png", ".webp") and not p.name.startswith(".tmp-")}

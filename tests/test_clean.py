@@ -42,19 +42,19 @@ def test_clean_lists_then_removes_only_what_no_current_item_uses(tiny_model, tmp
     job_dir = workdir / "tidy"
     (job_dir / "decode" / ".tmp-999-left-by-a-kill.png").write_bytes(b"half")
     old = sorted(p.name for s in ("encode", "denoise", "decode") for p in (job_dir / s).iterdir() if "apple" in p.name)
-    assert len(old) == 6  # embedding, latents, image and their records
+    assert len(old) == 7  # embedding, latents, image, its thumbnail and their records
 
     listed = CliRunner().invoke(app, ["clean", str(job_file), "--workdir", str(workdir)])
     assert listed.exit_code == 0, listed.output
-    assert sum(line.startswith("unused") for line in listed.output.splitlines()) == 7
-    assert "7 file(s) in tidy unused:" in listed.output and "run again with --yes" in listed.output
+    assert sum(line.startswith("unused") for line in listed.output.splitlines()) == 8
+    assert "8 file(s) in tidy unused:" in listed.output and "run again with --yes" in listed.output
     assert all((job_dir / s / n).exists() for s in ("encode", "denoise", "decode") for n in old if (job_dir / s / n).exists()) and \
-        sum(1 for s in ("encode", "denoise", "decode") for p in (job_dir / s).iterdir() if "apple" in p.name) == 6  # listing removes nothing
+        sum(1 for s in ("encode", "denoise", "decode") for p in (job_dir / s).iterdir() if "apple" in p.name) == 7  # listing removes nothing
 
     removed = CliRunner().invoke(app, ["clean", str(job_file), "--workdir", str(workdir), "--yes", "--store"])
     assert removed.exit_code == 0, removed.output
     assert not [p for s in ("encode", "denoise", "decode") for p in (job_dir / s).iterdir() if "apple" in p.name or p.name.startswith(".tmp-")]
-    assert "removed 7 file(s) in tidy, 2 store entries" in removed.output  # the apple embedding's .safetensors and .json
+    assert "removed 8 file(s) in tidy, 2 store entries" in removed.output  # the apple embedding's .safetensors and .json
     assert not [p for p in (workdir / ".store" / "encode").iterdir() if "apple" in p.name]
     status = CliRunner().invoke(app, ["status", str(job_file), "--workdir", str(workdir), "--device", "cpu"])
     assert "to do" in status.output and all(line.endswith(" 0 to do") for line in status.output.splitlines() if line.startswith(("encode:", "denoise:", "decode:"))), status.output

@@ -65,7 +65,7 @@ CASES = [
     ("height-not-makeable-unbinned", GOOD_HEAD + gen(height="1000"), [], ["'height' = 1000 cannot be made", "use 992 or 1008"]),
     ("count-zero", GOOD_HEAD + gen(count="0"), [], ["'count' = 0 is out of range", "between 1 and 10000"]),
     ("count-absurd", GOOD_HEAD + gen(count="1000000000"), [], ["'count' = 1000000000", "between 1 and 10000"]),
-    ("queue-absurd-total", GOOD_HEAD + gen(count="6000") + gen(count="6000"), [], ["#2: the queue would hold 12000 images", "lower 'count' or split"]),
+    ("queue-absurd-total", GOOD_HEAD + gen(count="10000") * 10 + gen(count="1"), [], ["#11: the queue would hold 100001 images", "lower 'count' or split"]),
     ("queue-empty", GOOD_HEAD, [], ["the queue is empty", "add at least one [[generation]]"]),
     ("queue-empty-array", "generation = []\n" + GOOD_HEAD, [], ["the queue is empty", "add at least one [[generation]]"]),
     ("prompt-missing", GOOD_HEAD + "[[generation]]\nseed = 1\n", [], ["'prompt' is required", 'prompt = ""']),

@@ -212,13 +212,19 @@ def test_a_worker_killed_mid_shard_is_retried_and_redoes_no_finished_unit(ray_cl
 
 
 def test_a_bad_input_in_a_task_fails_once_in_one_line_with_exit_2(ray_cluster, reference, tmp_path):
-    """Done-when 3: a transformer whose weights file is damaged (garbage of the right size, so the
-    job resolves) fails the denoise task with the stage's one-line error, exit 2, not retried."""
+    """Done-when 3: a transformer whose weights file is damaged in a way only loading finds (a
+    well-formed header naming a tensor the model does not have, so the job resolves and the
+    up-front header check passes) fails the denoise task with the stage's one-line error, exit 2,
+    not retried."""
     ref_dir, _, _ = reference
     model = tmp_path / "damaged"
     shutil.copytree(_model_path(ref_dir), model)
     weights = next((model / "transformer").glob("*.safetensors"))
-    weights.write_bytes(os.urandom(weights.stat().st_size))
+    data = weights.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = data[8:8 + size].replace(b'"pos_embed', b'"pos_embeX', 1)  # same length: offsets still fit
+    assert header != data[8:8 + size]
+    weights.write_bytes(data[:8] + header + data[8 + size:])
     job_file = write_job(tmp_path, JOB.format(model=model).split("[[generation]]")[0] + '[[generation]]\nprompt = "a red apple on a wooden table"\nseed = 1\n')
     job_dir = tmp_path / "work" / "rayjob"
     job_dir.mkdir(parents=True)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from orchestrator.planning.chunks import merge_summaries
 from orchestrator.planning.plan import UnitState, _states, describe_stage
+from stages.records import RecordReader
 from orchestrator.executors.runner import PROJECT_ROOT, StageFailedError, StageRun, _remove_leftovers, _shown, budget_overrun, stage_command
 from stages import lifeline
 from stages.contract import EXIT_INTERRUPTED, EXIT_RESOURCE_ERROR, EXIT_USER_ERROR, RESOLVED_JOB, STAGES, TMP_PREFIX, ArtifactError, JobFileError
@@ -172,6 +173,7 @@ def pending_units(job_dir: Path, job: dict, force: tuple[str, ...], echo) -> dic
     them in this run (the stage skips those that turn out up to date). Prints each stage's state."""
     units = plan_units(job)
     pending: set[tuple[str, str]] = set()
+    reader = RecordReader()  # this plan's: each record and output read once
     todo = {}
     for stage in STAGES:
         if stage in force:
@@ -179,7 +181,7 @@ def pending_units(job_dir: Path, job: dict, force: tuple[str, ...], echo) -> dic
             pending.update((stage, unit.key) for unit in units[stage])
             echo(f"{stage}: forced, remaking all {len(states)}")
         else:
-            states = _states(job_dir, units[stage], pending)
+            states = _states(job_dir, units[stage], pending, reader)
             for line in describe_stage(stage, states):
                 echo(line)
         todo[stage] = [s.unit for s in states if s.state != "done"]
