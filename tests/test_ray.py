@@ -213,8 +213,8 @@ def test_a_worker_killed_mid_shard_is_retried_and_redoes_no_finished_unit(ray_cl
 
 def test_a_bad_input_in_a_task_fails_once_in_one_line_with_exit_2(ray_cluster, reference, tmp_path):
     """Done-when 3: a transformer whose weights file is damaged in a way only loading finds (a
-    well-formed header naming a tensor the model does not have, so the job resolves and the
-    up-front header check passes) fails the denoise task with the stage's one-line error, exit 2,
+    well-formed header whose first tensor claims another dtype than its bytes hold, so the job
+    resolves and the up-front header check passes) fails the denoise task with the stage's one-line error, exit 2,
     not retried."""
     ref_dir, _, _ = reference
     model = tmp_path / "damaged"
@@ -222,7 +222,7 @@ def test_a_bad_input_in_a_task_fails_once_in_one_line_with_exit_2(ray_cluster, r
     weights = next((model / "transformer").glob("*.safetensors"))
     data = weights.read_bytes()
     size = int.from_bytes(data[:8], "little")
-    header = data[8:8 + size].replace(b'"pos_embed', b'"pos_embeX', 1)  # same length: offsets still fit
+    header = data[8:8 + size].replace(b'"F32"', b'"F16"', 1)  # same length: offsets still fit
     assert header != data[8:8 + size]
     weights.write_bytes(data[:8] + header + data[8 + size:])
     job_file = write_job(tmp_path, JOB.format(model=model).split("[[generation]]")[0] + '[[generation]]\nprompt = "a red apple on a wooden table"\nseed = 1\n')
