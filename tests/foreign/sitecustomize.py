@@ -42,6 +42,7 @@ def install() -> None:
         return real_import(name, globals, locals, fromlist, level)
 
     guarded_import.foreign_platform = True
+    guarded_import.real_import = real_import  # for tests that simulate macOS, which has `resource`
     builtins.__import__ = guarded_import
     warnings.filterwarnings("error", category=EncodingWarning, module=PROJECT_MODULES)
 
