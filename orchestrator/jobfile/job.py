@@ -669,13 +669,11 @@ def _check_scheduler(job: Job, root: Path) -> str | None:
 
 def _previous_seeds(job_dir: Path) -> dict:
     """Seeds drawn by an earlier run of this job, keyed by the generation entry they belong to."""
-    from stages.artifacts import not_regular
+    from stages.artifacts import read_json
 
-    if not_regular(job_dir / "job.resolved.json"):  # missing, or damaged (a FIFO would block the read)
-        return {}
-    try:
-        return read_json_limited(job_dir / "job.resolved.json", "resolved job", MAX_TEXT_BYTES).get("drawn_seeds", {})
-    except (OSError, JobFileError, AttributeError):
+    try:  # missing, or damaged (never opened when not a regular file: a FIFO would block the read)
+        return read_json(job_dir / "job.resolved.json", MAX_TEXT_BYTES).get("drawn_seeds", {})
+    except (OSError, ValueError, AttributeError):
         return {}
 
 

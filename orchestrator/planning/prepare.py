@@ -121,15 +121,12 @@ def prepare_job(job_file: Path, workdir: Path, device: str, memory: tuple = (Non
 def runtime_if_nothing_to_do(job_dir: Path, resolved: dict, flags: dict, reader=None) -> dict | None:
     """The previous run's runtime section when the same job with the same memory flags has nothing
     left to do under it: a no-op rerun neither plans nor asks the GPU for its free memory."""
-    from stages.files import MAX_TEXT_BYTES, read_json_limited
+    from stages.artifacts import read_json
+    from stages.files import MAX_TEXT_BYTES
 
-    from stages.artifacts import not_regular
-
-    if not_regular(job_dir / "job.resolved.json"):  # a FIFO there would block the read forever
-        return None
-    try:
-        previous = read_json_limited(job_dir / "job.resolved.json", "resolved job", MAX_TEXT_BYTES)
-    except (OSError, ValueError, JobFileError):
+    try:  # never opened when not a regular file: a FIFO there would block the read forever
+        previous = read_json(job_dir / "job.resolved.json", MAX_TEXT_BYTES)
+    except (OSError, ValueError):
         return None
     if not isinstance(previous, dict):
         return None

@@ -33,8 +33,9 @@ from urllib.parse import quote
 
 from orchestrator.planning.plan import UnitState, plan_job
 from orchestrator.executors.runner import measured_peak
+from stages.artifacts import read_json
 from stages.contract import RESOLVED_JOB, STAGES, JobFileError, ResourceError
-from stages.files import canonical_json, publish_bytes, read_bytes_limited, read_json_limited, sha256_bytes, shown_path
+from stages.files import canonical_json, publish_bytes, read_bytes_limited, sha256_bytes, shown_path
 from stages.measure import format_bytes
 from stages.records import read_record
 from stages.resolved import read_job
@@ -359,8 +360,8 @@ def _stage_rows(job_dir: Path, job: dict) -> list[dict]:
     rows = []
     for stage in STAGES:
         try:
-            summary = read_json_limited(job_dir / stage / "summary.json", "summary")  # never a FIFO's endless wait
-        except (OSError, ValueError, JobFileError):
+            summary = read_json(job_dir / stage / "summary.json")  # as the runner reads it: a regular file only
+        except (OSError, ValueError):
             summary = None
         planned = (runtime.get("stages") or {}).get(stage, {})
         rows.append({
