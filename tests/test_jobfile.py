@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from orchestrator.jobfile import job as jobfile
 from orchestrator.cli import app
 from stages.contract import EXIT_USER_ERROR, JobFileError
+from stages.resolved import windows_reserved
 from tests.conftest import toml_string, tree_state
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -247,7 +248,10 @@ GENERATION = st.fixed_dictionaries({"prompt": TEXT}, optional={
     "count": st.integers(1, 5),
 })
 SETTINGS = st.fixed_dictionaries({"model": TEXT.filter(str.strip)}, optional={
-    "name": st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,20}", fullmatch=True),
+    # Valid names only: a trailing dot or a device name Windows reserves is refused on every OS
+    # (issue 18; tests/test_platforms.py guards those refusals).
+    "name": st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,20}", fullmatch=True).filter(
+        lambda name: not name.endswith(".") and not windows_reserved(name)),
     "dtype": st.sampled_from(jobfile.DTYPES),
     "clean_caption": st.booleans(),
     "max_sequence_length": st.integers(1, 512),

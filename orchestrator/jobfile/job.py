@@ -217,7 +217,7 @@ def _job_from_tables(data: dict, path: Path) -> Job:
         )
     if windows_reserved(name) or name.endswith("."):  # refused everywhere, so a job folder can be copied to Windows
         why = "a device name Windows reserves (CON, PRN, AUX, NUL, COM1-9, LPT1-9, with any extension)" if windows_reserved(name) \
-            else "ends with a dot, which Windows drops"
+            else "a name ending in a dot, which Windows drops"
         raise JobFileError(f"{path.name} [job]: name {name!r} is {why}; choose another (set name = \"...\")")
     settings = JobSettings(**{**asdict(settings), "name": name})
     defaults = _read_table(f"{path.name} [defaults]", data.get("defaults", {}), GenerationParams, exclude=("prompt",))
