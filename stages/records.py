@@ -53,38 +53,50 @@ def read_record(path: Path) -> tuple[dict | None, str]:
 
 class RecordReader:
     """One run's reads: each record is read and checked, and each output hashed, once per run
-    (issue 21: a run plans several times, and a unit's record is also its downstream's input).
-    A file is read again only when it changed within the run (a stage of this run rewrote it),
-    told by (size, mtime_ns, inode). Nothing is kept across runs, so every run still compares
-    every record and output by content once (STYLE.md: content hashes, not mtimes)."""
+    (issue 21: a run plans again after each stage that made records, and a unit's record is also
+    its downstream's input). What it keeps is small (per record its outputs' hashes, per unit its
+    verdict), never whole records, so the orchestrator's memory stays a few hundred bytes per unit.
+    Anything is read again when the file changed within the run (a stage rewrote it), told by
+    (size, mtime_ns, inode). Nothing is kept across runs: every run compares every record and
+    output by content once (STYLE.md: content hashes, not mtimes)."""
 
     def __init__(self) -> None:
-        self._records: dict[str, tuple] = {}  # path -> (stat key, (record, why))
-        self._hashes: dict[str, tuple] = {}  # path -> (stat key, sha256)
+        self._outputs: dict[str, tuple] = {}  # record path -> (stat key, {output name: sha256} or None, why)
+        self._hashes: dict[str, tuple] = {}  # output path -> (stat key, sha256)
+        self.verdicts: dict[tuple, tuple] = {}  # units.unit_status: (record path, check) -> (stamp, (ok, why))
 
     @staticmethod
-    def _stat_key(path: str):
+    def stat_key(path: str):
         try:
             st = os.stat(path)
         except OSError:
             return None
         return st.st_size, st.st_mtime_ns, st.st_ino
 
-    def read(self, path: Path) -> tuple[dict | None, str]:
-        """read_record's answer for `path`; the record is shared: callers must not change it."""
+    def read(self, path) -> tuple[dict | None, str]:
+        """read_record's answer (a fresh read), remembering the outputs' hashes it lists."""
         path = str(path)
-        key = self._stat_key(path)
-        if key is None:
-            return read_record(path)  # missing: says so, and nothing to keep
-        kept = self._records.get(path)
-        if kept is None or kept[0] != key:
-            kept = self._records[path] = (key, read_record(path))
-        return kept[1]
+        key = self.stat_key(path)
+        record, why = read_record(path)
+        if key is not None:
+            outputs = None if record is None else tuple((name, meta.get("sha256")) for name, meta in (record.get("outputs") or {}).items())
+            self._outputs[path] = (key, outputs, why)
+        return record, why
 
-    def sha256(self, path: Path) -> str | None:
+    def outputs(self, path) -> tuple[dict | None, str]:
+        """The record cut to its outputs' hashes ({"outputs": {name: {"sha256": ...}}}, "") or
+        (None, why it is not usable); read only when not yet read in this run, or changed since."""
+        path = str(path)
+        kept = self._outputs.get(path)
+        if kept is None or kept[0] != self.stat_key(path):
+            record, why = self.read(path)
+            kept = self._outputs.get(path) or (None, None, why)
+        return (None if kept[1] is None else {"outputs": {name: {"sha256": sha} for name, sha in kept[1]}}), kept[2]
+
+    def sha256(self, path) -> str | None:
         """The file's content hash, None when it is missing."""
         path = str(path)
-        key = self._stat_key(path)
+        key = self.stat_key(path)
         if key is None:
             return None
         kept = self._hashes.get(path)

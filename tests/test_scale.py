@@ -109,20 +109,25 @@ def test_a_run_with_nothing_to_do_reads_each_record_and_hashes_each_output_once(
 
 
 def test_a_changed_record_is_read_again_within_the_run(finished, monkeypatch):
-    """The run's reader trusts nothing across a rewrite: a record a stage replaced is read anew."""
+    """The run's reader keeps verdicts, not trust: a record rewritten within the run (as a stage
+    rewrites it) is read and judged anew when the job is planned again."""
     job_dir = finished
-    reader = records.RecordReader()
+    job, reader = read_job(job_dir), records.RecordReader()
     reads, _ = _counting(monkeypatch)
     path = next((job_dir / "decode").glob("0000*.json"))
-    assert reader.read(path)[0] is not None and reader.read(path)[0] is not None
+    plan_job(job_dir, job, reader)
+    plan_job(job_dir, job, reader)
     assert reads[str(path)] == 1
     text = path.read_text()
     path.write_text(text.replace('"format": 1', '"format": 1 '))  # same meaning, one byte longer
     try:
-        assert reader.read(path)[0] is not None and reads[str(path)] == 2
+        assert plan_job(job_dir, job, reader)["decode"][0].state == "done" and reads[str(path)] == 2
+        path.write_text(text.replace('"format": 1', '"format": 2'))  # an edit the checksum catches
+        state = plan_job(job_dir, job, reader)["decode"][0]
+        assert (state.state, state.reason, reads[str(path)]) == ("to do", "record is corrupt (checksum mismatch)", 3)
     finally:
         path.write_text(text)
-    assert plan_job(job_dir, read_job(job_dir), reader)["decode"][0].state == "done"
+    assert plan_job(job_dir, job, reader)["decode"][0].state == "done"
 
 
 def test_a_job_holds_100000_images(tmp_path):

@@ -7,6 +7,7 @@ stale because of it (the stage itself re-checks against the real upstream record
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def _states(job_dir: Path, units: list, pending: set, reader: RecordReader) -> l
             ok, why = unit_status(job_dir, unit, reader=reader)
         if not ok:
             pending.add((unit.stage, unit.key))
-        has_record = ok or reader.read(unit.record_path(job_dir))[0] is not None
+        has_record = ok or reader.outputs(os.path.join(job_dir, unit.stage, f"{unit.key}.json"))[0] is not None
         states.append(UnitState(unit, "done" if ok else ("stale" if has_record else "to do"), why))
     return states
 
