@@ -237,3 +237,19 @@ def test_name_hints():
     assert checkpoint.name_hints("PixArt-Sigma-XL-2-2K-MS.pth") == (256, "sigma")
     assert checkpoint.name_hints("PixArt-XL-2-512x512.pth") == (64, None)
     assert checkpoint.name_hints("model-v1024.pth") == (None, None)  # 'v1024' is a version, not a size
+
+
+def test_weight_hints_read_pos_embed_and_the_empty_caption():
+    """Shapes of PixArt-Sigma-XL-2-2K-MS.pth and PixArt-XL-2-512x512.pth's extra tensors."""
+    patch = {"x_embedder.proj.weight": (1152, 4, 2, 2)}
+    assert checkpoint.weight_hints({**patch, "pos_embed": (1, 128 * 128, 1152), "y_embedder.y_embedding": (300, 4096)}) == (256, "sigma")
+    assert checkpoint.weight_hints({**patch, "pos_embed": (1, 32 * 32, 1152), "y_embedder.y_embedding": (120, 4096)}) == (64, "alpha")
+    assert checkpoint.weight_hints({**patch, "y_embedder.y_embedding": (77, 4096)}) == (None, None)
+
+
+def test_an_ema_only_checkpoint_is_unwrapped(tiny_sigma, tmp_path):
+    torch.save({"ema": to_original(diffusers_state(tiny_sigma), 300)}, tmp_path / "ema.pth")
+    out = tmp_path / "ema"
+    result = convert(tmp_path / "ema.pth", "--out", out, "--config", tiny_sigma / "transformer")
+    assert result.exit_code == 0 and "under 'ema'" in result.output, result.output
+    assert_same_weights(tiny_sigma, out)

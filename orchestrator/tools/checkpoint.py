@@ -108,6 +108,16 @@ def choose_config(shapes: dict[str, tuple], file_name: str = "", sample_size: in
                        f"pass --config NAME, one of: {', '.join(choices)} (or --config PATH to a transformer config.json)")
 
 
+def weight_hints(shapes: dict[str, tuple]) -> tuple[int | None, str | None]:
+    """(sample_size, family) that an original checkpoint's extra tensors state: the sin-cos buffer
+    `pos_embed` [1, (sample / patch)^2, hidden] and the empty caption `y_embedder.y_embedding`
+    [tokens, caption width] (120 tokens α, 300 Σ)."""
+    pos, patch, y = shapes.get("pos_embed"), shapes.get("x_embedder.proj.weight"), shapes.get("y_embedder.y_embedding")
+    side = math.isqrt(pos[1]) if pos is not None and len(pos) == 3 else 0
+    sample_size = side * patch[-1] if side and side * side == pos[1] and patch is not None and len(patch) == 4 else None
+    return sample_size, (CAPTION_TOKENS.get(y[0]) if y is not None and len(y) == 2 else None)
+
+
 def _read_state(path: Path) -> tuple[dict, str | None]:
     """The file's name -> tensor mapping and the wrapper it was unwrapped from, if any."""
     import torch
@@ -218,6 +228,10 @@ def check_keys(tensors: dict, shapes: dict[str, tuple], path: Path, config: str)
         raise JobFileError(f"convert: {path} does not fit config {config}: misshapen {_first(wrong, 2)}; not converted")
 
 
+def _equal(a, b, torch) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
 def _config_from_option(option: str, configs: dict[str, dict]) -> tuple[str, dict]:
     """--config NAME (a reference config) or PATH (a config.json, or a folder holding one)."""
     if option in configs:
@@ -235,7 +249,7 @@ def _config_from_option(option: str, configs: dict[str, dict]) -> tuple[str, dic
 
 def convert_checkpoint(path: Path, out: Path | None, config_option: str | None = None, force: bool = False) -> list[str]:
     """Convert one checkpoint file into `out`/transformer/; returns the lines to print."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     path = Path(path)
     if out is None:
@@ -252,17 +266,8 @@ def convert_checkpoint(path: Path, out: Path | None, config_option: str | None =
 
     state, wrapper = _read_state(path)
     original = any(k.startswith(_ORIGINAL_MARKERS) for k in state)
-    sample_size = family = None
-    if original:
-        pos = state.get("pos_embed")
-        patch = state.get("x_embedder.proj.weight")
-        if pos is not None and patch is not None and pos.ndim == 3 and math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]:
-            sample_size = math.isqrt(pos.shape[1]) * patch.shape[-1]  # [1, (sample / patch)^2, hidden]
-        y = state.get("y_embedder.y_embedding")
-        family = CAPTION_TOKENS.get(y.shape[0]) if y is not None and y.ndim == 2 else None  # [tokens, caption width]
-        tensors = original_to_diffusers(state, path)
-    else:
-        tensors = state
+    sample_size, family = weight_hints({k: tuple(v.shape) for k, v in state.items()}) if original else (None, None)
+    tensors = original_to_diffusers(state, path) if original else state
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
     configs = reference_configs()
     if config_option:
@@ -283,11 +288,13 @@ def convert_checkpoint(path: Path, out: Path | None, config_option: str | None =
         weights = tmp / "transformer" / "diffusion_pytorch_model.safetensors"
         save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(weights), metadata={"format": "pt"})
         import torch
+        from safetensors import safe_open
 
-        back = load_file(str(weights))
-        bad = [k for k in tensors if k not in back or back[k].dtype != tensors[k].dtype or not torch.equal(back[k], tensors[k])]
-        if bad or set(back) != set(tensors):
-            raise JobFileError(f"convert: {weights.name} does not read back equal to {path.name} at {_first(bad or set(back) ^ set(tensors))}; nothing written")
+        with safe_open(str(weights), framework="pt") as back:  # one tensor at a time: peak memory stays at twice the weights
+            written = set(back.keys())
+            bad = [k for k in tensors if k not in written or not _equal(back.get_tensor(k), tensors[k], torch)]
+        if bad or written != set(tensors):
+            raise JobFileError(f"convert: {weights.name} does not read back equal to {path.name} at {_first(bad or written ^ set(tensors))}; nothing written")
         record = {"format_version": 1, "source": str(path.resolve()), "source_sha256": sha256_file(path), "source_bytes": path.stat().st_size,
                   "layout": "original PixArt" if original else "diffusers", "unwrapped": wrapper, "config": name, "config_chosen_by": why,
                   "tensors": len(tensors)}
