@@ -228,9 +228,13 @@ def test_the_weights_decide_where_they_can_and_the_name_or_config_where_they_can
     for name in ("PixArt-Sigma-XL-2-1024-MS", "PixArt-Sigma-XL-2-256x256", "PixArt-Sigma-XL-2-2K-MS", "PixArt-Sigma-XL-2-512-MS"):
         assert name in str(caught.value)
     assert "PixArt-XL-2-1024-MS" not in str(caught.value)
-    # α 512 and its DMD distillation have the same shapes and size: only the name or --config decides.
-    with pytest.raises(JobFileError, match="PixArt-Alpha-DMD-XL-2-512x512, PixArt-XL-2-512x512"):
-        checkpoint.choose_config(sigma, "alpha-512.pth", family="alpha", sample_size=64)
+    # α 512 and its DMD distillation build the same model: the original release is named.
+    assert checkpoint.choose_config(sigma, "alpha-512.pth", family="alpha", sample_size=64) == (
+        "PixArt-XL-2-512x512", "the weights' shapes, pos_embed (sample_size 64), y_embedding (α caption length), "
+                               "the same model as PixArt-Alpha-DMD-XL-2-512x512")
+    # Σ 512 builds that model too, but the family decides how the job runs: still a choice to make.
+    with pytest.raises(JobFileError, match="one of: PixArt-Alpha-DMD-XL-2-512x512, PixArt-Sigma-XL-2-512-MS, PixArt-XL-2-512x512"):
+        checkpoint.choose_config(sigma, "community-512.safetensors")
 
 
 def test_name_hints():

@@ -40,6 +40,9 @@ CONVERTED_FROM = "converted-from.json"
 CAPTION_TOKENS = {120: "alpha", 300: "sigma"}
 # The diffusers scripts' --image_size (pixels) for each token in a release name; sample_size = px / 8.
 _NAME_SIZES = {"256": 256, "512": 512, "1024": 1024, "2k": 2048, "2048": 2048}
+# The checkpoints PixArt published in the original layout (issue 19 lists them).
+ORIGINAL_RELEASES = ("PixArt-XL-2-1024-MS", "PixArt-XL-2-512x512", "PixArt-Sigma-XL-2-256x256", "PixArt-Sigma-XL-2-512-MS",
+                     "PixArt-Sigma-XL-2-1024-MS", "PixArt-Sigma-XL-2-2K-MS")
 _ORIGINAL_MARKERS = ("x_embedder.", "t_block.", "blocks.0.attn.qkv.weight", "final_layer.")
 
 
@@ -65,6 +68,17 @@ def _shapes(config_json: str) -> tuple:
     with torch.device("meta"):
         model = PixArtTransformer2DModel.from_config(json.loads(config_json))
     return tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
+
+
+@functools.lru_cache(maxsize=32)
+def _effective(config_json: str) -> str:
+    """The config diffusers builds the model from, defaults and derived values filled, metadata left out."""
+    import torch
+    from diffusers import PixArtTransformer2DModel
+
+    with torch.device("meta"):
+        config = PixArtTransformer2DModel.from_config(json.loads(config_json)).config
+    return json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}, sort_keys=True, default=str)
 
 
 def name_hints(file_name: str) -> tuple[int | None, str | None]:
@@ -101,6 +115,12 @@ def choose_config(shapes: dict[str, tuple], file_name: str = "", sample_size: in
         if narrowed and len(narrowed) < len(left):
             left = narrowed
             why.append("the file name")
+    if len(left) > 1 and len({family_of(n) for n in left}) == 1 and len({_effective(json.dumps(configs[n], sort_keys=True)) for n in left}) == 1:
+        # One family and one model (e.g. α 512 and its DMD distillation: their configs differ only in
+        # metadata): the choice changes nothing, so name the original release among them.
+        chosen = sorted(left, key=lambda n: n not in ORIGINAL_RELEASES)[0]
+        why.append(f"the same model as {', '.join(n for n in left if n != chosen)}")
+        left = [chosen]
     if len(left) == 1:
         return left[0], ", ".join(dict.fromkeys(why))
     choices = left or by_shape
