@@ -182,6 +182,9 @@ def test_refusals_are_one_line_and_write_nothing(tiny_model, tmp_path):
     _one_line(convert(tmp_path / "wrong.safetensors", "--out", tmp_path / "o", "--config", config),
               "wrong.safetensors", "misshapen transformer_blocks.1.attn2.to_k.weight (5, 7)")
 
+    torch.save({f"module.{k}": v for k, v in original.items()}, tmp_path / "ddp.pth")  # another program's prefix
+    _one_line(convert(tmp_path / "ddp.pth", "--out", tmp_path / "o"), "ddp.pth holds neither PixArt's original keys", "e.g. module.ar_embedder.mlp.0.bias")
+
     torch.save(original, tmp_path / "tiny.pth")  # a twin's shapes: no reference config fits
     _one_line(convert(tmp_path / "tiny.pth", "--out", tmp_path / "o"), "match no reference config", "--config PATH")
     _one_line(convert(tmp_path / "tiny.pth", "--out", tmp_path / "o", "--config", "PixArt-XL-3"), "PixArt-XL-3", "PixArt-Sigma-XL-2-512-MS")

@@ -287,6 +287,9 @@ def convert_checkpoint(path: Path, out: Path | None, config_option: str | None =
     state, wrapper = _read_state(path)
     original = any(k.startswith(_ORIGINAL_MARKERS) for k in state)
     sample_size, family = weight_hints({k: tuple(v.shape) for k, v in state.items()}) if original else (None, None)
+    if not original and not any(k.startswith(("transformer_blocks.", "pos_embed.proj.")) for k in state):
+        raise JobFileError(f"convert: {path} holds neither PixArt's original keys (x_embedder, blocks.N...) nor diffusers' "
+                           f"(pos_embed.proj, transformer_blocks.N...), e.g. {_first(state)}; not a PixArt transformer checkpoint")
     tensors = original_to_diffusers(state, path) if original else state
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
     configs = reference_configs()
