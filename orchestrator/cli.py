@@ -389,7 +389,7 @@ def convert(
     A FOLDER: each .bin is read with torch.load(weights_only=True), written atomically beside it,
     read back and compared tensor by tensor; the .bin files are kept. A FILE (PixArt's original
     .pth release, or a single diffusers-keyed .safetensors): written as a diffusers transformer/
-    folder under --out, for [job.components] transformer = "DIR" (docs/convert.md).
+    folder under --out, to name as the job file's transformer component (docs/convert.md).
 
     Example: orchestrate convert models/PixArt-Alpha-DMD-XL-2-512x512/transformer
     Example: orchestrate convert PixArt-Sigma-XL-2-1024-MS.pth --out models/sigma-1024

@@ -325,7 +325,11 @@ def convert_checkpoint(path: Path, out: Path | None, config_option: str | None =
         if out.exists():  # --force (checked above): the old folder goes only once the new one is complete
             old = out.parent / f".old-convert-{os.getpid()}-{out.name}"
             os.replace(out, old)
-            os.replace(tmp, out)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)  # the old folder back where it was
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
