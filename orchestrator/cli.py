@@ -379,18 +379,27 @@ def clean(
 @app.command()
 @expected_errors
 def convert(
-    folder: Path = typer.Argument(..., help="A component folder holding .bin weights, e.g. model/transformer."),
-    force: bool = typer.Option(False, "--force", help="Convert again where a .safetensors file already exists."),
+    path: Path = typer.Argument(..., help="A component folder holding .bin weights, or one checkpoint file (.pth or .safetensors)."),
+    out: Path = typer.Option(None, "--out", help="For a FILE: the folder to write (it gets transformer/ and converted-from.json)."),
+    config: str = typer.Option(None, "--config", help="For a FILE: a reference config name, or a transformer config.json, when the weights do not say."),
+    force: bool = typer.Option(False, "--force", help="Convert again where a .safetensors file exists; for a FILE, replace a non-empty --out."),
 ) -> None:
-    """Convert a component's pickle weights (.bin) to .safetensors, which the stages load (they
-    never load pickles): read with torch.load(weights_only=True), written atomically, read back and
-    compared tensor by tensor. The .bin files are kept.
+    """Convert pickle weights to the .safetensors the stages load (they never load pickles).
+
+    A FOLDER: each .bin is read with torch.load(weights_only=True), written atomically beside it,
+    read back and compared tensor by tensor; the .bin files are kept. A FILE (PixArt's original
+    .pth release, or a single diffusers-keyed .safetensors): written as a diffusers transformer/
+    folder under --out, to name as the job file's transformer component (docs/convert.md).
 
     Example: orchestrate convert models/PixArt-Alpha-DMD-XL-2-512x512/transformer
+    Example: orchestrate convert PixArt-Sigma-XL-2-1024-MS.pth --out models/sigma-1024
     """
+    from orchestrator.tools.checkpoint import convert_checkpoint
     from orchestrator.tools.convert import convert_folder
 
-    for line in convert_folder(folder, force):
+    if path.is_dir() and (out is not None or config is not None):
+        raise JobFileError(f"convert: {path} is a folder; --out and --config are for one checkpoint file")
+    for line in convert_folder(path, force) if path.is_dir() else convert_checkpoint(path, out, config, force):
         echo(line)
 
 

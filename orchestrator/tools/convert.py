@@ -39,6 +39,20 @@ def refusal_reason(exc: BaseException) -> str:
     return " ".join(p for p in kept if p) or " ".join(paragraphs) or "no reason given"
 
 
+def load_pickle_weights(path: Path):
+    """torch.load(weights_only=True) of `path` (tensors and plain containers only), or a one-line
+    JobFileError with torch's reason. The one place the project unpickles anything."""
+    import torch
+
+    try:
+        with warnings.catch_warnings():  # torch's note on the pickle protocol: noise beside the one-line verdict
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for anything but tensors, or a damaged file
+        raise JobFileError(f"convert: {path} is not a plain tensor checkpoint; torch.load(weights_only=True) refused it "
+                           f"({type(exc).__name__}: {refusal_reason(exc)}); not converted") from None
+
+
 def _read_indexes(folder: Path) -> list[tuple[Path, dict]]:
     """Every *.bin.index.json of `folder`, checked before anything is written: JSON with a
     weight_map of tensor name -> shard file, each shard present in the folder."""
@@ -77,13 +91,7 @@ def convert_folder(folder: Path, force: bool = False) -> list[str]:
         if target.exists() and not force:
             done.append(f"{path.name}: {target.name} already exists; left alone (--force converts again)")
             continue
-        try:
-            with warnings.catch_warnings():  # torch's note on the pickle protocol: noise beside the one-line verdict
-                warnings.simplefilter("ignore", UserWarning)
-                state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # UnpicklingError for anything but tensors, or a damaged file
-            raise JobFileError(f"convert: {path} is not a plain tensor checkpoint; torch.load(weights_only=True) refused it "
-                               f"({type(exc).__name__}: {refusal_reason(exc)}); not converted") from None
+        state = load_pickle_weights(path)
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
         if not isinstance(state, dict) or not state or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
