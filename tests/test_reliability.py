@@ -587,7 +587,7 @@ def test_weights_are_loaded_from_safetensors_only_and_no_remote_code():
     """Guards point 8 in the source: every model `from_pretrained` passes use_safetensors=True; no
     pickle or remote code anywhere; torch.load only in `orchestrate convert` (never a stage), and
     only with weights_only=True; hub downloads fetch no pickle files."""
-    sources = sorted((PROJECT_ROOT / "stages").glob("*.py")) + sorted((PROJECT_ROOT / "orchestrator").glob("*.py"))
+    sources = sorted((PROJECT_ROOT / "stages").rglob("*.py")) + sorted((PROJECT_ROOT / "orchestrator").rglob("*.py"))  # subpackages too
     loads = 0
     for source in sources:
         text = source.read_text()
