@@ -31,6 +31,9 @@ def load_vae(job: dict, device, tile_size: int | None = None):
 
     root = resolved.component_root(job, "vae")
     with entry.loading("decode", root, "vae"):
+        from stages.weights import check_complete
+
+        check_complete(AutoencoderKL, Path(root) / "vae")
         vae = AutoencoderKL.from_pretrained(
             root, subfolder="vae", torch_dtype=resolved.torch_dtype(job["dtype"]), use_safetensors=True
         ).to(device).eval()

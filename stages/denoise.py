@@ -52,6 +52,9 @@ def load_transformer(job: dict, device, strategy: str = "resident"):
 
             transformer, loader = streamed_model(PixArtTransformer2DModel, Path(path) / "transformer", "transformer_blocks", dtype, device)
         else:
+            from stages.weights import check_complete
+
+            check_complete(PixArtTransformer2DModel, Path(path) / "transformer")
             transformer = PixArtTransformer2DModel.from_pretrained(
                 path, subfolder="transformer", torch_dtype=dtype, use_safetensors=True
             ).eval()

@@ -35,6 +35,11 @@ def load_text_encoder(job: dict, device):
     # host memory never holds the whole T5 (~9.5 GB in fp16) on the way.
     placement = {"device_map": str(device)} if device.type == "cuda" else {}
     with entry.loading("encode", path, "text_encoder"):
+        from transformers import T5Config
+
+        from stages.weights import check_complete
+
+        check_complete(T5EncoderModel, Path(path) / "text_encoder", T5Config.from_pretrained(Path(path) / "text_encoder"))
         text_encoder = T5EncoderModel.from_pretrained(
             path, subfolder="text_encoder", dtype=resolved.torch_dtype(job["dtype"]), use_safetensors=True, **placement
         ).to(device).eval()
@@ -68,7 +73,7 @@ def stream_encode(job: dict, device, texts: list[str], loader_state: dict) -> di
     from transformers import T5Config, T5EncoderModel, T5Tokenizer
     from transformers.masking_utils import create_bidirectional_mask
 
-    from stages.weights import BlockLoader, WeightIndex, dtype_rule
+    from stages.weights import BlockLoader, WeightIndex, dtype_rule, require_complete
 
     path = resolved.component_root(job, "text_encoder")
     dtype = resolved.torch_dtype(job["dtype"])
@@ -79,8 +84,9 @@ def stream_encode(job: dict, device, texts: list[str], loader_state: dict) -> di
         with entry.loading("encode", str(path), "text_encoder"):
             config = T5Config.from_pretrained(path / "text_encoder")
             index = WeightIndex(path / "text_encoder")
-        with torch.device("meta"):  # not accelerate's init_empty_weights: it unties T5's embedding
-            model = T5EncoderModel(config).eval()
+            with torch.device("meta"):  # not accelerate's init_empty_weights: it unties T5's embedding
+                model = T5EncoderModel(config).eval()
+            require_complete(model, path / "text_encoder")
         cast = dtype_rule(dtype, T5EncoderModel._keep_in_fp32_modules)
         embedding_key = "shared.weight" if "shared.weight" in index.files else "encoder.embed_tokens.weight"
         embedding = index.read(embedding_key, cast)[""]  # [vocab, dim], stays on the host

@@ -66,6 +66,35 @@ def check_weight_files(folder: Path, what: str) -> None:
             raise JobFileError(f"{what}: weight file {file} is damaged ({reason}); download it again (or convert it again)")
 
 
+def missing_parameters(model, present) -> list[str]:
+    """The parameters of `model` (built on meta: no memory) that no key in `present` holds. Tied
+    parameters (T5's `shared` and `encoder.embed_tokens`) count as held when any of their names is."""
+    names: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    return sorted(group[0] for group in names.values() if not any(name in present for name in group))
+
+
+def require_complete(model, folder: Path) -> None:
+    """A ValueError naming the first tensors `model` needs that the safetensors in `folder` lack.
+    Checked from the headers before loading: a file without some tensor would otherwise load with
+    those weights random (transformers initializes them) or left on `meta` (diffusers), and an image
+    made from random weights is worse than an error."""
+    missing = missing_parameters(model, WeightIndex(folder).files)
+    if missing:
+        raise ValueError(f"its weights lack {len(missing)} tensor(s) the model needs, first {', '.join(missing[:3])}")
+
+
+def check_complete(model_class, folder: Path, config=None) -> None:
+    """require_complete for a model of `model_class` with the config in `folder` (diffusers models
+    by default; pass `config` for a transformers model). Builds the model on meta, so it costs no memory."""
+    import torch
+
+    with torch.device("meta"):
+        model = model_class(config) if config is not None else model_class.from_config(model_class.load_config(folder))
+    require_complete(model, folder)
+
+
 class WeightIndex:
     """Which safetensors file holds each key of a model folder (sharded or not)."""
 
@@ -203,6 +232,7 @@ def streamed_model(model_class, folder: Path, blocks_name: str, dtype, device):
     model = model.to(dtype).eval()  # from_pretrained casts buffers to the dtype too
     quiet.setLevel(level)
     index = WeightIndex(folder)
+    require_complete(model, folder)  # a block's tensor missing would otherwise fail mid-run
     cast = dtype_rule(dtype, model_class._keep_in_fp32_modules)
     prefix = f"{blocks_name}."
     resident = index.read_keys([k for k in index.files if not k.startswith(prefix)], cast)

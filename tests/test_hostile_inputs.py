@@ -203,6 +203,45 @@ def test_damaged_weights_after_a_finished_run(model, tmp_path, cli_in_process):
 # Schedulers (issue 17, point 7)
 
 
+def _drop_tensor(folder: Path, part: str) -> str:
+    """Rewrite `part`'s weights without one tensor of its first block (the header stays valid)."""
+    from safetensors.torch import load_file, save_file
+
+    weights = next((folder / part).glob("*.safetensors"))
+    tensors = load_file(weights)
+    dropped = next(k for k in sorted(tensors) if ".1." in k and k.endswith(".weight"))
+    del tensors[dropped]
+    save_file(tensors, weights)
+    return dropped
+
+
+@pytest.mark.parametrize(("part", "stage"), [("text_encoder", "encode"), ("transformer", "denoise"), ("vae", "decode")])
+def test_weights_lacking_a_tensor_refused_by_the_stage(model, tmp_path, part, stage):
+    """A weights file whose header is valid but lacks a tensor: transformers would fill it with
+    random numbers and run (images from random weights, no error), diffusers would leave it on
+    `meta` and fail with a traceback. The stage names the file and the first missing tensor, exit 2."""
+    dropped = _drop_tensor(model, part)
+    line = _one_line(_run(_job(tmp_path, model), tmp_path / "work"), f"stage {stage} failed (exit 2)", f"{model / part}",
+                     f"lack 1 tensor(s) the model needs, first {dropped}")
+    assert "check that the model folder is complete" in line
+    assert not list((tmp_path / "work" / "hostile" / stage).glob("*.safetensors")) + list((tmp_path / "work" / "hostile" / stage).glob("*.png"))
+
+
+@pytest.mark.parametrize(("part", "runtime"), [("text_encoder", {"encode": {"strategy": "stream", "batch_size": 1}}),
+                                                ("transformer", {"denoise": {"strategy": "offload"}})])
+def test_streamed_weights_lacking_a_tensor_refused_before_the_first_block(model, tmp_path, part, runtime):
+    """The same under the streaming strategies, which read each block's tensors only when it runs:
+    the stage refuses before the first block instead of failing in the middle of the queue."""
+    from tests.conftest import run_inprocess
+
+    dropped = _drop_tensor(model, part)
+    stage = next(iter(runtime))
+    with pytest.raises(RuntimeError, match=f"stage {stage} exited 2"):
+        run_inprocess(_job(tmp_path, model), tmp_path / "work", runtime={"stages": runtime})
+    log = (tmp_path / "work" / "hostile" / stage / "stage.log").read_text()
+    assert f"lack 1 tensor(s) the model needs, first {dropped}" in log and "Traceback" not in log, log[-2000:]
+
+
 @pytest.mark.parametrize(("extra", "component", "says"), [
     ('scheduler = "FlowMatchEulerDiscreteScheduler"', None, "a diffusers scheduler of another family"),
     ('scheduler = "VQDiffusionScheduler"', None, "a diffusers scheduler of another family"),
