@@ -174,11 +174,13 @@ def _source(job: dict, item: dict, posterior: Path, scale: int) -> dict:
     from safetensors.torch import load_file
 
     tensors = load_file(str(posterior))
+    record, _ = records.read_record(posterior.with_suffix(".json"))
     config = resolved.read_model_config(resolved.component_root(job, "vae") / "vae" / "config.json")
     size = item["image_size"]
     mask = (img2img.preprocess_mask(img2img.read_picture("denoise", item, "mask_image"), size["height"], size["width"], scale)
             if item.get("mask_image") else None)
-    return {"mean": tensors["mean"], "std": tensors["std"], "scaling_factor": config.get("scaling_factor", 0.18215), "mask": mask}
+    return {"mean": tensors["mean"], "std": tensors["std"], "channels_last": bool(record and record.get("channels_last")),
+            "scaling_factor": config.get("scaling_factor", 0.18215), "mask": mask}
 
 
 def read_embeddings(path: Path) -> dict:

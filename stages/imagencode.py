@@ -60,6 +60,8 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
         with entry.oom_guard(job, unit):
             image = img2img.preprocess_image(pictures[unit.key], height, width, scale).to(device=device, dtype=dtype)  # [1, 3, H, W]
             posterior = vae.encode(image).latent_dist
+            # (a channel slice of the VAE's moments: channels innermost, but not dense)
+            channels_last = posterior.mean.shape[1] > 1 and posterior.mean.stride(1) == 1
             tensors = {"mean": posterior.mean.to("cpu").contiguous().clone(), "std": posterior.std.to("cpu").contiguous().clone()}  # [1, C, H/f, W/f]
         out = job_dir / "imagencode" / f"{unit.key}.safetensors"
         files.publish(out, lambda tmp: save_file(tensors, str(tmp), metadata=files.safetensors_metadata("imagencode", unit.key)))
@@ -73,6 +75,9 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
             "outputs": {out.name: records.output_entry(out, tensors["mean"].shape, tensors["mean"].dtype)},
             "latent_shape": list(tensors["mean"].shape),
             "vae_scale_factor": scale,
+            # The posterior's memory layout as the VAE gave it (safetensors stores it contiguous):
+            # denoise restores it, since the pipelines' latents carry it into the transformer.
+            "channels_last": channels_last,
             "scaling_factor": vae_config.get("scaling_factor", 0.18215),
             "strategy": {"strategy": "tiled" if tile_size else "full", "tile_size": tile_size},
             **context,

@@ -79,10 +79,18 @@ def prepare_latents(scheduler, posteriors: list[dict], generators: list, shape: 
     image_latents = []
     for posterior, generator in zip(posteriors, generators):
         mean, std = posterior["mean"].to(device), posterior["std"].to(device)  # [1, C, h, w]
+        if posterior.get("channels_last"):
+            # The VAE gave its posterior in channels-last layout (oneDNN convolutions on the CPU do);
+            # the pipelines' latents keep that layout into the transformer, whose kernels then
+            # round differently: restore it so the bits are the pipelines'.
+            mean, std = mean.to(memory_format=torch.channels_last), std.to(memory_format=torch.channels_last)
         # DiagonalGaussianDistribution.sample: mean + std * randn in the parameters' dtype.
         sample = mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         image_latents.append(scaling_factor * sample)
-    image_latents = torch.cat(image_latents, dim=0).to(device=device, dtype=dtype)
+    # One generator: the pipelines encode the batch at once (no cat); a list: one by one, then cat.
+    image_latents = (image_latents[0] if len(image_latents) == 1 else torch.cat(image_latents, dim=0)).to(device=device, dtype=dtype)
+    if inpaint:  # the inpaint pipeline's `image_latents.repeat(batch_size // n, 1, 1, 1)`: a contiguous copy
+        image_latents = image_latents.repeat(shape[0] // image_latents.shape[0], 1, 1, 1)
     generator = generators[0] if len(generators) == 1 else generators
     noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
     if inpaint and strength == 1.0:
