@@ -194,3 +194,85 @@ def test_lcm_with_an_image(tiny_model, pictures, tmp_path):
     run_job_and_compare(tmp_path, tiny_model, pictures, False, lcm, "LCMScheduler", steps=4)
     (tmp_path / "one").mkdir()
     run_job_and_compare(tmp_path / "one", tiny_model, pictures, False, lcm, "LCMScheduler", steps=2)
+
+
+def _picture(path, size=(64, 64), seed=0):
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+SMALL = 'width = 64\nheight = 64\nuse_resolution_binning = false\nnum_inference_steps = 2\n'
+
+BAD_PICTURES = [
+    ("missing", 'image = "nope.png"\n', ["image", "nope.png does not exist", "PNG, JPEG or WebP"]),
+    ("folder", 'image = "pics"\n', ["image", "is a folder, not a regular file"]),
+    ("not-a-picture", 'image = "text.png"\n', ["image", "text.png is not a readable picture", "PNG, JPEG or WebP"]),
+    ("truncated", 'image = "cut.png"\n', ["image", "cut.png is not a readable picture"]),
+    ("gif", 'image = "anim.gif"\n', ["image", "is a GIF file", "PNG, JPEG or WebP"]),
+    ("mask-other-size", 'image = "a.png"\nmask = "small.png"\n', ["mask 'small.png' is 32x32 but image 'a.png' is 64x64", "of the image's size"]),
+    ("mask-without-image", 'mask = "a.png"\n', ["'mask' needs an 'image'"]),
+    ("strength-zero", 'image = "a.png"\nstrength = 0\n', ["'strength' = 0.0 is out of range", "above 0 and at most 1"]),
+    ("strength-above-one", 'image = "a.png"\nstrength = 1.5\n', ["'strength' = 1.5 is out of range"]),
+    ("strength-no-step", 'image = "a.png"\nstrength = 0.4\n', ["'strength' = 0.4", "num_inference_steps x strength is at least 1"]),
+    ("strength-string", 'image = "a.png"\nstrength = "high"\n', ["'strength' must be a float", "strength = 0.8"]),
+]
+
+
+@pytest.mark.parametrize(("fields", "expected"), [c[1:] for c in BAD_PICTURES], ids=[c[0] for c in BAD_PICTURES])
+def test_bad_pictures_exit_2_with_one_line_before_anything_runs(tiny_model, tmp_path, fields, expected):
+    from PIL import Image
+
+    from tests.test_jobfile import assert_one_line_error, run_cli
+
+    _picture(tmp_path / "a.png")
+    _picture(tmp_path / "small.png", (32, 32))
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "text.png").write_text("not a picture")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "a.png").read_bytes()[:200])
+    Image.new("RGB", (64, 64)).save(tmp_path / "anim.gif")
+    job_file = write_job(tmp_path, f'[job]\nmodel = "{tiny_model}"\n[[generation]]\nprompt = "a red apple"\n{SMALL}{fields}')
+    assert_one_line_error(run_cli(tmp_path, job_file, []), expected)
+
+
+def test_replacing_a_picture_remakes_exactly_the_items_using_it(tiny_model, tmp_path):
+    """Two items share a.png, one uses b.png (with a mask), one has none: a new a.png remakes a's
+    posterior and its two items; the PNGs' metadata names picture, hash and strength."""
+    from PIL import Image
+
+    _picture(tmp_path / "a.png")
+    _picture(tmp_path / "b.png", seed=1)
+    Image.new("L", (64, 64), 255).save(tmp_path / "m.png")
+    body = f'[job]\nname = "swap"\nmodel = "{tiny_model}"\n[defaults]\n{SMALL}guidance_scale = 1.0\n'
+    for n, extra in enumerate(['image = "a.png"', 'image = "a.png"\nstrength = 0.5', 'image = "b.png"\nmask = "m.png"', ""]):
+        body += f'[[generation]]\nprompt = "item {n}"\nseed = {n}\n{extra}\n'
+    job_file = write_job(tmp_path, body)
+    job_dir, _, lines = run_inprocess(job_file, tmp_path / "work")
+    assert "imagencode: 0 up to date, 2 to do" in lines
+    with Image.open(job_dir / "decode" / "0002-item-2.png") as png:
+        text = png.text
+    assert text["init_image"] == "b.png" and text["mask_image"] == "m.png" and text["strength"] == "0.8"
+    assert text["init_image_sha256"] == resolved_items(job_dir)[2]["init_image_sha256"]
+    assert "init_image" not in Image.open(job_dir / "decode" / "0003-item-3.png").text
+    before = {p.name: p.read_bytes() for p in (job_dir / "denoise").glob("*.safetensors")}
+
+    _picture(tmp_path / "a.png", seed=2)
+    job_dir, runs, lines = run_inprocess(job_file, tmp_path / "work")
+    assert "imagencode: 1 up to date, 1 to do" in lines
+    assert "denoise: 2 up to date, 2 to do" in lines
+    assert [line.split(":")[0] for line in lines if line.startswith("  denoise ")] == ["  denoise 0000-item-0", "  denoise 0001-item-1"]
+    assert any("init_image_sha256 changed" in line for line in lines if line.startswith("  denoise 0000"))
+    after = {p.name: p.read_bytes() for p in (job_dir / "denoise").glob("*.safetensors")}
+    assert [name for name in sorted(after) if after[name] != before[name]] == ["0000-item-0.safetensors", "0001-item-1.safetensors"]
+
+
+def test_a_text_only_job_never_sees_the_fourth_stage(tiny_model, tmp_path):
+    job_file = write_job(tmp_path, f'[job]\nname = "plain"\nmodel = "{tiny_model}"\n[[generation]]\nprompt = "a red apple"\nseed = 1\n{SMALL}')
+    job_dir, runs, lines = run_inprocess(job_file, tmp_path / "work")
+    assert [run.stage for run in runs] == ["encode", "denoise", "decode"]
+    assert not any("imagencode" in line for line in lines) and not (job_dir / "imagencode").exists()
+    (item,) = resolved_items(job_dir)
+    assert not {"init_image", "strength", "mask_image"} & set(item)
+    record = json.loads((job_dir / "denoise" / f"{item['id']}.json").read_text())
+    assert set(record["inputs"]) == {next(iter(record["inputs"]))} and not {"strength", "init_image_sha256"} & set(record["params"])
