@@ -276,3 +276,45 @@ def test_a_text_only_job_never_sees_the_fourth_stage(tiny_model, tmp_path):
     assert not {"init_image", "strength", "mask_image"} & set(item)
     record = json.loads((job_dir / "denoise" / f"{item['id']}.json").read_text())
     assert set(record["inputs"]) == {next(iter(record["inputs"]))} and not {"strength", "init_image_sha256"} & set(record["params"])
+
+
+def test_the_gallery_shows_source_and_mask_beside_the_result_escaped(tiny_model, tmp_path):
+    """Picture names with markup in them: shown as text, loaded as pictures; the copy block holds
+    image, strength and mask, and makes the same PNG again."""
+    from PIL import Image
+
+    from orchestrator.views import gallery
+    from tests.test_gallery import find_chromium, open_item, open_page
+
+    hostile = "<b onmouseover=alert(1)>\"o'k %41"
+    _picture(tmp_path / f"{hostile}.png")
+    Image.new("L", (64, 64), 0).save(tmp_path / f"{hostile}-mask.png")
+    body = (f'[job]\nname = "shown"\nmodel = "{tiny_model}"\n[[generation]]\nprompt = "a red apple"\nseed = 3\n{SMALL}'
+            f'image = {json.dumps(hostile + ".png")}\nmask = {json.dumps(hostile + "-mask.png")}\nstrength = 0.5\n')
+    job_dir, _, _ = run_inprocess(write_job(tmp_path, body), tmp_path / "work")
+    page_path = gallery.write_gallery(job_dir)
+    (item,) = resolved_items(job_dir)
+
+    from playwright.sync_api import sync_playwright
+
+    dialogs: list = []
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=find_chromium())
+        try:
+            page = open_page(chromium, page_path, dialogs)
+            dialog = open_item(page, item["id"])
+            page.wait_for_function("() => [...document.querySelectorAll('img.source')].every(i => i.complete && i.naturalWidth > 0)")
+            captions = dialog.locator("figcaption").all_inner_texts()
+            loaded = page.evaluate("() => [...document.querySelectorAll('img.source')].map(i => i.naturalWidth)")
+            bold = dialog.locator("b").count()
+            fields = dict(zip(dialog.locator("dt").all_inner_texts(), dialog.locator("dd").all_inner_texts()))
+            dialog.hover()
+        finally:
+            chromium.close()
+    assert captions == [f"source: {hostile}.png", f"mask: {hostile}-mask.png"] and loaded == [64, 64]
+    assert bold == 0 and dialogs == []
+    assert fields["image"].startswith(str(tmp_path / f"{hostile}.png")) and "strength 0.5" in fields["image"]
+    block = gallery.generation_block(item, json.loads((job_dir / "job.resolved.json").read_text()))
+    again_dir, _, _ = run_inprocess(write_job(tmp_path, f'[job]\nname = "again"\nmodel = "{tiny_model}"\n' + block, "again.toml"), tmp_path / "work")
+    (again,) = resolved_items(again_dir)
+    assert (again_dir / again["image"]).read_bytes() == (job_dir / item["image"]).read_bytes()
