@@ -345,6 +345,10 @@ def plan_memory(
              f"budget {format_bytes(budget_bytes) if budget_bytes is not None else 'unlimited'} "
              f"({memory.budget_source(resolved['device'], job.max_vram, job.max_ram, budget_bytes)})")
         echo(memory.format_plan(chosen, budget_bytes))
+        pictures = len({(i["init_image_sha256"], i["image_size"]["height"], i["image_size"]["width"]) for i in resolved["items"] if i.get("init_image")})
+        if pictures and not isinstance(chosen.get("decode"), memory.NoFit):  # img2img: the VAE encoder runs under the VAE's plan
+            tile = getattr(chosen["decode"], "tile_size", None)
+            echo(f"imagencode: {pictures} picture{'s' if pictures > 1 else ''}, the VAE's plan as decode ({f'tiled, {tile} px tiles' if tile else 'untiled'})")
     if failed:
         raise JobFileError(memory.no_fit_message(chosen, budget_bytes, not job.no_tiling, host_budget_bytes))
 

@@ -578,20 +578,21 @@ def read_picture(path: Path, what: str) -> tuple[str, tuple[int, int]]:
     from stages.files import sha256_bytes
 
     fix = "give a PNG, JPEG or WebP file (paths are relative to the job file)"
+    shown = repr(str(path))[1:-1]  # one line whatever the name holds
     try:
         data = read_bytes_limited(path, MAX_PICTURE_BYTES, what, fix=fix)
     except FileNotFoundError:
-        raise JobFileError(f"{what} {path} does not exist; {fix}") from None
+        raise JobFileError(f"{what} {shown} does not exist; {fix}") from None
     except OSError as exc:
-        raise JobFileError(f"{what} {path} cannot be read ({exc.strerror or exc}); {fix}") from None
+        raise JobFileError(f"{what} {shown} cannot be read ({exc.strerror or exc}); {fix}") from None
     try:
         with Image.open(io.BytesIO(data)) as image:
             if image.format not in PICTURE_FORMATS:
-                raise JobFileError(f"{what} {path} is a {image.format} file; {fix}")
+                raise JobFileError(f"{what} {shown} is a {image.format} file; {fix}")
             image.load()  # decodes it all: a truncated file fails here, not in a stage
             size = image.size
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise JobFileError(f"{what} {path} is not a readable picture ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}); {fix}") from None
+        raise JobFileError(f"{what} {shown} is not a readable picture ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}); {fix}") from None
     return sha256_bytes(data), size
 
 
