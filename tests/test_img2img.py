@@ -318,3 +318,23 @@ def test_the_gallery_shows_source_and_mask_beside_the_result_escaped(tiny_model,
     again_dir, _, _ = run_inprocess(write_job(tmp_path, f'[job]\nname = "again"\nmodel = "{tiny_model}"\n' + block, "again.toml"), tmp_path / "work")
     (again,) = resolved_items(again_dir)
     assert (again_dir / again["image"]).read_bytes() == (job_dir / item["image"]).read_bytes()
+
+
+def test_ray_shards_imagencode_and_denoise_waits_for_the_posteriors_it_reads():
+    """The Ray plan: imagencode shards like encode (one per worker), and each denoise shard needs
+    the posteriors of its items (so it never starts before they exist); a text-only todo has none."""
+    from orchestrator.executors.ray_executor import make_shards
+    from stages.units import Unit
+
+    posterior = [Unit("imagencode", f"p{n}", {}, items=(f"i{n}",)) for n in range(3)]
+    todo = {"encode": [Unit("encode", "e", {}, items=("i0", "i1", "i2", "t"))], "imagencode": posterior,
+            "denoise": [Unit("denoise", f"i{n}", {}, inputs=(("encode", "e"), ("imagencode", f"p{n}")), items=(f"i{n}",)) for n in range(3)]
+            + [Unit("denoise", "t", {}, inputs=(("encode", "e"),), items=("t",))],
+            "decode": []}
+    shards = make_shards(todo, workers=2)
+    pictures = [s for s in shards if s.stage == "imagencode"]
+    assert [len(s.units) for s in pictures] == [2, 1]
+    for shard in (s for s in shards if s.stage == "denoise"):
+        for unit in shard.units:
+            assert set(unit.inputs) <= shard.needs
+    assert not [s for s in make_shards(dict(todo, imagencode=[], denoise=todo["denoise"][3:]), workers=2) if s.stage == "imagencode"]
