@@ -265,6 +265,12 @@ def test_replacing_a_picture_remakes_exactly_the_items_using_it(tiny_model, tmp_
     assert any("init_image_sha256 changed" in line for line in lines if line.startswith("  denoise 0000"))
     after = {p.name: p.read_bytes() for p in (job_dir / "denoise").glob("*.safetensors")}
     assert [name for name in sorted(after) if after[name] != before[name]] == ["0000-item-0.safetensors", "0001-item-1.safetensors"]
+    # `orchestrate clean` lists the old picture's posterior (and its record), nothing else.
+    from orchestrator.tools.clean import unused_files
+    from stages.resolved import read_job
+
+    unused = unused_files(job_dir, read_job(job_dir))
+    assert [p.parent.name for p in unused] == ["imagencode", "imagencode"] and len({p.stem for p in unused}) == 1
 
 
 def test_a_text_only_job_never_sees_the_fourth_stage(tiny_model, tmp_path):
