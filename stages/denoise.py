@@ -228,9 +228,11 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
     for unit in todo:
         (upstream, key), *picture = unit.inputs
         inputs[unit.key] = units.verified_input(job_dir, "denoise", unit, upstream, key)
-        if picture:  # img2img: the picture's posterior, and the mask read and checked now
+        if picture:  # img2img: the picture's posterior, and the mask read and checked now, before the model loads
             (p_stage, p_key), = picture
             pictures[unit.key] = units.verified_input(job_dir, "denoise", unit, p_stage, p_key)
+            if items[unit.key].get("mask_image"):  # (the tensors load per batch: 10,000 posteriors would not fit)
+                img2img.read_picture("denoise", items[unit.key], "mask_image")
         item = items[unit.key]
         # Names, dtype and [1, max_sequence_length, caption_channels] from the header, before any load.
         artifacts.require(inputs[unit.key][0], artifacts.embeddings_expected(units.encode_params(job, item), job["dtype"], width), lambda why: (
