@@ -344,3 +344,25 @@ def test_ray_shards_imagencode_and_denoise_waits_for_the_posteriors_it_reads():
         for unit in shard.units:
             assert set(unit.inputs) <= shard.needs
     assert not [s for s in make_shards(dict(todo, imagencode=[], denoise=todo["denoise"][3:]), workers=2) if s.stage == "imagencode"]
+
+
+def test_a_picture_changed_after_resolving_is_one_line_exit_2_in_the_stage(tiny_model, tmp_path, capsys):
+    """The stages check the picture's hash again: a stage run by hand after the file changed
+    refuses it (exit 2, one line naming it), and keeps what it made before."""
+    from PIL import Image
+
+    from stages import denoise, imagencode
+
+    _picture(tmp_path / "a.png")
+    Image.new("L", (64, 64), 255).save(tmp_path / "m.png")
+    body = f'[job]\nname = "changed"\nmodel = "{tiny_model}"\n[[generation]]\nprompt = "x"\nseed = 1\n{SMALL}image = "a.png"\nmask = "m.png"\n'
+    job_dir, _, _ = run_inprocess(write_job(tmp_path, body), tmp_path / "work")
+    made = {p: p.read_bytes() for p in (job_dir / "imagencode").glob("*.safetensors")}
+    _picture(tmp_path / "a.png", seed=5)
+    Image.new("L", (64, 64), 0).save(tmp_path / "m.png")
+    capsys.readouterr()
+    assert imagencode.main([str(job_dir), "--force"]) == 2
+    assert denoise.main([str(job_dir), "--force"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "ERROR" in line]
+    assert len(errors) == 2 and "a.png changed since the job was resolved" in errors[0] and "m.png changed" in errors[1], errors
+    assert {p: p.read_bytes() for p in (job_dir / "imagencode").glob("*.safetensors")} == made
