@@ -19,7 +19,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from stages import backends, entry, files, img2img, measure, records, resolved, units
+from stages import backends, entry, files, img2img, measure, records, resolved
 
 
 def load_encoder(job: dict, device, tile_size: int | None = None):

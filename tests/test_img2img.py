@@ -258,7 +258,7 @@ def test_replacing_a_picture_remakes_exactly_the_items_using_it(tiny_model, tmp_
     before = {p.name: p.read_bytes() for p in (job_dir / "denoise").glob("*.safetensors")}
 
     _picture(tmp_path / "a.png", seed=2)
-    job_dir, runs, lines = run_inprocess(job_file, tmp_path / "work")
+    job_dir, _, lines = run_inprocess(job_file, tmp_path / "work")
     assert "imagencode: 1 up to date, 1 to do" in lines
     assert "denoise: 2 up to date, 2 to do" in lines
     assert [line.split(":")[0] for line in lines if line.startswith("  denoise ")] == ["  denoise 0000-item-0", "  denoise 0001-item-1"]
