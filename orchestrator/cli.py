@@ -15,7 +15,7 @@ from orchestrator.jobfile import job as jobfile
 from orchestrator.planning.plan import describe_stage, plan_job
 from orchestrator.planning.prepare import describe_model, prepare_job, resolve_device
 from orchestrator.executors.runner import StageFailedError, run_job, summary_table
-from stages.contract import STAGES, ArtifactError, JobFileError, ResourceError
+from stages.contract import ALL_STAGES, STAGES, ArtifactError, JobFileError, ResourceError
 from stages.files import shown_path
 from stages.measure import format_bytes
 
@@ -207,8 +207,8 @@ def run(
     Example: orchestrate run job.toml --executor ray --ray-address auto
     """
     for stage in force:
-        if stage not in STAGES:
-            raise JobFileError(f"--force {stage!r} is not a stage; use one of {', '.join(STAGES)}")
+        if stage not in ALL_STAGES:
+            raise JobFileError(f"--force {stage!r} is not a stage; use one of {', '.join(STAGES)} (imagencode with img2img)")
     if chunk is not None and chunk < 0:
         raise JobFileError(f"--chunk {chunk} is negative; give a number of items, or 0 for the whole queue per stage")
     from orchestrator.executors.ray_executor import check_executor
@@ -248,7 +248,7 @@ def gallery(
 @job_command
 def stage(
     job: JobOptions,
-    name: str = typer.Argument(..., help="encode | denoise | decode"),
+    name: str = typer.Argument(..., help="encode | imagencode | denoise | decode"),
     units: str = typer.Option(None, "--units", help="Only these units, comma-separated (item ids; encode also takes its keys)."),
     no_store: bool = NO_STORE,
 ) -> None:
@@ -256,8 +256,8 @@ def stage(
 
     Example: orchestrate stage denoise job.toml --units 0003-a-red-apple
     """
-    if name not in STAGES:
-        raise JobFileError(f"stage {name!r} does not exist; use one of {', '.join(STAGES)}")
+    if name not in ALL_STAGES:
+        raise JobFileError(f"stage {name!r} does not exist; use one of {', '.join(ALL_STAGES)}")
     job_dir, resolved = prepare_job(job.job_file, job.workdir, job.device, job.memory, not no_store)
     states = plan_job(job_dir, resolved)
     wanted = [u.strip() for u in units.split(",") if u.strip()] if units is not None else None
@@ -267,14 +267,16 @@ def stage(
         if not wanted:
             raise JobFileError("--units is empty; give unit keys separated by commas, e.g. --units 0003-a-red-apple")
         chosen = pick_units([s.unit for s in states[name]], name, wanted)
-        units_by_key = {(st, u.unit.key): u.unit for st in STAGES for u in states[st]}
+        units_by_key = {(st, u.unit.key): u.unit for st in states for u in states[st]}
         needed, frontier = set(), [inp for unit in chosen for inp in unit.inputs]
         while frontier:  # every upstream unit the chosen ones depend on, transitively
             key = frontier.pop()
             if key not in needed:
                 needed.add(key)
                 frontier.extend(units_by_key[key].inputs)
-    upstream = STAGES[: STAGES.index(name)]
+    if name not in states:
+        raise JobFileError(f"stage {name!r} has nothing to make in this job (imagencode runs only for items with an image)")
+    upstream = list(states)[: list(states).index(name)]
     missing = [f"{s} {u.unit.key}" for s in upstream for u in states[s]
                if u.state != "done" and (wanted is None or (s, u.unit.key) in needed)]
     if missing:
@@ -303,7 +305,7 @@ def status(job: JobOptions) -> None:
     for line in describe_model(resolved):
         echo(line)
     states = plan_job(job_dir, resolved)
-    for name in STAGES:
+    for name in states:  # imagencode only with img2img items
         for line in describe_stage(name, states[name], limit=10_000):
             echo(line)
 
@@ -343,6 +345,10 @@ def plan_memory(
              f"budget {format_bytes(budget_bytes) if budget_bytes is not None else 'unlimited'} "
              f"({memory.budget_source(resolved['device'], job.max_vram, job.max_ram, budget_bytes)})")
         echo(memory.format_plan(chosen, budget_bytes))
+        pictures = len({(i["init_image_sha256"], i["image_size"]["height"], i["image_size"]["width"]) for i in resolved["items"] if i.get("init_image")})
+        if pictures and not isinstance(chosen.get("decode"), memory.NoFit):  # img2img: the VAE encoder runs under the VAE's plan
+            tile = getattr(chosen["decode"], "tile_size", None)
+            echo(f"imagencode: {pictures} picture{'s' if pictures > 1 else ''}, the VAE's plan as decode ({f'tiled, {tile} px tiles' if tile else 'untiled'})")
     if failed:
         raise JobFileError(memory.no_fit_message(chosen, budget_bytes, not job.no_tiling, host_budget_bytes))
 

@@ -22,6 +22,10 @@ from __future__ import annotations
 
 FORMAT_VERSION = 1
 STAGES = ("encode", "denoise", "decode")
+# With img2img (docs/img2img.md) a fourth stage, imagencode (picture -> the VAE posterior), runs
+# before denoise. It has units only when some item has an image: a text-only job plans none, never
+# starts it and shows nothing of it, so STAGES stays the three every job runs.
+ALL_STAGES = ("encode", "imagencode", "denoise", "decode")
 RESOLVED_JOB = "job.resolved.json"
 TMP_PREFIX = ".tmp-"
 # Exit codes shared by stages and orchestrator: 2 is an expected, explained failure (bad input,

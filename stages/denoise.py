@@ -1,6 +1,7 @@
 """Denoise stage: prompt embeddings -> latents.
 
-Reads:  <job_dir>/job.resolved.json, <job_dir>/encode/<key>.safetensors (checked against records)
+Reads:  <job_dir>/job.resolved.json, <job_dir>/encode/<key>.safetensors (checked against records);
+        for img2img items also imagencode/<key>.safetensors and the inpainting mask (stages/img2img.py)
 Writes: <job_dir>/denoise/<item>.safetensors (`latents` [1, C, H/f, W/f]) and <item>.json, its
         record, which names the latent shape, the VAE scale factor and the requested and binned sizes.
 Loads:  PixArtTransformer2DModel and the scheduler only; the VAE's config.json is read for its scale
@@ -17,7 +18,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from stages import artifacts, backends, contract, entry, family, files, measure, records, resolved, units
+from stages import artifacts, backends, contract, entry, family, files, img2img, measure, records, resolved, units
 
 
 def vae_scale_factor(model_path: str) -> int:
@@ -89,9 +90,11 @@ def load_transformer(job: dict, device, strategy: str = "resident"):
 
 
 def generate_latents(transformer, scheduler, embeds: list[dict], items: list[dict], height: int, width: int, scale: int, device, dtype,
-                     pipeline: str | None = None):
+                     pipeline: str | None = None, sources: list[dict] | None = None):
     """Denoise a batch of items that share size, steps and guidance; each keeps its own generator.
     Steps 4-7 of the family's pipeline `__call__` (stages/family.py says where α and Σ differ).
+    `sources` (img2img, one per item: the posterior's `mean` and `std`, `scaling_factor`, and for
+    inpainting `mask` [1, 1, h, w]) start from a picture as diffusers' img2img/inpaint pipelines do.
     Yield (step, total, latents [B, C, h, w]) after each step; the last yield is the result."""
     import inspect
 
@@ -112,12 +115,21 @@ def generate_latents(transformer, scheduler, embeds: list[dict], items: list[dic
 
     custom = items[0].get("timesteps")
     timesteps, steps = retrieve_timesteps(scheduler, None if custom else items[0]["num_inference_steps"], device, custom)
+    if sources:  # img2img: the schedule's tail, by strength (the pipeline's get_timesteps)
+        timesteps, steps = img2img.get_timesteps(scheduler, steps, items[0]["strength"])
     # 5. Prepare latents: one CPU generator per item, so an image never depends on its neighbours.
     generators = [torch.Generator("cpu").manual_seed(item["seed"]) for item in items]
     generator = generators[0] if batch == 1 else generators
     channels = transformer.config.in_channels
-    latents = randn_tensor((batch, channels, height // scale, width // scale), generator=generator, device=device, dtype=dtype)
-    latents = latents * scheduler.init_noise_sigma  # [B, C, h, w]
+    inpaint = bool(sources) and sources[0].get("mask") is not None
+    if sources:  # the picture's latents sampled, then the noise, per generator; mixed as the pipelines do
+        latents, image_latents, noise = img2img.prepare_latents(
+            scheduler, sources, generators, (batch, channels, height // scale, width // scale), timesteps, sources[0]["scaling_factor"],
+            inpaint, items[0]["strength"], device, dtype)
+        mask = torch.cat([s["mask"] for s in sources]).to(device=device, dtype=dtype) if inpaint else None  # [B, 1, h, w]
+    else:
+        latents = randn_tensor((batch, channels, height // scale, width // scale), generator=generator, device=device, dtype=dtype)
+        latents = latents * scheduler.init_noise_sigma  # [B, C, h, w]
     # 6. Prepare extra step kwargs (DPM-Solver takes the generator) and the micro-conditions.
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     rules = family.of(pipeline)
@@ -129,7 +141,7 @@ def generate_latents(transformer, scheduler, embeds: list[dict], items: list[dic
         added_cond_kwargs = {"resolution": resolution, "aspect_ratio": aspect_ratio}
     backends.place_position_table(transformer, height, width, scale, device)  # no float64 on MPS and XPU
     # 7. Denoising loop.
-    if rules.set_begin_index and hasattr(scheduler, "set_begin_index"):  # α's pipeline does, Σ's does not
+    if rules.set_begin_index and hasattr(scheduler, "set_begin_index") and not sources:  # α's pipeline does, Σ's does not; img2img set it
         scheduler.set_begin_index(0)
     for i, t in enumerate(timesteps):
         latent_model_input = torch.cat([latents] * 2) if do_cfg else latents
@@ -154,7 +166,24 @@ def generate_latents(transformer, scheduler, embeds: list[dict], items: list[dic
         # raises IndexError for DPM-Solver (its step returns a 1-tuple): there we take `[0]`, the
         # previous sample, as Σ's pipeline always does (README: the one deliberate difference).
         latents = out[rules.one_step_index] if steps == 1 and len(out) > rules.one_step_index else out[0]
+        if inpaint:  # keep what the mask keeps
+            latents = img2img.blend_known(scheduler, latents, image_latents, noise, mask, timesteps, i)
         yield i + 1, len(timesteps), latents
+
+
+def _source(job: dict, item: dict, posterior: Path, scale: int) -> dict:
+    """An img2img item's start: the posterior's mean and std, the VAE's scaling factor, and the
+    inpainting mask at the latent size (None without one)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(posterior))
+    record, _ = records.read_record(posterior.with_suffix(".json"))
+    config = resolved.read_model_config(resolved.component_root(job, "vae") / "vae" / "config.json")
+    size = item["image_size"]
+    mask = (img2img.preprocess_mask(img2img.read_picture("denoise", item, "mask_image"), size["height"], size["width"], scale)
+            if item.get("mask_image") else None)
+    return {"mean": tensors["mean"], "std": tensors["std"], "channels_last": bool(record and record.get("channels_last")),
+            "scaling_factor": config.get("scaling_factor", 0.18215), "mask": mask}
 
 
 def read_embeddings(path: Path) -> dict:
@@ -168,7 +197,8 @@ def _batches(todo: list, items: dict, sizes: dict, batch_size: int) -> list[list
     within a group; independence makes the order of groups irrelevant to the images)."""
     def shape_of(unit):
         item = items[unit.key]
-        return (sizes[unit.key], item["num_inference_steps"], item["guidance_scale"], tuple(item.get("timesteps") or ()))
+        return (sizes[unit.key], item["num_inference_steps"], item["guidance_scale"], tuple(item.get("timesteps") or ()),
+                item.get("strength") if item.get("init_image") else None, bool(item.get("mask_image")))
 
     order = {shape: n for n, shape in reversed(list(enumerate(map(shape_of, todo))))}
     groups: list[list] = []
@@ -197,9 +227,15 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
     # Check every input before loading the model (diffusers' check_inputs comes first too).
     inputs, sizes = {}, {}
     width = artifacts.embedding_width(job, "transformer")
+    pictures = {}
     for unit in todo:
-        (upstream, key), = unit.inputs
+        (upstream, key), *picture = unit.inputs
         inputs[unit.key] = units.verified_input(job_dir, "denoise", unit, upstream, key)
+        if picture:  # img2img: the picture's posterior, and the mask read and checked now, before the model loads
+            (p_stage, p_key), = picture
+            pictures[unit.key] = units.verified_input(job_dir, "denoise", unit, p_stage, p_key)
+            if items[unit.key].get("mask_image"):  # (the tensors load per batch: 10,000 posteriors would not fit)
+                img2img.read_picture("denoise", items[unit.key], "mask_image")
         item = items[unit.key]
         # Names, dtype and [1, max_sequence_length, caption_channels] from the header, before any load.
         artifacts.require(inputs[unit.key][0], artifacts.embeddings_expected(units.encode_params(job, item), job["dtype"], width), lambda why: (
@@ -223,6 +259,7 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
         height, width = sizes[group[0].key]
         group_items = [items[unit.key] for unit in group]
         embeds = [read_embeddings(inputs[unit.key][0]) for unit in group]
+        sources = [_source(job, items[unit.key], pictures[unit.key][0], scale) for unit in group] if group[0].key in pictures else None
         name = group[0].key if len(group) == 1 else f"{group[0].key} +{len(group) - 1}"
         bar = None
         if progress.bar is not None:  # the steps of this item, under the stage's bar
@@ -232,7 +269,7 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
         latents = None
         with entry.oom_guard(job, *group):
             for step, total, latents in generate_latents(transformer, new_scheduler(), embeds, group_items, height, width, scale, device, dtype,
-                                                         job.get("pipeline")):
+                                                         job.get("pipeline"), sources):
                 if bar is not None:
                     bar.update()
                 elif step == total or step % max(1, total // 4) == 0:
@@ -251,7 +288,8 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
                 "key": unit.key,
                 "items": [unit.key],
                 "params": unit.params,
-                "inputs": {f"encode/{in_path.name}": in_hash},
+                "inputs": {f"encode/{in_path.name}": in_hash,
+                           **({f"imagencode/{pictures[unit.key][0].name}": pictures[unit.key][1]} if unit.key in pictures else {})},
                 "outputs": {out.name: records.output_entry(out, one.shape, one.dtype)},
                 "requested_size": {"height": item["height"], "width": item["width"]},
                 "binned_size": {"height": height, "width": width},

@@ -55,6 +55,7 @@ def decode_strategy(job: dict) -> dict:
 def plan_units(job: dict) -> dict[str, list[Unit]]:
     """All units of all stages, in job order. Items with equal encode params share one unit."""
     encode: dict[str, Unit] = {}
+    imagencode: dict[str, Unit] = {}
     denoise, decode = [], []
     for item in job["items"]:
         e_params = encode_params(job, item)
@@ -76,8 +77,17 @@ def plan_units(job: dict) -> dict[str, list[Unit]]:
             d_params["scheduler"] = job["scheduler"]
         if item.get("timesteps"):
             d_params["timesteps"] = item["timesteps"]
+        d_inputs: tuple = (("encode", e_key),)
+        if item.get("init_image"):  # img2img: the picture's posterior, shared by the items that use it
+            i_params = imagencode_params(job, item)
+            i_key = imagencode_key(item, i_params)
+            prev = imagencode.get(i_key)
+            imagencode[i_key] = Unit("imagencode", i_key, i_params, items=(prev.items if prev else ()) + (item["id"],),
+                                     outputs=(f"{i_key}.safetensors",))
+            d_inputs += (("imagencode", i_key),)
+            d_params.update({k: item[k] for k in IMG2IMG_ITEM_KEYS if k in item})
         denoise.append(
-            Unit("denoise", item["id"], d_params, inputs=(("encode", e_key),), items=(item["id"],),
+            Unit("denoise", item["id"], d_params, inputs=d_inputs, items=(item["id"],),
                  outputs=(f"{item['id']}.safetensors",))
         )
         c_params = {
@@ -86,13 +96,46 @@ def plan_units(job: dict) -> dict[str, list[Unit]]:
             "decode": decode_strategy(job),
             # PNG text metadata carries these, so they decide the file's bytes too.
             "metadata": {k: item[k] for k in ("prompt", "negative_prompt", *DENOISE_ITEM_KEYS)} | {"model": job["model"]["given"]}
-                        | {k: v for k, v in (("scheduler", job.get("scheduler")), ("timesteps", item.get("timesteps"))) if v},
+                        | {k: v for k, v in (("scheduler", job.get("scheduler")), ("timesteps", item.get("timesteps"))) if v}
+                        | img2img_metadata(item),
         }
         decode.append(
             Unit("decode", item["id"], c_params, inputs=(("denoise", item["id"]),), items=(item["id"],),
                  outputs=(f"{item['id']}.png", thumbnail_name(item["id"])))
         )
-    return {"encode": list(encode.values()), "denoise": denoise, "decode": decode}
+    return {"encode": list(encode.values()), "imagencode": list(imagencode.values()), "denoise": denoise, "decode": decode}
+
+
+# The denoise params an img2img item adds: the picture's and mask's content hashes (replacing a
+# picture remakes exactly the items that use it) and the strength.
+IMG2IMG_ITEM_KEYS = ("init_image_sha256", "mask_image_sha256", "strength")
+
+
+def imagencode_params(job: dict, item: dict) -> dict:
+    """What decides a picture's posterior: the VAE, dtype, the picture's content and the size it is
+    resized to, and whether the encoder ran tiled (tiles change the numbers slightly)."""
+    return {
+        "model": job["model"]["component_hashes"]["decode"],  # the VAE's files
+        "dtype": job["dtype"],
+        "init_image_sha256": item["init_image_sha256"],
+        "height": item["image_size"]["height"],
+        "width": item["image_size"]["width"],
+        "encode": decode_strategy(job),  # the VAE's tiling plan, as decode's
+    }
+
+
+def imagencode_key(item: dict, params: dict) -> str:
+    return f"{slugify(os.path.splitext(os.path.basename(item['init_image']))[0], 24)}-{short_hash(params)}"
+
+
+def img2img_metadata(item: dict) -> dict:
+    """The PNG text an img2img item adds: picture names and hashes, and the strength."""
+    if not item.get("init_image"):
+        return {}
+    out = {"init_image": os.path.basename(item["init_image"]), "init_image_sha256": item["init_image_sha256"], "strength": item["strength"]}
+    if item.get("mask_image"):
+        out.update(mask_image=os.path.basename(item["mask_image"]), mask_image_sha256=item["mask_image_sha256"])
+    return out
 
 
 def thumbnail_name(item_id: str) -> str:

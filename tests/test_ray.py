@@ -342,3 +342,33 @@ def test_zz_no_ray_or_stage_process_is_left(ray_cluster, tmp_path_factory):
     while (left := _processes_naming(ray_cluster) + _processes_naming(str(tmp_path_factory.getbasetemp()))) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not left, left
+
+
+def test_img2img_on_ray_makes_the_local_bytes(ray_cluster, tiny_model, tmp_path):
+    """Issue 20: imagencode shards like the other stages; images, latents and posteriors are the
+    local executor's, byte for byte, at the same thread count: Ray runs a 1-CPU task with
+    OMP_NUM_THREADS=1, and the VAE encoder's CPU convolutions round differently on 2 threads
+    (docs/determinism.md: equality across thread counts is not guaranteed), so the local reference
+    runs on 1 thread too."""
+    import torch
+
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "photo.png")
+    Image.new("L", (64, 64), 255).save(tmp_path / "mask.png")
+    body = JOB.format(model=tiny_model).replace("num_inference_steps = 10", 'num_inference_steps = 4\nimage = "photo.png"\nstrength = 0.5')
+    body += '\n[[generation]]\nprompt = "a door"\nseed = 13\nmask = "mask.png"\n'
+    job_file = write_job(tmp_path, body)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        local_dir, _, _ = run_inprocess(job_file, tmp_path / "local")
+    finally:
+        torch.set_num_threads(threads)
+    result = _cli("run", str(job_file), "--workdir", str(tmp_path / "work"), "--device", "cpu", "--executor", "ray")
+    assert result.exit_code == 0, result.output
+    job_dir = tmp_path / "work" / "rayjob"
+    assert "stages.imagencode" in result.output and "imagencode 2 shards" in result.output  # three sizes, two workers
+    assert artifact_bytes(job_dir) == artifact_bytes(local_dir)
+    assert {p.name: p.read_bytes() for p in (job_dir / "imagencode").glob("*.safetensors")} == \
+        {p.name: p.read_bytes() for p in (local_dir / "imagencode").glob("*.safetensors")}

@@ -35,7 +35,7 @@ from orchestrator.planning.plan import UnitState, _states, describe_stage
 from stages.records import RecordReader
 from orchestrator.executors.runner import PROJECT_ROOT, StageFailedError, StageRun, _remove_leftovers, _shown, budget_overrun, stage_command
 from stages import lifeline
-from stages.contract import EXIT_INTERRUPTED, EXIT_RESOURCE_ERROR, EXIT_USER_ERROR, RESOLVED_JOB, STAGES, TMP_PREFIX, ArtifactError, JobFileError
+from stages.contract import ALL_STAGES, EXIT_INTERRUPTED, EXIT_RESOURCE_ERROR, EXIT_USER_ERROR, RESOLVED_JOB, STAGES, TMP_PREFIX, ArtifactError, JobFileError
 from stages.files import publish_json, sha256_file, shown_path
 from stages.locks import exclusive_lock
 from stages.measure import Clock, format_bytes
@@ -175,7 +175,10 @@ def pending_units(job_dir: Path, job: dict, force: tuple[str, ...], echo) -> dic
     pending: set[tuple[str, str]] = set()
     reader = RecordReader()  # this plan's: each record and output read once
     todo = {}
-    for stage in STAGES:
+    for stage in ALL_STAGES:
+        if stage not in STAGES and not units[stage]:  # imagencode, in a job without pictures
+            todo[stage] = []
+            continue
         if stage in force:
             states = [UnitState(unit, "stale", "forced") for unit in units[stage]]
             pending.update((stage, unit.key) for unit in units[stage])
@@ -217,9 +220,11 @@ def wave_sizes(n: int, workers: int) -> list[int]:
 def make_shards(todo: dict[str, list[Unit]], workers: int) -> list[Shard]:
     """Encode: one shard per worker. Denoise: wave_sizes. Decode: the denoise shards' items, then
     the other pending decode units in waves alike."""
-    made = {(stage, unit.key) for stage in STAGES for unit in todo[stage]}
+    made = {(stage, unit.key) for stage in ALL_STAGES for unit in todo.get(stage, ())}
     encode = todo["encode"]
     groups = {"encode": _cut(encode, split_sizes(len(encode), [1] * min(len(encode), workers)) if encode else [])}
+    pictures = todo.get("imagencode", [])  # img2img's posteriors: one shard per worker, as encode
+    groups["imagencode"] = _cut(pictures, split_sizes(len(pictures), [1] * min(len(pictures), workers)) if pictures else [])
     groups["denoise"] = _cut(todo["denoise"], wave_sizes(len(todo["denoise"]), workers))
     decode = {unit.key: unit for unit in todo["decode"]}
     following = [[decode[u.key] for u in group if u.key in decode] for group in groups["denoise"]]
@@ -227,7 +232,7 @@ def make_shards(todo: dict[str, list[Unit]], workers: int) -> list[Shard]:
     rest = [unit for unit in todo["decode"] if unit.key not in covered]
     groups["decode"] = [group for group in following if group] + _cut(rest, wave_sizes(len(rest), workers))
     shards = []
-    for stage in STAGES:
+    for stage in ALL_STAGES:
         for index, group in enumerate(groups[stage], 1):
             needs = frozenset(source for unit in group for source in unit.inputs if source in made)
             shards.append(Shard(stage, index, len(groups[stage]), tuple(group), needs))
@@ -274,7 +279,7 @@ def run_job_on_ray(job_dir: Path, resolved: dict, echo, force: tuple[str, ...] =
             probe_storage(ray, job_dir, resources)
             shards = make_shards(todo, workers)
             echo(f"ray: {workers} worker slot{'s' if workers > 1 else ''} ({_describe(resources)} per task); "
-                 + ", ".join(f"{stage} {sum(s.stage == stage for s in shards)} shards" for stage in STAGES if todo[stage]))
+                 + ", ".join(f"{stage} {sum(s.stage == stage for s in shards)} shards" for stage in ALL_STAGES if todo[stage]))
             return _Driver(ray, job_dir, job, force, resources, echo).run(shards)
     finally:
         if started:
@@ -359,12 +364,12 @@ class _Driver:
         self.task = ray.remote(**options)(run_shard)
         self.running: dict = {}  # ObjectRef -> (shard, monotonic start)
         self.finished: set[tuple[str, str]] = set()  # (stage, key) made or checked up to date in this run
-        self.results: dict[str, list[dict]] = {stage: [] for stage in STAGES}
+        self.results: dict[str, list[dict]] = {stage: [] for stage in ALL_STAGES}
         self.spans: dict[str, list[float]] = {}
-        self.units = {stage: 0 for stage in STAGES}
+        self.units = {stage: 0 for stage in ALL_STAGES}
 
     def run(self, shards: list[Shard]) -> list[StageRun]:
-        for stage in STAGES:
+        for stage in ALL_STAGES:
             self.units[stage] = sum(len(s.units) for s in shards if s.stage == stage)
             for leftover in (self.job_dir / stage / SHARDS).glob("*"):  # summaries of an earlier run's shards
                 leftover.unlink()
@@ -372,7 +377,7 @@ class _Driver:
         try:
             while waiting or self.running:
                 free = worker_slots(self.ray, self.resources) - len(self.running)
-                ready = sorted((s for s in waiting if s.needs <= self.finished), key=lambda s: (-STAGES.index(s.stage), s.index))
+                ready = sorted((s for s in waiting if s.needs <= self.finished), key=lambda s: (-ALL_STAGES.index(s.stage), s.index))
                 for shard in ready[:max(free, 0) if self.running else max(free, 1)]:
                     waiting.remove(shard)
                     self._submit(shard)
@@ -438,7 +443,7 @@ class _Driver:
     def _progress(self) -> str:
         """Per stage: units done, running and to do."""
         parts = []
-        for stage in STAGES:
+        for stage in (s for s in ALL_STAGES if s in STAGES or self.units[s]):  # imagencode only with pictures
             done = sum(r["units"] for r in self.results[stage])
             running = sum(len(shard.units) for shard, _ in self.running.values() if shard.stage == stage)
             parts.append(f"{stage} {done} done, {running} running, {self.units[stage] - done - running} to do")
@@ -463,7 +468,7 @@ class _Driver:
         <stage>/summary.json, as a local run writes it), and per-worker numbers under "workers"."""
         runs = []
         all_units = plan_units(self.job)
-        for stage in STAGES:
+        for stage in ALL_STAGES:
             results = self.results[stage]
             if not results:
                 continue

@@ -19,7 +19,7 @@ from stages.artifacts import read_json
 from stages import lifeline
 from orchestrator.planning import chunks
 from orchestrator.planning.plan import describe_stage, plan_job
-from stages.contract import EXIT_INTERRUPTED, EXIT_RESOURCE_ERROR, RESOLVED_JOB, STAGES, TMP_PREFIX, JobFileError
+from stages.contract import ALL_STAGES, EXIT_INTERRUPTED, EXIT_RESOURCE_ERROR, RESOLVED_JOB, TMP_PREFIX, JobFileError
 from stages.files import publish_json, remove_temp_files, shown_path
 from stages.locks import exclusive_lock
 from stages.measure import Clock, format_bytes
@@ -192,7 +192,10 @@ class _Run:
             # One plan for the whole job; planned again only after a stage made new records, each
             # stage deciding on the real records of the stages before it.
             if self._announce("encode", self.plan()["encode"]):
-                self.stage("encode", None, then="denoise")
+                self.stage("encode", None, then="imagencode" if "imagencode" in self.states else "denoise")
+            # img2img: the pictures' posteriors, before denoise; a text-only job has no such stage.
+            if "imagencode" in self.states and self._announce("imagencode", (self.plan() if self.changed else self.states)["imagencode"]):
+                self.stage("imagencode", None, then="denoise")
             predicted = self.plan() if self.changed else self.states
             if chunk != 0 and _has_work(predicted["denoise"], "denoise" in self.force) and _has_work(predicted["decode"], "decode" in self.force):
                 self.chunked({stage: self._announce(stage, predicted[stage]) for stage in ("denoise", "decode")}, chunk)
@@ -287,7 +290,7 @@ def _has_work(states, forced: bool) -> bool:
 
 def _publish_merged(job_dir: Path, runs: list[StageRun]) -> None:
     """A stage run in several processes (chunks) gets one summary.json for the whole run."""
-    for stage in STAGES:
+    for stage in ALL_STAGES:
         mine = [(r.summary, r.seconds) for r in runs if r.stage == stage]
         if len(mine) > 1:
             publish_json(job_dir / stage / "summary.json", chunks.merge_summaries(mine))
@@ -296,7 +299,7 @@ def _publish_merged(job_dir: Path, runs: list[StageRun]) -> None:
 def merge_runs(runs: list[StageRun]) -> list[StageRun]:
     """One StageRun per stage, its processes' summaries merged (orchestrator/planning/chunks.py)."""
     merged = []
-    for stage in STAGES:
+    for stage in ALL_STAGES:
         mine = [r for r in runs if r.stage == stage]
         if len(mine) == 1:
             merged.append(mine[0])

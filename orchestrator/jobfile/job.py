@@ -61,6 +61,9 @@ class GenerationParams:
     seed: int | None = None  # None: drawn once, then kept in job.resolved.json
     count: int = 1
     timesteps: tuple | None = None  # custom timesteps, as the pipeline's `timesteps=` (DMD: [400]); sets the step count
+    image: str | None = None  # img2img: the start picture, relative to the job file (docs/img2img.md)
+    strength: float = 0.8  # how much of the picture is repainted, as diffusers' img2img (its default)
+    mask: str | None = None  # inpainting: white = repaint, black = keep; the image's size
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,7 @@ _EXAMPLES = {"width": "1024", "height": "1024", "seed": "42", "num_inference_ste
              "max_sequence_length": "120", "guidance_scale": "4.5", "dtype": '"float16"', "name": '"my-job"',
              "model": '"PixArt-alpha/PixArt-XL-2-1024-MS"', "prompt": '"a red apple"',
              "timesteps": "[400]", "scheduler": '"EulerAncestralDiscreteScheduler"', "pipeline": '"PixArtSigmaPipeline"',
+             "image": '"photo.png"', "mask": '"mask.png"', "strength": "0.8",
              "str": '"text"', "int": "1", "float": "1.0", "bool": "true", "tuple": "[999, 500]"}
 
 
@@ -147,6 +151,12 @@ def _check_range(where: str, gen: GenerationParams) -> None:
     if gen.timesteps is not None:
         if any(not 0 <= t < 1000 for t in gen.timesteps) or any(a <= b for a, b in zip(gen.timesteps, gen.timesteps[1:])):
             bad("timesteps", list(gen.timesteps), "a list of distinct integers from 999 down to 0, in descending order (e.g. [400])")
+    if not math.isfinite(gen.strength) or not 0 < gen.strength <= 1:
+        bad("strength", gen.strength, "a number above 0 and at most 1 (diffusers' img2img strength; 0.8 by default)")
+    if gen.mask is not None and gen.image is None:
+        raise JobFileError(f"{where}: 'mask' needs an 'image' to repaint; add image = \"photo.png\" or remove 'mask'")
+    if gen.image is not None and int((len(gen.timesteps) if gen.timesteps else gen.num_inference_steps) * gen.strength) < 1:
+        bad("strength", gen.strength, "large enough that num_inference_steps x strength is at least 1 (no step would run)")
     for key in ("width", "height"):
         value = getattr(gen, key)
         if value is not None and not 16 <= value <= MAX_SIDE:
@@ -494,6 +504,7 @@ def resolve_job(job: Job, job_dir: Path, device: str, runtime: dict | None = Non
     drawn = {}
     seen: dict[str, int] = {}
     items = []
+    pictures = img2img_pictures(job, [gen for gen in job.generations])  # read and checked once per file
     for n, gen in enumerate(job.generations, 1):
         width = gen.width or default_side
         height = gen.height or default_side
@@ -504,7 +515,8 @@ def resolve_job(job: Job, job_dir: Path, device: str, runtime: dict | None = Non
         seed = gen.seed
         if seed is None:
             # (fields added later count only when set, so seeds drawn by older versions are found again)
-            entry_key = canonical_json({k: v for k, v in asdict(gen).items() if k != "seed" and not (k == "timesteps" and v is None)})
+            entry_key = canonical_json({k: v for k, v in asdict(gen).items() if k != "seed" and not (k in ("timesteps", "image", "mask") and v is None)
+                                        and not (k == "strength" and gen.image is None)})
             # Equal entries (a prompt repeated in a prompt list) each keep their own seed: the
             # second and later ones are keyed by their rank too.
             seen[entry_key] = seen.get(entry_key, 0) + 1
@@ -531,6 +543,7 @@ def resolve_job(job: Job, job_dir: Path, device: str, runtime: dict | None = Non
                 "use_resolution_binning": gen.use_resolution_binning,
                 **({"timesteps": list(gen.timesteps)} if gen.timesteps else {}),
                 "image": f"decode/{item_id}.png",
+                **img2img_fields(gen, pictures, height, width, transformer_config["sample_size"], pipeline),
             })
     return {
         "format": FORMAT_VERSION,
@@ -549,6 +562,74 @@ def resolve_job(job: Job, job_dir: Path, device: str, runtime: dict | None = Non
         "runtime": runtime or {},
         "items": items,
     }
+
+
+# A start picture or mask is read whole to hash and check it; 64 MiB holds a 8192 x 8192 PNG.
+MAX_PICTURE_BYTES = 64 << 20
+PICTURE_FORMATS = ("PNG", "JPEG", "WEBP")
+
+
+def read_picture(path: Path, what: str) -> tuple[str, tuple[int, int]]:
+    """(sha256, (width, height)) of a PNG, JPEG or WebP file, or a one-line JobFileError naming it."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    from stages.files import sha256_bytes
+
+    fix = "give a PNG, JPEG or WebP file (paths are relative to the job file)"
+    shown = repr(str(path))[1:-1]  # one line whatever the name holds
+    try:
+        data = read_bytes_limited(path, MAX_PICTURE_BYTES, what, fix=fix)
+    except FileNotFoundError:
+        raise JobFileError(f"{what} {shown} does not exist; {fix}") from None
+    except OSError as exc:
+        raise JobFileError(f"{what} {shown} cannot be read ({exc.strerror or exc}); {fix}") from None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format not in PICTURE_FORMATS:
+                raise JobFileError(f"{what} {shown} is a {image.format} file; {fix}")
+            image.load()  # decodes it all: a truncated file fails here, not in a stage
+            size = image.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise JobFileError(f"{what} {shown} is not a readable picture ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}); {fix}") from None
+    return sha256_bytes(data), size
+
+
+def img2img_pictures(job: Job, generations: list) -> dict:
+    """Every start picture and mask of the job: path -> (absolute path, sha256, (width, height));
+    a mask of another size than its image is refused here, before anything runs."""
+    pictures: dict = {}
+    for n, gen in enumerate(generations, 1):
+        for key in ("image", "mask"):
+            given = getattr(gen, key)
+            if given is not None and given not in pictures:
+                path = (job.source.parent / Path(given).expanduser()).resolve()
+                pictures[given] = (path, *read_picture(path, f"[[generation]] #{n}: {key}"))
+        if gen.mask is not None and pictures[gen.mask][2] != pictures[gen.image][2]:
+            (mw, mh), (iw, ih) = pictures[gen.mask][2], pictures[gen.image][2]
+            raise JobFileError(f"[[generation]] #{n}: mask {gen.mask!r} is {mw}x{mh} but image {gen.image!r} is {iw}x{ih}; "
+                               f"give a mask of the image's size")
+    return pictures
+
+
+def img2img_fields(gen: GenerationParams, pictures: dict, height: int, width: int, sample_size: int, pipeline: str) -> dict:
+    """The resolved item's img2img keys (none for text-to-image): the picture's path and hash, the
+    size it is encoded at (the binned size when binning is on, as the latents), and the strength."""
+    if gen.image is None:
+        return {}
+    if gen.use_resolution_binning:
+        try:
+            height, width = family.binned_size(pipeline, sample_size, height, width)
+        except ValueError as exc:
+            raise JobFileError(f"{exc}; set use_resolution_binning = false in the job file") from None
+    path, digest, _ = pictures[gen.image]
+    out = {"init_image": str(path), "init_image_sha256": digest, "strength": gen.strength,
+           "image_size": {"height": height, "width": width}}
+    if gen.mask is not None:
+        path, digest, _ = pictures[gen.mask]
+        out.update(mask_image=str(path), mask_image_sha256=digest)
+    return out
 
 
 _TRANSFORMER_CLASSES = ("Transformer2DModel", "PixArtTransformer2DModel")

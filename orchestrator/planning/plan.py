@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.contract import STAGES
+from stages.contract import ALL_STAGES
 from stages.records import RecordReader
 from stages.units import Unit, plan_units, unit_status
 
@@ -29,7 +29,8 @@ def plan_job(job_dir: Path, job: dict, reader: RecordReader | None = None, units
     units = units if units is not None else plan_units(job)
     reader = reader if reader is not None else RecordReader()
     pending: set[tuple[str, str]] = set()
-    return {stage: _states(job_dir, units[stage], pending, reader) for stage in STAGES}
+    # imagencode only when it has units (img2img): a text-only job's plan is the three stages'.
+    return {stage: _states(job_dir, units[stage], pending, reader) for stage in ALL_STAGES if units.get(stage) or stage != "imagencode"}
 
 
 def _states(job_dir: Path, units: list, pending: set, reader: RecordReader) -> list[UnitState]:

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from orchestrator.jobfile import job as jobfile
-from stages.contract import STAGES, JobFileError
+from stages.contract import ALL_STAGES, JobFileError
 
 
 def describe_model(resolved: dict) -> list[str]:
@@ -137,6 +137,6 @@ def runtime_if_nothing_to_do(job_dir: Path, resolved: dict, flags: dict, reader=
     from stages.units import plan_units, unit_status
 
     units = plan_units(dict(resolved, runtime=runtime))  # in stage order: the first stale unit ends the check
-    if not all(unit_status(job_dir, unit, reader=reader)[0] for stage in STAGES for unit in units[stage]):
+    if not all(unit_status(job_dir, unit, reader=reader)[0] for stage in ALL_STAGES for unit in units.get(stage, ())):
         return None
     return dict(runtime, plan_cache="not needed: nothing to do")

@@ -22,7 +22,7 @@ import shutil
 import stat
 from pathlib import Path
 
-from stages.contract import STAGES, TMP_PREFIX, ArtifactError
+from stages.contract import ALL_STAGES, TMP_PREFIX, ArtifactError
 from stages.locks import exclusive_lock
 from stages.measure import format_bytes
 from stages.units import plan_units
@@ -38,7 +38,7 @@ def unused_files(job_dir: Path, job: dict) -> list[Path]:
             owned.add((stage, f"{unit.key}.json"))
             owned.update((stage, name) for name in unit.outputs)
     found = []
-    for stage in STAGES:
+    for stage in ALL_STAGES:
         folder = Path(job_dir) / stage
         if not folder.is_dir():
             continue
@@ -65,7 +65,7 @@ def check_real_folders(job_dir: Path, workdir: Path, store: bool) -> None:
     `.store/encode`) are real folders where they seem to be: a link there would make `clean` list
     and delete another folder's files as if they were the job's."""
     workdir = Path(workdir).resolve()
-    folders = [Path(job_dir)] + [Path(job_dir) / stage for stage in STAGES]
+    folders = [Path(job_dir)] + [Path(job_dir) / stage for stage in ALL_STAGES]
     if store:
         folders += [workdir / ".store", workdir / ".store" / "encode"]
     for folder in folders:
@@ -100,7 +100,7 @@ def job_locked(job_dir: Path):
     """The run lock and every stage's lock: no run, no stage started by hand, while we clean."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(exclusive_lock(Path(job_dir) / "run.lock", f"job {Path(job_dir).name}"))
-        for stage in STAGES:
+        for stage in ALL_STAGES:
             if (Path(job_dir) / stage).is_dir():
                 stack.enter_context(exclusive_lock(Path(job_dir) / stage / ".lock", f"stage {stage} of {Path(job_dir).name}"))
         yield

@@ -142,6 +142,13 @@ _SCRIPT = """
   function open(item) {
     var pic = document.getElementById("detail-picture");
     pic.replaceChildren(picture(item, true));
+    pic.className = item.sources ? "with-sources" : "";
+    (item.sources || []).forEach(function (s) {  // img2img: the start picture and mask, beside the result
+      var fig = el("figure", "source"), img = el("img", "source");
+      img.src = s[1]; img.alt = s[0];
+      fig.appendChild(img); fig.appendChild(user("figcaption", "", s[0]));
+      pic.appendChild(fig);
+    });
     document.getElementById("detail-title").textContent = item.title || "(empty prompt)";
     document.getElementById("detail-id").textContent = item.id;
     var list = document.getElementById("detail-fields");
@@ -208,6 +215,8 @@ dl { display: grid; grid-template-columns: max-content 1fr; gap: 0.1em 0.8em; ma
 dt { color: #666; } dd { margin: 0; overflow-wrap: anywhere; white-space: pre-wrap; }
 pre { background: #f4f4f4; padding: 0.5em; white-space: pre-wrap; overflow-wrap: anywhere; font-size: 12px; margin: 0.4em 0; unicode-bidi: isolate; }
 button.copy { cursor: pointer; }
+#detail-picture.with-sources { display: flex; flex-wrap: wrap; gap: 0.6em; align-items: flex-start; }
+figure.source { margin: 0.5em 0; } img.source { display: block; max-width: 30vw; max-height: 40vh; }
 svg text { font: 12px system-ui, sans-serif; }
 """
 
@@ -288,6 +297,10 @@ def generation_block(item: dict, job: dict) -> str:
     ]
     if item.get("timesteps"):
         lines.append(f"timesteps = [{', '.join(str(int(t)) for t in item['timesteps'])}]")
+    if item.get("init_image"):
+        lines += [f"image = {toml_string(item['init_image'])}", f"strength = {float(item['strength'])!r}"]
+        if item.get("mask_image"):
+            lines.append(f"mask = {toml_string(item['mask_image'])}")
     return "\n".join(lines) + "\n"
 
 
@@ -466,6 +479,16 @@ def _timings(records: dict) -> str:
     return ", ".join(parts)
 
 
+def _picture_fields(item: dict) -> list[tuple[str, str]]:
+    """img2img's rows: the start picture with its strength and hash, and the mask (none without)."""
+    if not item.get("init_image"):
+        return []
+    rows = [("image", f"{item['init_image']} (strength {item['strength']}, sha256 {item['init_image_sha256'][:12]})")]
+    if item.get("mask_image"):
+        rows.append(("mask", f"{item['mask_image']} (sha256 {item['mask_image_sha256'][:12]})"))
+    return rows
+
+
 def _item_data(item: dict, entry: dict, job: dict) -> dict:
     """One item as the page's script reads it: every text as shown (display_text), the copy block
     exact (its TOML escapes read back as the prompt), image links with their hash (a remade image
@@ -479,6 +502,7 @@ def _item_data(item: dict, entry: dict, job: dict) -> dict:
         ("size", _size(item, records.get("denoise"))),
         ("steps", steps),
         ("guidance", item["guidance_scale"]),
+        *_picture_fields(item),
         ("model", job["model"]["given"]),
         ("tiling", _tiling(records.get("decode"))),
         ("timings", _timings(records)),
@@ -493,6 +517,9 @@ def _item_data(item: dict, entry: dict, job: dict) -> dict:
         "fields": [[name, display_text(value)] for name, value in fields],
         "toml": generation_block(item, job),
     }
+    if item.get("init_image"):  # file: links (the CSP allows them); the script sets them as properties, never as HTML
+        data["sources"] = [[display_text(f"{what}: {Path(item[key]).name}"), Path(item[key]).as_uri()]
+                           for what, key in (("source", "init_image"), ("mask", "mask_image")) if item.get(key)]
     if entry["state"] == "done":
         outputs = records["decode"].get("outputs") or {}
         image, thumb = outputs[Path(item["image"]).name], outputs[thumbnail_name(item["id"])]
