@@ -76,6 +76,8 @@ def plan_units(job: dict) -> dict[str, list[Unit]]:
             d_params["scheduler"] = job["scheduler"]
         if item.get("timesteps"):
             d_params["timesteps"] = item["timesteps"]
+        if item.get("loras"):  # content and scale: adding, removing or rescaling one remakes exactly these items
+            d_params["loras"] = [{"sha256": lora["sha256"], "scale": lora["scale"]} for lora in item["loras"]]
         denoise.append(
             Unit("denoise", item["id"], d_params, inputs=(("encode", e_key),), items=(item["id"],),
                  outputs=(f"{item['id']}.safetensors",))
@@ -86,7 +88,8 @@ def plan_units(job: dict) -> dict[str, list[Unit]]:
             "decode": decode_strategy(job),
             # PNG text metadata carries these, so they decide the file's bytes too.
             "metadata": {k: item[k] for k in ("prompt", "negative_prompt", *DENOISE_ITEM_KEYS)} | {"model": job["model"]["given"]}
-                        | {k: v for k, v in (("scheduler", job.get("scheduler")), ("timesteps", item.get("timesteps"))) if v},
+                        | {k: v for k, v in (("scheduler", job.get("scheduler")), ("timesteps", item.get("timesteps"))) if v}
+                        | ({"loras": [{"path": lora["given"], "scale": lora["scale"]} for lora in item["loras"]]} if item.get("loras") else {}),
         }
         decode.append(
             Unit("decode", item["id"], c_params, inputs=(("denoise", item["id"]),), items=(item["id"],),

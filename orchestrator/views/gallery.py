@@ -288,6 +288,9 @@ def generation_block(item: dict, job: dict) -> str:
     ]
     if item.get("timesteps"):
         lines.append(f"timesteps = [{', '.join(str(int(t)) for t in item['timesteps'])}]")
+    if item.get("loras"):  # local ones by absolute path, so the block works from any job file
+        lines.append("loras = [" + ", ".join(f"{{ path = {toml_string(lora['given'] if lora.get('hub') else lora['path'])}, "
+                                              f"scale = {float(lora['scale'])!r} }}" for lora in item["loras"]) + "]")
     return "\n".join(lines) + "\n"
 
 
@@ -480,6 +483,7 @@ def _item_data(item: dict, entry: dict, job: dict) -> dict:
         ("steps", steps),
         ("guidance", item["guidance_scale"]),
         ("model", job["model"]["given"]),
+        *([("loras", ", ".join(f"{lora['given']} x{lora['scale']:g}" for lora in item["loras"]))] if item.get("loras") else []),
         ("tiling", _tiling(records.get("decode"))),
         ("timings", _timings(records)),
     ]
