@@ -6,7 +6,10 @@ Formats (docs/lora.md), all read as safetensors, never pickle:
   `save_pretrained` and PixArt's train_pixart_lora_hf.py write);
 - a diffusers-style single file: `transformer.<module>.lora_A.weight` / `lora_B.weight`, or
   `.lora.down.weight` / `.lora.up.weight`, with an optional `<module>.alpha` (diffusers' training
-  scripts, SimpleTuner); without alpha the scale is 1 per unit of `scale`, as diffusers does.
+  scripts, SimpleTuner); without alpha the scale is 1 per unit of `scale`, as diffusers does;
+- OneTrainer's PixArt LoRAs in each of its three layouts: kohya style (`lora_transformer_<module with
+  underscores>.lora_down.weight`, `.alpha`), "diffusers" (`lora_transformer.<module>...`) and "omi"
+  (`transformer.blocks.N.attn.qkv.0...`, PixArt's original names, mapped as OneTrainer maps them).
 
 `inspect_lora` checks a LoRA from its safetensors header and the transformer's config.json alone (the
 transformer is built on the meta device: no weights load), so a bad LoRA is refused at job
@@ -82,24 +85,57 @@ def locate(path: Path) -> tuple[str, Path, dict | None]:
     return "diffusers", path, None
 
 
-def _modules(header: dict, fmt: str, file: Path) -> dict:
-    """{module name in the transformer: {"A": key, "B": key, "alpha": key?}} from the header's keys."""
+# OneTrainer's PixArt LoRAs (modules/util/convert/lora/convert_pixart_lora.py there): its "omi" layout
+# names modules as PixArt's original code does, under `transformer.`; these are diffusers' names for them.
+_OMI_BLOCK = {"attn.qkv.0": "attn1.to_q", "attn.qkv.1": "attn1.to_k", "attn.qkv.2": "attn1.to_v", "attn.proj": "attn1.to_out.0",
+              "cross_attn.q_linear": "attn2.to_q", "cross_attn.kv_linear.0": "attn2.to_k", "cross_attn.kv_linear.1": "attn2.to_v",
+              "cross_attn.proj": "attn2.to_out.0", "mlp.fc1": "ff.net.0.proj", "mlp.fc2": "ff.net.2"}
+_OMI_TOP = {"ar_embedder.mlp.0": "adaln_single.emb.aspect_ratio_embedder.linear_1", "ar_embedder.mlp.2": "adaln_single.emb.aspect_ratio_embedder.linear_2",
+            "csize_embedder.mlp.0": "adaln_single.emb.resolution_embedder.linear_1", "csize_embedder.mlp.2": "adaln_single.emb.resolution_embedder.linear_2",
+            "y_embedder.y_proj.fc1": "caption_projection.linear_1", "y_embedder.y_proj.fc2": "caption_projection.linear_2",
+            "x_embedder.proj": "pos_embed.proj", "t_embedder.mlp.0": "adaln_single.emb.timestep_embedder.linear_1",
+            "t_embedder.mlp.2": "adaln_single.emb.timestep_embedder.linear_2", "t_block.1": "adaln_single.linear", "final_layer.linear": "proj_out"}
+_OMI_BLOCK_KEY = re.compile(r"blocks\.(\d+)\.(.+)")
+
+
+def _module_name(name: str, underscored: dict) -> tuple[str, str]:
+    """(format, diffusers module name) of a key with its LoRA suffix removed."""
+    if name.startswith("base_model.model."):  # peft's save_pretrained of the transformer
+        return "peft", name[len("base_model.model."):]
+    if name.startswith("lora_transformer."):  # OneTrainer "diffusers"
+        return "onetrainer", name[len("lora_transformer."):]
+    if name.startswith("lora_transformer_"):  # kohya style (OneTrainer "legacy diffusers"): dots as underscores
+        return "kohya", underscored.get(name[len("lora_transformer_"):], name)
+    if name.startswith("transformer."):
+        rest = name[len("transformer."):]
+        block = _OMI_BLOCK_KEY.fullmatch(rest)
+        if block and block.group(2) in _OMI_BLOCK:  # OneTrainer "omi": PixArt's original names
+            return "onetrainer-omi", f"transformer_blocks.{block.group(1)}.{_OMI_BLOCK[block.group(2)]}"
+        if rest in _OMI_TOP:
+            return "onetrainer-omi", _OMI_TOP[rest]
+        return "diffusers", rest
+    return "diffusers", name
+
+
+def _modules(header: dict, file: Path, names) -> tuple[str, dict]:
+    """(format, {module name in the transformer: {"A": key, "B": key, "alpha": key?}}) from the
+    header's keys; `names`: the transformer's module names (kohya keys spell them with underscores)."""
+    underscored = {name.replace(".", "_"): name for name in names}
     modules: dict[str, dict] = {}
+    formats = set()
     for key in header:
-        name = key
-        for prefix in ("base_model.model.", "transformer."):
-            if name.startswith(prefix):
-                name = name[len(prefix):]
-        end = next((e for e in _ENDS if name.endswith(e)), None)
+        end = next((e for e in _ENDS if key.endswith(e)), None)
         if end is None:
             family = next((what for start, what in _FOREIGN if key.startswith(start) or f".{start}" in key), None)
             raise JobFileError(f"LoRA {file}: key {key!r} is not a LoRA weight of a PixArt transformer"
                                + (f"; it looks like a LoRA for {family}" if family else "")
-                               + "; use a LoRA trained for PixArt (PEFT folder or diffusers-style file)")
-        modules.setdefault(name[: -len(end)], {})[_ENDS[end]] = key
+                               + "; use a LoRA trained for PixArt (PEFT folder, diffusers-style, kohya or OneTrainer file)")
+        fmt, name = _module_name(key[: -len(end)], underscored)
+        formats.add(fmt)
+        modules.setdefault(name, {})[_ENDS[end]] = key
     if not modules:
         raise JobFileError(f"LoRA {file}: holds no tensors; save the LoRA again")
-    return modules
+    return "+".join(sorted(formats)), modules
 
 
 def meta_transformer(transformer_config: Path):
@@ -121,8 +157,8 @@ def inspect_lora(path: Path, model) -> dict:
 
     fmt, file, config = locate(Path(path))
     header = _header(file)
-    modules = _modules(header, fmt, file)
     known = dict(model.named_modules())
+    detected, modules = _modules(header, file, known)
     missing = [m for m in modules if m not in known]
     if missing:
         family = next((what for start, what in _FOREIGN if any(m.startswith(start) or f".{start}" in m for m in missing)), None)
@@ -151,7 +187,7 @@ def inspect_lora(path: Path, model) -> dict:
         import hashlib
 
         digest = hashlib.sha256((digest + json.dumps(config, sort_keys=True)).encode()).hexdigest()
-    return {"format": fmt, "file": str(file), "sha256": digest, "bytes": nbytes, "parameters": parameters, "rank": max(ranks.values()), "modules": len(modules)}
+    return {"format": "peft" if fmt == "peft" else detected, "file": str(file), "sha256": digest, "bytes": nbytes, "parameters": parameters, "rank": max(ranks.values()), "modules": len(modules)}
 
 
 def lora_config(fmt: str, file: Path, config: dict | None, modules: dict, tensors: dict):
@@ -174,12 +210,13 @@ def lora_config(fmt: str, file: Path, config: dict | None, modules: dict, tensor
                       alpha_pattern={f"^{re.escape(n)}": v for n, v in alphas.items() if v != alpha})
 
 
-def read_lora(path: Path):
-    """(peft LoraConfig, state dict keyed `<module>.lora_A.weight` as set_peft_model_state_dict takes)."""
+def read_lora(path: Path, names):
+    """(peft LoraConfig, state dict keyed `<module>.lora_A.weight` as set_peft_model_state_dict takes);
+    `names`: the transformer's module names."""
     from safetensors.torch import load_file
 
     fmt, file, config = locate(Path(path))
-    modules = _modules(_header(file), fmt, file)
+    _, modules = _modules(_header(file), file, names)
     tensors = load_file(str(file))
     state = {f"{name}.lora_{part}.weight": tensors[keys[part]] for name, keys in modules.items() for part in ("A", "B")}
     return lora_config(fmt, file, config, modules, tensors), state
@@ -207,7 +244,7 @@ def apply_loras(transformer, items: list[dict]) -> dict:
             if name in seen:
                 continue
             seen.add(name)
-            config, state = read_lora(Path(lora["path"]))
+            config, state = read_lora(Path(lora["path"]), [n for n, _ in transformer.named_modules()])
             with warnings.catch_warnings():
                 # Several adapters in one model is the point here (one per distinct LoRA); a streamed
                 # model's blocks are on meta, and their adapters join them as they load (stream_adjuster).

@@ -58,6 +58,31 @@ def save_diffusers(lora: dict, file, down_up: bool = True) -> None:
     save_file(out, str(file))
 
 
+OMI = {"attn1.to_q": "attn.qkv.0", "attn1.to_k": "attn.qkv.1", "attn1.to_v": "attn.qkv.2", "attn1.to_out.0": "attn.proj",
+       "attn2.to_q": "cross_attn.q_linear", "attn2.to_k": "cross_attn.kv_linear.0", "attn2.to_v": "cross_attn.kv_linear.1",
+       "attn2.to_out.0": "cross_attn.proj", "ff.net.0.proj": "mlp.fc1", "ff.net.2": "mlp.fc2"}
+
+
+def save_onetrainer(lora: dict, file, layout: str) -> None:
+    """OneTrainer's PixArt LoRA layouts: kohya style (`lora_transformer_` + underscores) or "omi"
+    (PixArt's original module names under `transformer.`), lora_down/lora_up and alpha."""
+    from safetensors.torch import save_file
+
+    out = {}
+    for key, tensor in lora["state"].items():
+        module, part = key.rsplit(".lora_", 1)
+        if layout == "kohya":
+            name = "lora_transformer_" + module.replace(".", "_")
+        elif module.startswith("transformer_blocks."):
+            _, index, rest = module.split(".", 2)
+            name = f"transformer.blocks.{index}.{OMI[rest]}"
+        else:
+            name = {"caption_projection.linear_1": "transformer.y_embedder.y_proj.fc1"}[module]
+        out[f"{name}.{'lora_down' if part.startswith('A') else 'lora_up'}.weight"] = tensor.contiguous()
+        out[f"{name}.alpha"] = torch.tensor(lora["alpha"])
+    save_file(out, str(file))
+
+
 def reference_pipe(tiny_model, loras: list[tuple[dict, float]]):
     """diffusers' pipeline whose transformer got `loras` through peft, unmerged, scales set as
     diffusers' set_adapters does (LoraLayer.set_scale)."""
@@ -120,7 +145,26 @@ def loras(tiny_model, tmp_path_factory):
     save_peft(b, folder / "b-peft")
     save_diffusers(a, folder / "a.safetensors")
     save_diffusers(b, folder / "b.safetensors", down_up=False)
+    save_onetrainer(a, folder / "a-kohya.safetensors", "kohya")
+    save_onetrainer(a, folder / "a-omi.safetensors", "omi")
     return folder, a, b
+
+
+@pytest.mark.parametrize("name, fmt", [("a-kohya.safetensors", "kohya"), ("a-omi.safetensors", "onetrainer-omi"), ("a-peft", "peft")])
+def test_each_layout_reads_as_the_diffusers_file(tiny_model, loras, name, fmt):
+    """kohya and OneTrainer's "omi" layouts (and a PEFT folder) give the same peft config and
+    tensors as the diffusers-style file, whose images test_loras_match_diffusers_with_peft checks."""
+    from stages.lora import inspect_lora, meta_transformer, read_lora
+
+    folder, _, _ = loras
+    model = meta_transformer(tiny_model / "transformer" / "config.json")
+    names = [n for n, _ in model.named_modules()]
+    assert inspect_lora(folder / name, model)["format"] == fmt
+    config, state = read_lora(folder / name, names)
+    reference_config, reference_state = read_lora(folder / "a.safetensors", names)
+    assert (config.r, config.lora_alpha, sorted(config.target_modules)) == (reference_config.r, reference_config.lora_alpha,
+                                                                           sorted(reference_config.target_modules))
+    assert state.keys() == reference_state.keys() and all(torch.equal(state[k], reference_state[k]) for k in state)
 
 
 @pytest.mark.parametrize("fmt, strategy", [("peft", "resident"), ("diffusers", "resident"), ("peft", "offload")])
