@@ -270,3 +270,35 @@ def test_the_plan_counts_the_adapter_bytes(tiny_model, loras, tmp_path):
         return choose_strategies(tiny_model, "float32", "cpu", resolved["items"], 16, None)["denoise"].weights_bytes
 
     assert denoise_weights(with_two) - denoise_weights(plain) == params * 4  # peft keeps adapters in float32
+
+
+def test_defaults_apply_to_every_entry_an_entry_may_clear_them_and_a_bad_lora_exits_2(tiny_model, loras, tmp_path):
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+    from orchestrator.jobfile import job as jobfile
+
+    folder, _, _ = loras
+    (tmp_path / "l").mkdir()
+    (tmp_path / "l" / "style.safetensors").write_bytes((folder / "a.safetensors").read_bytes())
+    job_file = write_job(tmp_path, f"""
+        [job]
+        model = "{tiny_model}"
+        [defaults]
+        loras = [{{ path = "l/style.safetensors", scale = 0.5 }}]
+        [[generation]]
+        prompt = "x"
+        [[generation]]
+        prompt = "y"
+        loras = []
+    """)
+    items = jobfile.resolve_job(jobfile.load_job(job_file), tmp_path / "work" / "job", "cpu")["items"]
+    assert [(lora["path"], lora["scale"], lora["format"]) for lora in items[0]["loras"]] == [(str(tmp_path / "l" / "style.safetensors"), 0.5, "diffusers")]
+    assert "loras" not in items[1]  # no LoRA: the item's params are as before this feature
+    (tmp_path / "l" / "style.safetensors").write_bytes(b"not a safetensors file")
+    for command in ("run", "status"):
+        result = CliRunner().invoke(app, [command, str(job_file), "--workdir", str(tmp_path / "work"), "--device", "cpu"])
+        assert result.exit_code == 2, result.output
+        assert "LoRA" in result.output and "style.safetensors: not a readable safetensors file" in result.output
+        assert "Traceback" not in result.output
+    assert not (tmp_path / "work").exists()  # refused before anything was written
