@@ -203,6 +203,11 @@ def test_rescaling_a_lora_remakes_exactly_its_items_and_records_it(tiny_model, l
     assert meta == [{"path": str(folder / "a.safetensors"), "scale": 0.8}, {"path": str(folder / "b-peft"), "scale": -0.5}]
     block = generation_block(items[3], json.loads((job_dir / "job.resolved.json").read_text()))
     assert f'loras = [{{ path = "{folder / "a.safetensors"}", scale = 0.8 }}, {{ path = "{folder / "b-peft"}", scale = -0.5 }}]' in block
+    from orchestrator.views import gallery
+
+    gallery.write_gallery(job_dir, json.loads((job_dir / "job.resolved.json").read_text()))
+    shown = "".join(path.read_text() for path in (job_dir / "gallery").glob("items-*.js"))
+    assert "a.safetensors x0.8, " in shown and "b-peft x-0.5" in shown  # the details line of item 3
     write_job(tmp_path, body.replace("scale = -0.5", "scale = -0.25"))
     job = jobfile.load_job(job_file)
     resolved = jobfile.resolve_job(job, job_dir, "cpu")
