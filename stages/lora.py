@@ -80,7 +80,9 @@ def locate(path: Path) -> tuple[str, Path, dict | None]:
         if config.get("peft_type", "LORA") != "LORA":
             raise JobFileError(f"LoRA {config_file}: peft_type {config.get('peft_type')!r} is not LORA; only LoRA adapters are supported")
         return "peft", weights, config
-    if not path.is_file():
+    if not path.is_file():  # is_file: a regular file only, so a FIFO is never opened (it would block the read)
+        if path.exists():
+            raise JobFileError(f"LoRA {path}: not a regular file (a FIFO, device or socket); name a .safetensors file or a PEFT folder")
         raise JobFileError(f"LoRA {path}: not found; check 'path' in loras (a relative path starts at the job file)")
     return "diffusers", path, None
 
@@ -180,6 +182,9 @@ def inspect_lora(path: Path, model) -> dict:
                                f"(Linear {layer.in_features} -> {layer.out_features}: expected [r, {layer.in_features}] and "
                                f"[{layer.out_features}, r]); it was trained for another model size")
         ranks[name] = a[0]
+        if config is not None and not config.get("rank_pattern") and a[0] != config.get("r", a[0]):
+            raise JobFileError(f"LoRA {file}: key {keys['A']!r} has rank {a[0]}, but {PEFT_CONFIG} says r = {config.get('r')}; "
+                               f"the folder mixes two adapters: save it again")
     nbytes = sum(v["data_offsets"][1] - v["data_offsets"][0] for v in header.values() if "data_offsets" in v)
     parameters = sum(math.prod(header[keys[part]]["shape"]) for keys in modules.values() for part in ("A", "B"))
     digest = sha256_file(file)

@@ -5,6 +5,7 @@ peft, under the resident and the streamed strategy, and exactly the items whose 
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -246,6 +247,11 @@ def test_bad_loras_are_refused_in_one_line_before_anything_loads(tiny_model, lor
                "transformer.transformer_blocks.99.attn1.to_q.lora_B.weight": torch.zeros(8, 2)}, str(tmp_path / "deep.safetensors"))
     (tmp_path / "trunc.safetensors").write_bytes((folder / "a.safetensors").read_bytes()[:-10])
     (tmp_path / "empty-folder").mkdir()
+    if hasattr(os, "mkfifo"):  # POSIX; opening it would block: refused from its type
+        os.mkfifo(tmp_path / "fifo.safetensors")
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / "adapter_model.safetensors").write_bytes((folder / "a-peft" / "adapter_model.safetensors").read_bytes())
+    (tmp_path / "mixed" / "adapter_config.json").write_text((folder / "b-peft" / "adapter_config.json").read_text())
     cases = {
         '[{ path = "missing.safetensors" }]': r"missing.safetensors: not found",
         '[{ path = "sdxl.safetensors" }]': r"sdxl.safetensors: 1 of 1 modules are not in this PixArt transformer \(first: lora_unet_down_blocks_0_attn.lora_down.weight\); it looks like a LoRA for a Stable Diffusion UNet",
@@ -253,6 +259,8 @@ def test_bad_loras_are_refused_in_one_line_before_anything_loads(tiny_model, lor
         '[{ path = "deep.safetensors" }]': r"deep.safetensors: 1 of 1 modules are not in this PixArt transformer \(first: transformer.transformer_blocks.99",
         '[{ path = "trunc.safetensors" }]': r"trunc.safetensors: truncated",
         '[{ path = "empty-folder" }]': r"empty-folder: a folder needs adapter_config.json",
+        **({'[{ path = "fifo.safetensors" }]': r"fifo.safetensors: not a regular file"} if hasattr(os, "mkfifo") else {}),
+        '[{ path = "mixed" }]': r"mixed/adapter_model.safetensors: key '.*lora_A.weight' has rank 4, but adapter_config.json says r = 2",
         '[{ path = "x.safetensors", scale = "high" }]': r"'scale' = 'high' must be a finite number",
         '[{ file = "x" }]': r"unknown key 'file'",
         f'[{{ path = "{folder / "a-peft"}" }}, {{ path = "{folder / "a-peft"}", scale = 0.5 }}]': r"listed twice",
