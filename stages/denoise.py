@@ -3,8 +3,8 @@
 Reads:  <job_dir>/job.resolved.json, <job_dir>/encode/<key>.safetensors (checked against records)
 Writes: <job_dir>/denoise/<item>.safetensors (`latents` [1, C, H/f, W/f]) and <item>.json, its
         record, which names the latent shape, the VAE scale factor and the requested and binned sizes.
-Loads:  PixArtTransformer2DModel and the scheduler only; the VAE's config.json is read for its scale
-        factor (a pipeline without its VAE assumes 8), never its weights.
+Loads:  PixArtTransformer2DModel (with its items' LoRA adapters, stages/lora.py) and the scheduler only;
+        the VAE's config.json is read for its scale factor (a pipeline without its VAE assumes 8), never its weights.
 
 Example: python -m stages.denoise workdir/beach
 
