@@ -102,6 +102,39 @@ def run_one(model: Path, work: Path, name: str, loras: list[Path], strategy: str
             "images": [str(job_dir / "decode" / f"{item['id']}.png") for item in resolved["items"]]}
 
 
+def forward_cost(model: Path, loras: list[Path], args) -> list[dict]:
+    """CPU seconds (time.process_time: other processes on a shared machine do not count) of one
+    transformer forward of the CFG batch at --size, through the stage's own load_transformer and
+    lora.activate, with none, one and three LoRAs active; the three alternate, each keeps its least."""
+    import torch
+
+    from stages import denoise, lora
+    from stages.lora import inspect_lora, meta_transformer
+
+    torch.set_num_threads(args.threads)
+    meta = meta_transformer(model / "transformer" / "config.json")
+    entries = [{"path": str(p), "scale": 0.7, **inspect_lora(p, meta)} for p in loras]
+    sets = {0: (), 1: lora.lora_set({"loras": entries[:1]}), 3: lora.lora_set({"loras": entries})}
+    transformer, _, _ = denoise.load_transformer({"model": {"path": str(model)}, "dtype": "float32"}, torch.device("cpu"), "resident",
+                                                 [{"loras": entries}])
+    config = transformer.config
+    side = args.size // 8  # the VAE factor of the models used here
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, config.in_channels, side, side, generator=gen)  # [2B, C, h, w]: CFG doubles the batch
+    embeds = torch.randn(2, 120, config.caption_channels, generator=gen)  # [2B, seq, dim]
+    mask = torch.ones(2, 120, dtype=torch.long)
+    cond = {"resolution": torch.tensor([[args.size, args.size]] * 2, dtype=torch.float32), "aspect_ratio": torch.tensor([[1.0]] * 2)}
+    best = {count: float("inf") for count in sets}
+    for _ in range(args.forward_repeat):
+        for count, active in sets.items():
+            lora.activate(transformer, active)
+            started = time.process_time()
+            transformer(latents, encoder_hidden_states=embeds, encoder_attention_mask=mask, timestep=torch.tensor([500, 500]),
+                        added_cond_kwargs=cond, return_dict=False)
+            best[count] = min(best[count], time.process_time() - started)
+    return [{"loras": count, "forward_cpu_seconds": round(best[count], 4), "vs_none": round(best[count] / best[0], 3)} for count in sets]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Per-image cost of none, one and three LoRAs, resident and streamed (CPU).")
     parser.add_argument("--work", type=Path, default=Path("/tmp/pixart-bench-lora"))
@@ -112,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=3, help="rounds over the 6 configurations; each keeps its fastest")
+    parser.add_argument("--forward-repeat", type=int, default=20, help="alternating forwards per LoRA count in the CPU-time table")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (bench/gpu.sh --lora): there 'offload' is diffusers' group offloading")
     parser.add_argument("--model", type=Path, default=None, help="a diffusers folder to use instead of the moderate-width random model "
                         "(bench/gpu.sh --lora gives the full-size one bench/fullsize.py builds)")
@@ -119,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.update(common.subprocess_env(args.threads))
     if args.smoke:
-        args.size, args.steps, args.images, args.rank, args.repeat = 64, 2, 1, 4, 1
+        args.size, args.steps, args.images, args.rank, args.repeat, args.forward_repeat = 64, 2, 1, 4, 1, 2
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     if args.smoke:
@@ -135,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
 
         model = overhead.ensure_model(work)
     loras = make_loras(model, common.fresh_folder(work / "loras"), 3, args.rank)
+    forwards = forward_cost(model, loras, args)
+    print("forward CPU seconds:", forwards, flush=True)
     # Rounds alternate the 6 configurations; each keeps its fastest round (on a shared machine other
     # work only adds time), the others are in lora.json.
     load_before = os.getloadavg()[0]
@@ -169,13 +205,17 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(TARGETS)} attention and feed-forward Linears of every block, scale 0.7, {runs[0].get('dtype', 'float32')} on {args.device}, {args.threads} CPU thread(s).",
         f"Machine: {info.get('cpu')}, {info.get('cores')} cores; torch {info.get('torch', '?')}; load average {load_before:.1f} at the start, "
         f"{os.getloadavg()[0]:.1f} at the end (the machine is shared).", "",
+        "Transformer forward, CPU seconds (the process's own, so other work on the machine does not count; "
+        f"least of {args.forward_repeat} alternating forwards of the CFG batch, resident, the stage's load_transformer and lora.activate):", "",
+        common.markdown_table(["LoRAs", "forward CPU s", "vs none"], [[f["loras"], f"{f['forward_cpu_seconds']:.4f}", f"{f['vs_none']:.2f}x"] for f in forwards]), "",
+        "Whole runs (product path: resolved job, stage processes), wall seconds per image from the denoise records:", "",
         common.markdown_table(header, rows), "",
-        f"Command: python bench/lora.py{' --smoke' if args.smoke else ''}{' --device ' + args.device if args.device != 'cpu' else ''} --size {args.size} --steps {args.steps} --images {args.images} --rank {args.rank} --repeat {args.repeat}",
+        f"Command: python bench/lora.py{' --smoke' if args.smoke else ''}{' --device ' + args.device if args.device != 'cpu' else ''} --size {args.size} --steps {args.steps} --images {args.images} --rank {args.rank} --repeat {args.repeat} --forward-repeat {args.forward_repeat}",
     ]) + "\n"
     out = common.results_dir(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "lora.md").write_text(text, encoding="utf-8")
-    (out / "lora.json").write_text(json.dumps({"machine": info, "args": {k: str(v) for k, v in vars(args).items()}, "runs": runs}, indent=2) + "\n",
+    (out / "lora.json").write_text(json.dumps({"machine": info, "args": {k: str(v) for k, v in vars(args).items()}, "forwards": forwards, "runs": runs}, indent=2) + "\n",
                                    encoding="utf-8")
     print(text)
     return 0
