@@ -234,5 +234,7 @@ def test_lora_bench_smoke_writes_its_table(tmp_path):
             if cells[0] in ("resident", "streamed")]
     assert [(r[0], r[1]) for r in rows] == [(s, n) for s in ("resident", "streamed") for n in ("0", "1", "3")]
     assert all(r[-1] == "1/1" for r in rows), rows
-    runs = json.loads((out / "lora.json").read_text())["runs"]
+    results = json.loads((out / "lora.json").read_text())
+    assert [f["loras"] for f in results["forwards"]] == [0, 1, 3] and all(f["forward_cpu_seconds"] > 0 for f in results["forwards"])
+    runs = results["runs"]
     assert [r["loras"] for r in runs] == [0, 1, 3, 0, 1, 3] and all(r["denoise_seconds_per_image"] > 0 for r in runs)
