@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         "Transformer forward, CPU seconds (the process's own, so other work on the machine does not count; "
         f"least of {args.forward_repeat} alternating forwards of the CFG batch, resident, the stage's load_transformer and lora.activate):", "",
         common.markdown_table(["LoRAs", "forward CPU s", "vs none"], [[f["loras"], f"{f['forward_cpu_seconds']:.4f}", f"{f['vs_none']:.2f}x"] for f in forwards]), "",
-        "Whole runs (product path: resolved job, stage processes), wall seconds per image from the denoise records:", "",
+        "Whole runs (product path: resolved job, stage processes), wall seconds per image from the denoise records (wall time: on a loaded shared machine these differ by up to 2x between identical rounds, so read the cost from the CPU-time table above; this one shows that every configuration runs and that streamed images equal resident ones):", "",
         common.markdown_table(header, rows), "",
         f"Command: python bench/lora.py{' --smoke' if args.smoke else ''}{' --device ' + args.device if args.device != 'cpu' else ''} --size {args.size} --steps {args.steps} --images {args.images} --rank {args.rank} --repeat {args.repeat} --forward-repeat {args.forward_repeat}",
     ]) + "\n"
