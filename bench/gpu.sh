@@ -6,6 +6,9 @@
 #                                tables to $OUT (else bench/results/), rewritten after every run
 #   bash bench/gpu.sh --quick    2 prompts, 10 steps, the 5 most important rows: ~5 minutes
 #   bash bench/gpu.sh --smoke    the same code on the CPU with a tiny model, in about 1.5 minutes
+#   bash bench/gpu.sh --lora     issue 19: none, one and three LoRAs per image, resident and group-offloaded,
+#                                on the full-size random model ($MODEL, built by bench/fullsize.py if
+#                                missing): bench/lora.py --device cuda, table to $OUT/lora.md
 # Extra arguments go to bench/gpu_bench.py (--out DIR, --work DIR, --time-limit S,
 # --run-timeout SLUG=S, --jobs N).
 set -euo pipefail
@@ -31,4 +34,10 @@ if ! "$PY" -c "import diffusers, ftfy, bs4" 2>/dev/null; then
 fi
 
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+if [ "${1:-}" = "--lora" ]; then
+    shift
+    MODEL=${MODEL:-/tmp/pixart-random}
+    [ -f "$MODEL/model_index.json" ] || "$PY" bench/fullsize.py --out "$MODEL"
+    exec "$PY" bench/lora.py --device cuda --model "$MODEL" --size 1024 --steps 20 --images 3 "$@"
+fi
 exec "$PY" bench/gpu_bench.py "$@"

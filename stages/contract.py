@@ -11,6 +11,7 @@ level, so the orchestrator's `status` stays fast, and none imports from orchestr
 - stages/artifacts.py: what a stage accepts as an artifact (regular files, expected tensors)
 - stages/measure.py: the memory and seconds a stage measures
 - stages/embedding_cache.py: the embeddings encode keeps, only while a later unit needs them
+- stages/lora.py: LoRA adapters for denoise's transformer: checked from headers, applied with peft
 - stages/entry.py: the stage process itself: arguments, device, logging, errors, interrupts
 
 An item of a stage is up to date when its record exists with the current format version and a

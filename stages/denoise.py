@@ -4,8 +4,8 @@ Reads:  <job_dir>/job.resolved.json, <job_dir>/encode/<key>.safetensors (checked
         for img2img items also imagencode/<key>.safetensors and the inpainting mask (stages/img2img.py)
 Writes: <job_dir>/denoise/<item>.safetensors (`latents` [1, C, H/f, W/f]) and <item>.json, its
         record, which names the latent shape, the VAE scale factor and the requested and binned sizes.
-Loads:  PixArtTransformer2DModel and the scheduler only; the VAE's config.json is read for its scale
-        factor (a pipeline without its VAE assumes 8), never its weights.
+Loads:  PixArtTransformer2DModel (with its items' LoRA adapters, stages/lora.py) and the scheduler only;
+        the VAE's config.json is read for its scale factor (a pipeline without its VAE assumes 8), never its weights.
 
 Example: python -m stages.denoise workdir/beach
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from stages import artifacts, backends, contract, entry, family, files, img2img, measure, records, resolved, units
+from stages import artifacts, backends, contract, entry, family, files, img2img, lora, measure, records, resolved, units
 
 
 def vae_scale_factor(model_path: str) -> int:
@@ -35,9 +35,10 @@ def binned_size(sample_size: int, height: int, width: int, pipeline: str | None 
         raise contract.JobFileError(f"denoise: {exc}; set use_resolution_binning = false in the job file") from None
 
 
-def load_transformer(job: dict, device, strategy: str = "resident"):
-    """The transformer placed as the plan says, and a factory for fresh schedulers of the class
-    the model folder names. Returns (transformer, new_scheduler, streaming loader or None)."""
+def load_transformer(job: dict, device, strategy: str = "resident", items: list[dict] = ()):
+    """The transformer placed as the plan says, with the LoRAs of `items` injected (inactive;
+    stages/lora.py), and a factory for fresh schedulers of the class the model folder names.
+    Returns (transformer, new_scheduler, streaming loader or None)."""
     import diffusers
     import torch
     from diffusers import PixArtTransformer2DModel
@@ -52,6 +53,8 @@ def load_transformer(job: dict, device, strategy: str = "resident"):
             from stages.weights import streamed_model
 
             transformer, loader = streamed_model(PixArtTransformer2DModel, Path(path) / "transformer", "transformer_blocks", dtype, device)
+            if any(item.get("loras") for item in items):  # blocks on meta: their adapters join each block's weights as it loads
+                loader.adjust = lora.stream_adjuster(lora.apply_loras(transformer, items))
         else:
             from stages.weights import check_complete
 
@@ -59,6 +62,8 @@ def load_transformer(job: dict, device, strategy: str = "resident"):
             transformer = PixArtTransformer2DModel.from_pretrained(
                 path, subfolder="transformer", torch_dtype=dtype, use_safetensors=True
             ).eval()
+            if any(item.get("loras") for item in items):  # before offloading, so the adapters move with their blocks
+                lora.apply_loras(transformer, items)
             if strategy == "offload":
                 # diffusers' group offloading: weights wait in host memory, one block at a time is
                 # on the GPU, and the next block is copied on a side stream while this one computes.
@@ -198,7 +203,7 @@ def _batches(todo: list, items: dict, sizes: dict, batch_size: int) -> list[list
     def shape_of(unit):
         item = items[unit.key]
         return (sizes[unit.key], item["num_inference_steps"], item["guidance_scale"], tuple(item.get("timesteps") or ()),
-                item.get("strength") if item.get("init_image") else None, bool(item.get("mask_image")))
+                item.get("strength") if item.get("init_image") else None, bool(item.get("mask_image")), lora.lora_set(item))
 
     order = {shape: n for n, shape in reversed(list(enumerate(map(shape_of, todo))))}
     groups: list[list] = []
@@ -247,7 +252,7 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
     clock = measure.Clock()
     host_rss_at_start = measure.reset_peak_memory(device)
     with entry.oom_guard(job, *todo):  # loading can run out of memory too
-        transformer, new_scheduler, loader = load_transformer(job, device, strategy)
+        transformer, new_scheduler, loader = load_transformer(job, device, strategy, [items[unit.key] for unit in todo])
     backends.use_chunked_attention(transformer, plan.get("attention_chunk"))  # the plan's, where the backend has no fused kernel
     load_seconds = clock.seconds()
     context = records.record_context(job, "denoise", device)
@@ -267,6 +272,8 @@ def make_units(job: dict, job_dir: Path, todo: list, log) -> dict:
 
             bar = tqdm(total=group_items[0]["num_inference_steps"], desc=f"  {name}", leave=False, position=1)
         latents = None
+        if any(item.get("loras") for item in items.values()):
+            lora.activate(transformer, lora.lora_set(group_items[0]))  # a batch shares its LoRA set (_batches)
         with entry.oom_guard(job, *group):
             for step, total, latents in generate_latents(transformer, new_scheduler(), embeds, group_items, height, width, scale, device, dtype,
                                                          job.get("pipeline"), sources):

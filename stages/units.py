@@ -86,6 +86,8 @@ def plan_units(job: dict) -> dict[str, list[Unit]]:
                                      outputs=(f"{i_key}.safetensors",))
             d_inputs += (("imagencode", i_key),)
             d_params.update({k: item[k] for k in IMG2IMG_ITEM_KEYS if k in item})
+        if item.get("loras"):  # content and scale: adding, removing or rescaling one remakes exactly these items
+            d_params["loras"] = [{"sha256": lora["sha256"], "scale": lora["scale"]} for lora in item["loras"]]
         denoise.append(
             Unit("denoise", item["id"], d_params, inputs=d_inputs, items=(item["id"],),
                  outputs=(f"{item['id']}.safetensors",))
@@ -97,7 +99,8 @@ def plan_units(job: dict) -> dict[str, list[Unit]]:
             # PNG text metadata carries these, so they decide the file's bytes too.
             "metadata": {k: item[k] for k in ("prompt", "negative_prompt", *DENOISE_ITEM_KEYS)} | {"model": job["model"]["given"]}
                         | {k: v for k, v in (("scheduler", job.get("scheduler")), ("timesteps", item.get("timesteps"))) if v}
-                        | img2img_metadata(item),
+                        | img2img_metadata(item)
+                        | ({"loras": [{"path": lora["given"], "scale": lora["scale"]} for lora in item["loras"]]} if item.get("loras") else {}),
         }
         decode.append(
             Unit("decode", item["id"], c_params, inputs=(("denoise", item["id"]),), items=(item["id"],),

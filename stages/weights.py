@@ -168,6 +168,7 @@ class BlockLoader:
         self.bytes_moved = 0
         self.resident = 0
         self.peak_resident = 0
+        self.adjust = None  # (prefix, module, state) -> state: a LoRA'd block's keys (stages/lora.py)
 
     def prefetch(self, prefix: str) -> None:
         if prefix not in self.pending:
@@ -177,6 +178,8 @@ class BlockLoader:
         """Give `module` (on meta) its real weights; returns their size in bytes."""
         self.prefetch(prefix)
         state = self.pending.pop(prefix).result()
+        if self.adjust is not None:
+            state = self.adjust(prefix, module, state)
         nbytes = sum(t.numel() * t.element_size() for t in state.values())
         module.load_state_dict({k: v.to(self.device) for k, v in state.items()}, assign=True, strict=True)
         self.bytes_moved += nbytes

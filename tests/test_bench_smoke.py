@@ -220,3 +220,21 @@ def test_scale_bench_generates_clones_and_tables_at_a_tiny_size(tmp_path):
     assert len(list((work / "w" / "s5" / "decode").glob("*.png"))) == 5
     markdown = (out / "scale.md").read_text()
     assert "| 2 items" in markdown and "| 5 items" in markdown and "no-op rerun, s (median)" in markdown
+
+
+def test_lora_bench_smoke_writes_its_table(tmp_path):
+    """bench/lora.py --smoke: the 6 runs (none, one, three LoRAs; resident and streamed) on the tiny
+    model, stages in-process; every streamed image equals the resident one (~15 s)."""
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "bench/lora.py", "--smoke", "--work", str(tmp_path / "work"), "--out", str(out)],
+                            cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    markdown = (out / "lora.md").read_text()
+    rows = [cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in markdown.splitlines() if line.startswith("| "))
+            if cells[0] in ("resident", "streamed")]
+    assert [(r[0], r[1]) for r in rows] == [(s, n) for s in ("resident", "streamed") for n in ("0", "1", "3")]
+    assert all(r[-1] == "1/1" for r in rows), rows
+    results = json.loads((out / "lora.json").read_text())
+    assert [f["loras"] for f in results["forwards"]] == [0, 1, 3] and all(f["forward_cpu_seconds"] > 0 for f in results["forwards"])
+    runs = results["runs"]
+    assert [r["loras"] for r in runs] == [0, 1, 3, 0, 1, 3] and all(r["denoise_seconds_per_image"] > 0 for r in runs)

@@ -64,6 +64,7 @@ class GenerationParams:
     image: str | None = None  # img2img: the start picture, relative to the job file (docs/img2img.md)
     strength: float = 0.8  # how much of the picture is repainted, as diffusers' img2img (its default)
     mask: str | None = None  # inpainting: white = repaint, black = keep; the image's size
+    loras: tuple | None = None  # ((path or hub id, scale), ...): LoRA adapters for denoise (stages/lora.py)
 
 
 @dataclass(frozen=True)
@@ -131,8 +132,26 @@ def _read_table(where: str, table, cls, exclude=(), also=()) -> dict:
             continue
         if key not in valid:
             raise JobFileError(f"{where}: unknown key '{_shown(key)}'{_suggest(key, [*valid, *also])}")
-        out[key] = _check_type(where, key, value, valid[key])
+        out[key] = _read_loras(where, value) if key == "loras" else _check_type(where, key, value, valid[key])
     return out
+
+
+def _read_loras(where: str, value) -> tuple:
+    """`loras = [{ path = "...", scale = 0.8 }, ...]` as ((path, scale), ...); scale defaults to 1.0."""
+    fix = 'write e.g. loras = [{ path = "style-lora", scale = 0.8 }]'
+    if not isinstance(value, list):
+        raise JobFileError(f"{where}: 'loras' must be a list of tables, not {type(value).__name__}; {fix}")
+    out = []
+    for n, entry in enumerate(value, 1):
+        if not isinstance(entry, dict) or set(entry) - {"path", "scale"} or not isinstance(entry.get("path"), str) or not entry["path"].strip():
+            bad = sorted(set(entry) - {"path", "scale"}) if isinstance(entry, dict) else None
+            raise JobFileError(f"{where}: loras #{n} " + (f"has an unknown key {_shown(bad[0])!r} (valid: path, scale)" if bad else
+                               "needs a 'path' (a LoRA file or folder relative to the job file, or a hub id)") + f"; {fix}")
+        scale = entry.get("scale", 1.0)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or abs(scale) > 100:
+            raise JobFileError(f"{where}: loras #{n} 'scale' = {scale!r} must be a finite number from -100 to 100 (1.0: as trained, 0: off); {fix}")
+        out.append((entry["path"], float(scale)))
+    return tuple(out)
 
 
 def _check_range(where: str, gen: GenerationParams) -> None:
@@ -501,6 +520,7 @@ def resolve_job(job: Job, job_dir: Path, device: str, runtime: dict | None = Non
         )
     dtype = job.settings.dtype or ("float32" if device == "cpu" else "float16")
     previous = _previous_seeds(job_dir)
+    lora_cache: dict = {}
     drawn = {}
     seen: dict[str, int] = {}
     items = []
@@ -515,7 +535,10 @@ def resolve_job(job: Job, job_dir: Path, device: str, runtime: dict | None = Non
         seed = gen.seed
         if seed is None:
             # (fields added later count only when set, so seeds drawn by older versions are found again)
-            entry_key = canonical_json({k: v for k, v in asdict(gen).items() if k != "seed" and not (k in ("timesteps", "image", "mask") and v is None)
+            # (fields added later count only when set, so seeds drawn by older versions are found again;
+            # LoRAs never count: adding or rescaling one keeps the entry's seed, so the image is comparable)
+            entry_key = canonical_json({k: v for k, v in asdict(gen).items() if k not in ("seed", "loras")
+                                        and not (k in ("timesteps", "image", "mask") and v is None)
                                         and not (k == "strength" and gen.image is None)})
             # Equal entries (a prompt repeated in a prompt list) each keep their own seed: the
             # second and later ones are keyed by their rank too.
@@ -526,6 +549,7 @@ def resolve_job(job: Job, job_dir: Path, device: str, runtime: dict | None = Non
             if seed is None:
                 seed = secrets.randbelow(2**31)  # recorded below, so a rerun reuses it
             drawn[entry_key] = seed
+        loras = _resolve_loras(f"[[generation]] #{n}", gen.loras or (), job.source.parent, roots["transformer"], lora_cache)
         for i in range(gen.count):
             index = len(items)
             item_id = f"{index:04d}-{slugify(gen.prompt)}"
@@ -542,6 +566,7 @@ def resolve_job(job: Job, job_dir: Path, device: str, runtime: dict | None = Non
                 "num_inference_steps": len(gen.timesteps) if gen.timesteps else gen.num_inference_steps,
                 "use_resolution_binning": gen.use_resolution_binning,
                 **({"timesteps": list(gen.timesteps)} if gen.timesteps else {}),
+                **({"loras": loras} if loras else {}),
                 "image": f"decode/{item_id}.png",
                 **img2img_fields(gen, pictures, height, width, transformer_config["sample_size"], pipeline),
             })
@@ -629,6 +654,34 @@ def img2img_fields(gen: GenerationParams, pictures: dict, height: int, width: in
     if gen.mask is not None:
         path, digest, _ = pictures[gen.mask]
         out.update(mask_image=str(path), mask_image_sha256=digest)
+    return out
+
+
+def _resolve_loras(where: str, loras: tuple, base: Path, transformer_root: Path, cache: dict) -> list[dict]:
+    """Each LoRA located (a file or folder relative to the job file, else a hub id) and checked
+    against the transformer from headers and configs (stages/lora.py), before anything loads."""
+    from stages import lora
+
+    out = []
+    for given, scale in loras:
+        if given not in cache:
+            candidate = (base / Path(given).expanduser()).resolve()
+            hub = not candidate.exists() and given.count("/") == 1 and not given.startswith((".", "/", "~"))
+            if hub:
+                candidate = _download(given, candidate, "LoRA", ["*.safetensors", "*.json"], f"'path' in loras of {where}")
+                if not (candidate / lora.PEFT_CONFIG).exists():  # a hub repo of one single-file LoRA
+                    files = sorted(candidate.glob("*.safetensors"))
+                    if len(files) != 1:
+                        raise JobFileError(f"{where}: LoRA {given!r} holds {len(files)} .safetensors files and no {lora.PEFT_CONFIG}; "
+                                           f"download it and name the file in 'path'")
+                    candidate = files[0]
+            if "model" not in cache:
+                cache["model"] = lora.meta_transformer(transformer_root / "transformer" / "config.json")
+            cache[given] = {"given": given, "path": str(candidate), **({"hub": True} if hub else {}), **lora.inspect_lora(candidate, cache["model"])}
+        found = cache[given]
+        if any(other["sha256"] == found["sha256"] for other in out):
+            raise JobFileError(f"{where}: LoRA {given!r} is listed twice (same content); list it once with the scale you want")
+        out.append({**{k: found[k] for k in ("given", "path", "format", "sha256", "bytes", "parameters", "hub") if k in found}, "scale": scale})
     return out
 
 

@@ -214,7 +214,8 @@ def choose_strategies(model_path, dtype: str, device_type: str, items: list[dict
                             for item, h, w in binned}, key=repr)
     groups: dict[tuple, int] = {}
     for item, h, w in binned:
-        key = (h, w, item["num_inference_steps"], item["guidance_scale"], tuple(item.get("timesteps") or ()))
+        key = (h, w, item["num_inference_steps"], item["guidance_scale"], tuple(item.get("timesteps") or ()),
+               tuple((lora["sha256"], lora["scale"]) for lora in item.get("loras") or ()))  # denoise batches one LoRA set
         groups[key] = groups.get(key, 0) + 1
 
     def fits(estimate: Estimate) -> bool:
@@ -253,6 +254,10 @@ def choose_strategies(model_path, dtype: str, device_type: str, items: list[dict
     chunks = (None, *ATTENTION_CHUNKS) if plain else (None,)
     denoise = [estimate_denoise(model, dtype, device_type, strategy, b, denoise_shapes, max_sequence_length, plain, chunk)
                for strategy, b in [("resident", b) for b in reversed(sizes)] + [("offload", 1)] for chunk in chunks]
+    # LoRA adapters (stages/lora.py): every distinct one the job uses is injected once, unmerged, and
+    # peft keeps adapter weights in float32 whatever the model's dtype; counted whole under each strategy.
+    adapters = {lora["sha256"]: lora.get("parameters", 0) * 4 for item in items for lora in item.get("loras") or ()}
+    denoise = [dataclasses.replace(d, weights_bytes=d.weights_bytes + sum(adapters.values())) for d in denoise]
     # Decode: tiled only when the untiled decode does not fit, and never with --no-tiling; on a
     # plain-path backend chunked attention first (same pixels, where tiling changes them slightly).
     decode = [estimate_decode(model, dtype, device_type, None, decode_shapes, plain, chunk) for chunk in chunks]

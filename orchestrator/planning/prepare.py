@@ -24,6 +24,12 @@ def describe_model(resolved: dict) -> list[str]:
         lines.append(f"  {part:<12} {where}")
     if resolved.get("device", "cpu") != "cpu":
         lines.append(describe_device(resolved["device"]))
+    sets: dict[str, list[str]] = {}  # each LoRA set with the items that use it (denoise applies them)
+    for item in resolved.get("items", ()):
+        if item.get("loras"):
+            sets.setdefault(", ".join(f"{lora['given']} x{lora['scale']:g}" for lora in item["loras"]), []).append(item["id"])
+    for shown, ids in sets.items():
+        lines.append(f"  loras        {shown} (item{'s' if len(ids) > 1 else ''} {', '.join(ids[:4])}{f' +{len(ids) - 4}' if len(ids) > 4 else ''})")
     return lines
 
 

@@ -301,6 +301,9 @@ def generation_block(item: dict, job: dict) -> str:
         lines += [f"image = {toml_string(item['init_image'])}", f"strength = {float(item['strength'])!r}"]
         if item.get("mask_image"):
             lines.append(f"mask = {toml_string(item['mask_image'])}")
+    if item.get("loras"):  # local ones by absolute path, so the block works from any job file
+        lines.append("loras = [" + ", ".join(f"{{ path = {toml_string(lora['given'] if lora.get('hub') else lora['path'])}, "
+                                              f"scale = {float(lora['scale'])!r} }}" for lora in item["loras"]) + "]")
     return "\n".join(lines) + "\n"
 
 
@@ -504,6 +507,7 @@ def _item_data(item: dict, entry: dict, job: dict) -> dict:
         ("guidance", item["guidance_scale"]),
         *_picture_fields(item),
         ("model", job["model"]["given"]),
+        *([("loras", ", ".join(f"{lora['given']} x{lora['scale']:g}" for lora in item["loras"]))] if item.get("loras") else []),
         ("tiling", _tiling(records.get("decode"))),
         ("timings", _timings(records)),
     ]
