@@ -27,6 +27,7 @@ import base64
 import hashlib
 import html
 import json
+import os
 import re
 from pathlib import Path
 from urllib.parse import quote
@@ -37,7 +38,7 @@ from stages.artifacts import read_json
 from stages.contract import RESOLVED_JOB, STAGES, JobFileError, ResourceError
 from stages.files import canonical_json, publish_bytes, read_bytes_limited, sha256_bytes, shown_path
 from stages.measure import format_bytes
-from stages.records import read_record
+from stages.records import read_record, stat_key
 from stages.resolved import read_job
 from stages.units import plan_units, thumbnail_name, unit_status
 
@@ -47,6 +48,10 @@ MANIFEST = "manifest.json"
 # Items per data file. A refresh after a chunk rewrites only the files holding the chunk's items, so
 # it costs about max(chunk, PART_SIZE) items, not the job; 500 items are about 0.5 MB of data.
 PART_SIZE = 500
+# Each data file's manifest entry holds a fingerprint of what it shows (_part_fingerprint): a render
+# keeps a file whose fingerprint is unchanged without reading its items' records, so a no-op rerun
+# reads no record for the page either. Bump when _item_data's output changes.
+PART_VERSION = 1
 # Cards added to the grid at a time, as the user scrolls (10,000 cards at once would take seconds).
 BATCH = 120
 
@@ -313,27 +318,24 @@ def _subset_states(job_dir: Path, job: dict, only: set[str]) -> dict[str, list[U
 
 def _item_states(job_dir: Path, job: dict, outcome: str | None, states: dict | None = None,
                  only: set[str] | None = None) -> dict[str, dict]:
-    """Per item id (all, or those in `only`): state (done, to do, stale, failed), why, and its
-    units' records when done. `states`: the caller's plan_job result, when it has one."""
+    """Per item id (all, or those in `only`): state (done, to do, stale, failed), why, and where
+    its done units' records are ("sources"; _read_records reads them). `states`: the caller's
+    plan_job result, when it has one."""
     if only is not None:
         states = _subset_states(job_dir, job, only)
     elif states is None:
         states = plan_job(job_dir, job)
     wanted = [item["id"] for item in job["items"] if only is None or item["id"] in only]
-    by_item: dict[str, dict] = {item_id: {"records": {}, "pending": None} for item_id in wanted}
+    by_item: dict[str, dict] = {item_id: {"records": {}, "sources": {}, "pending": None} for item_id in wanted}
     first_pending = None
     for stage in STAGES:
         for s in states[stage]:
-            record = None
             for item_id in s.unit.items:
                 entry = by_item.get(item_id)
                 if entry is None:
                     continue
-                if s.state == "done":
-                    # A plan that kept the records it read saves reading them again.
-                    record = record or getattr(s, "record", None) or read_record(s.unit.record_path(job_dir))[0] or {}
-                    shared_by = len(record.get("items") or s.unit.items)  # the items it was made for
-                    entry["records"][stage] = dict(record, shared_by=shared_by) if stage == "encode" else record
+                if s.state == "done":  # its record is read by _read_records, only for the data files remade
+                    entry["sources"][stage] = (os.path.join(job_dir, stage, f"{s.unit.key}.json"), len(s.unit.items))
                 elif entry["pending"] is None:
                     entry["pending"] = (stage, s.unit.key, s.state, s.reason)
                     first_pending = first_pending or stage
@@ -351,6 +353,27 @@ def _item_states(job_dir: Path, job: dict, outcome: str | None, states: dict | N
         else:
             entry.update(state=state, why=f"{stage}: {reason}")
     return by_item
+
+
+def _read_records(entries: list[dict]) -> None:
+    """Fill each entry's "records" (stage -> record) from its "sources"; a shared encode record is
+    read once."""
+    read: dict[str, dict] = {}
+    for entry in entries:
+        for stage, (path, users) in entry["sources"].items():
+            if path not in read:
+                read[path] = read_record(path)[0] or {}
+            record = read[path]
+            # encode: the items it was made for
+            entry["records"][stage] = dict(record, shared_by=len(record.get("items") or ()) or users) if stage == "encode" else record
+
+
+def _part_fingerprint(job_key: str, items: list[dict], entries: dict) -> str:
+    """What a data file's bytes depend on: the job, and per item its state, why, and the stat of
+    each record it shows (as stages/records.py's state cache keys them). Equal: the file is kept."""
+    rows = [(item["id"], entries[item["id"]]["state"], entries[item["id"]]["why"],
+             [(stage, stat_key(path)) for stage, (path, _) in sorted(entries[item["id"]]["sources"].items())]) for item in items]
+    return sha256_bytes(repr((PART_VERSION, job_key, rows)).encode())[:24]
 
 
 def _stage_rows(job_dir: Path, job: dict) -> list[dict]:
@@ -575,19 +598,50 @@ def render_gallery(job_dir: Path, job: dict, outcome: str | None = None, states:
     "interrupted ..."); `states` is the caller's plan_job result, so the job is not planned again."""
     job_dir = Path(job_dir)
     entries = _item_states(job_dir, job, outcome, states)
-    manifest = {"job": _job_key(job), "part_size": PART_SIZE, "tiling": _tilings(entries), "parts": []}
+    key = _job_key(job)
+    manifest = {"job": key, "part_size": PART_SIZE, "tiling": [], "parts": []}
+    old = _old_parts(job_dir, key)
     out: dict[str, bytes] = {}
     for number, start in enumerate(range(0, len(job["items"]), PART_SIZE)):
         chunk = job["items"][start:start + PART_SIZE]
-        data = _part_js(number, [_item_data(item, entries[item["id"]], job) for item in chunk])
-        counts = {state: 0 for state in _COUNTED}
-        for item in chunk:
-            counts[entries[item["id"]]["state"]] += 1
-        manifest["parts"].append({"file": _part_name(number), "sha256": sha256_bytes(data), "counts": counts})
+        fingerprint = _part_fingerprint(key, chunk, entries)
+        kept = old.get(number)
+        if kept is not None and kept[0]["fingerprint"] == fingerprint:  # nothing it shows changed: no record read
+            part, data = kept
+        else:
+            _read_records([entries[item["id"]] for item in chunk])
+            data = _part_js(number, [_item_data(item, entries[item["id"]], job) for item in chunk])
+            counts = {state: 0 for state in _COUNTED}
+            for item in chunk:
+                counts[entries[item["id"]]["state"]] += 1
+            part = {"file": _part_name(number), "sha256": sha256_bytes(data), "counts": counts, "fingerprint": fingerprint,
+                    "tiling": _tilings({item["id"]: entries[item["id"]] for item in chunk})}
+        manifest["parts"].append(part)
+        manifest["tiling"] = sorted(set(manifest["tiling"]) | set(part["tiling"]))
         out[f"{DATA_DIR}/{_part_name(number)}"] = data
     out[f"{DATA_DIR}/{MANIFEST}"] = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
     out[PAGE] = _index_html(job_dir, job, outcome, manifest).encode()
     return out
+
+
+def _old_parts(job_dir: Path, key: str) -> dict[int, tuple[dict, bytes]]:
+    """The data files already written for this job (by number: manifest entry and bytes), each
+    only when its bytes have the sha256 its manifest entry names; {} when there are none."""
+    try:
+        manifest = json.loads(_read_own(job_dir / DATA_DIR / MANIFEST))
+        if manifest["job"] != key or manifest["part_size"] != PART_SIZE:
+            return {}
+        parts = {}
+        for number, part in enumerate(manifest["parts"]):
+            if not (isinstance(part, dict) and isinstance(part.get("fingerprint"), str) and isinstance(part.get("tiling"), list)
+                    and part.get("file") == _part_name(number)):
+                continue
+            data = _read_own(job_dir / DATA_DIR / part["file"])
+            if sha256_bytes(data) == part.get("sha256"):
+                parts[number] = (part, data)
+        return parts
+    except (OSError, ValueError, KeyError, TypeError, JobFileError):
+        return {}
 
 
 def _read_own(path: Path) -> bytes:
@@ -607,6 +661,7 @@ def _refreshed(job_dir: Path, job: dict, ids: set[str]) -> dict[str, bytes] | No
     if not ok:
         return None
     entries = _item_states(job_dir, job, None, only=ids)
+    _read_records(list(entries.values()))
     position = {item["id"]: n for n, item in enumerate(job["items"])}
     touched = sorted({position[item_id] // PART_SIZE for item_id in ids if item_id in position})
     out: dict[str, bytes] = {}
@@ -622,7 +677,8 @@ def _refreshed(job_dir: Path, job: dict, ids: set[str]) -> dict[str, bytes] | No
         merged = [_item_data(item, entries[item["id"]], job) if item["id"] in entries else old[item["id"]] for item in chunk]
         data = _part_js(number, merged)
         counts = {state: sum(1 for d in merged if d["state"] == state) for state in _COUNTED}
-        manifest["parts"][number] = {"file": _part_name(number), "sha256": sha256_bytes(data), "counts": counts}
+        # No fingerprint: the next whole render remakes this file once (its other items were not judged here).
+        manifest["parts"][number] = {"file": _part_name(number), "sha256": sha256_bytes(data), "counts": counts, "tiling": []}
         out[f"{DATA_DIR}/{_part_name(number)}"] = data
     manifest["tiling"] = sorted(set(manifest["tiling"]) | set(_tilings(entries)))
     out[f"{DATA_DIR}/{MANIFEST}"] = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
