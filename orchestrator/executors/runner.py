@@ -181,6 +181,7 @@ class _Run:
     def plan(self) -> dict:
         """The whole job's states; records and outputs no stage rewrote come from the run's reader."""
         self.states, self.changed = plan_job(self.job_dir, self.job, self.reader, self.units), False
+        self.reader.save()  # the job's state cache, when this plan learned something (stages/records.py)
         return self.states
 
     def all_stages(self, chunk: int | None) -> list[StageRun]:

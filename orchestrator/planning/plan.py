@@ -26,14 +26,14 @@ class UnitState:
 def plan_job(job_dir: Path, job: dict, reader: RecordReader | None = None, units: dict | None = None) -> dict[str, list[UnitState]]:
     """Every unit of every stage with its predicted state and reason. A run passes its own
     `reader` (each record and output read once per run) and `units` (plan_units, made once).
-    Verdicts and hashes persist in the job's state cache (stages/records.py, RecordReader)."""
+    Verdicts and hashes come from the job's state cache (stages/records.py, RecordReader) when
+    their files' stat is unchanged; only `orchestrate run` saves it (under the job lock), so
+    `status`, `plan` and `gallery` write nothing."""
     units = units if units is not None else plan_units(job)
     reader = reader if reader is not None else RecordReader()
     reader.attach(job_dir)  # the job's state cache (.state.json): a warm no-op plan stats files, reads no record
     pending: set[tuple[str, str]] = set()
-    states = {stage: _states(job_dir, units[stage], pending, reader) for stage in STAGES}
-    reader.save()  # only when it learned something
-    return states
+    return {stage: _states(job_dir, units[stage], pending, reader) for stage in STAGES}
 
 
 def _states(job_dir: Path, units: list, pending: set, reader: RecordReader) -> list[UnitState]:
