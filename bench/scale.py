@@ -12,7 +12,9 @@ Per size:
     generated job of --template items (same bytes, records rewritten for each unit: params,
     inputs, outputs, checksum), so a rerun checks as many real files as a generated job has;
   - then, --repeat times each: `orchestrate run` with nothing to do, `status`, `plan`, `gallery`
-    (wall seconds, peak RSS), and the gallery page's size.
+    (wall seconds, peak RSS), and the gallery page's size. The first no-op run of a cloned job
+    finds no state cache (<job>/.state.json, stages/records.py) and reads every record; it is
+    shown apart, and the median is of runs with the cache it saved.
 
 A job folder already complete in --work is reused (its generation figures are those of the run
 that made it, as its summary.json files say), so a long size can be generated once, e.g. in the
@@ -199,6 +201,7 @@ def table(results: dict) -> tuple[list[str], list[list]]:
     add("encode: most embeddings held", lambda r: r.get("stages", {}).get("encode", {}).get("embeddings_held_max"), lambda v: "-" if v is None else str(v))
     add("orchestrator peak RSS (generation run)", lambda r: r.get("run", {}).get("peak_rss_bytes"), common.format_bytes)
     add("console lines of run (not a TTY)", lambda r: r.get("run", {}).get("lines"), lambda v: "-" if v is None else str(v))
+    add("no-op rerun, first, s (state cache cold)", lambda r: r["noop"]["seconds"][0])
     add("no-op rerun, s (median)", median("noop"))
     add("no-op rerun peak RSS", lambda r: r["noop"]["peak_rss_bytes"], common.format_bytes)
     add("status, s (median)", median("status"))

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 
 from stages.artifacts import not_regular, open_regular
 from stages.contract import FORMAT_VERSION, ArtifactError
-from stages.files import canonical_json, publish_json, sha256_bytes, sha256_file
+from stages.files import canonical_json, publish_bytes, publish_json, sha256_bytes, sha256_file
 
 
 def record_checksum(record: dict) -> str:
@@ -51,33 +52,117 @@ def read_record(path: Path) -> tuple[dict | None, str]:
     return record, ""
 
 
+# The job's state cache (<job_dir>/.state.json): content hashes and unit verdicts keyed by the stat
+# of every file they were computed from, so a rerun with nothing to do stats files instead of
+# reading and hashing them (issue 21; DVC's state db keeps file hashes keyed the same way).
+STATE_FILE = ".state.json"
+STATE_VERSION = 1  # bump when a verdict's meaning changes (units.py's checks): older caches are dropped
+# A file changed again within the file system's mtime granularity (FAT 2 s, HFS+ 1 s, ext4 a few ms)
+# could keep its stat: entries whose files changed less than this before the save are kept for
+# this process only, never saved ("racily clean" entries, as git handles its index).
+RACY_NS = 2_000_000_000
+
+
+def stat_key(path: str):
+    """(size, mtime_ns, inode, ctime_ns), or None when missing. A copy, restore or rewrite changes
+    one of them; ctime also changes when a rewrite resets the mtime (touch -d), and cannot be set."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
+
+
+def stamp_of(keys) -> str:
+    """A short digest of the stat keys of the files a verdict was made from."""
+    return hashlib.blake2b(repr(tuple(keys)).encode(), digest_size=12).hexdigest()
+
+
 class RecordReader:
-    """One run's reads: each record is read and checked, and each output hashed, once per run
-    (issue 21: a run plans again after each stage that made records, and a unit's record is also
-    its downstream's input). What it keeps is small (per record its outputs' hashes, per unit its
-    verdict), never whole records, so the orchestrator's memory stays a few hundred bytes per unit.
-    Anything is read again when the file changed within the run (a stage rewrote it), told by
-    (size, mtime_ns, inode). Nothing is kept across runs: every run compares every record and
-    output by content once (STYLE.md: content hashes, not mtimes)."""
+    """A run's reads: each record is read and checked, and each output hashed, at most once per
+    run (a run plans again after each stage that made records, and a unit's record is also its
+    downstream's input). What it keeps is small (per record its outputs' hashes, per unit its
+    verdict), never whole records. Anything is read again when its file's stat changed.
 
-    def __init__(self) -> None:
-        self._outputs: dict[str, tuple] = {}  # record path -> (stat key, {output name: sha256} or None, why)
+    With `job_dir` (attach), output hashes and unit verdicts also persist across runs in
+    <job_dir>/.state.json, each keyed by the stat of the files it came from: a no-op rerun or
+    `status` stats ~4 files per unit and reads no record. Staleness still compares content hashes
+    (STYLE.md): the cache only says which hash a file with that stat had. A missing, damaged or
+    other-version cache is rebuilt silently; `orchestrate clean` removes it. docs/state.md says
+    what this keeps and what it does not."""
+
+    def __init__(self, job_dir=None) -> None:
+        self._outputs: dict[str, tuple] = {}  # record path -> (stat key, ((name, sha256), ...) or None, why)
         self._hashes: dict[str, tuple] = {}  # output path -> (stat key, sha256)
-        self.verdicts: dict[tuple, tuple] = {}  # units.unit_status: (record path, check) -> (stamp, (ok, why))
+        # unit_status: record path + "|1" (outputs hashed) or "|0" -> (stamp, unit fingerprint, ok, why)
+        self.verdicts: dict[str, tuple] = {}
+        self.job_dir: str | None = None
+        self.reads = 0  # records read and parsed by this reader (tests count them)
+        self._dirty = False
+        if job_dir is not None:
+            self.attach(job_dir)
 
-    @staticmethod
-    def stat_key(path: str):
+    stat_key = staticmethod(stat_key)
+
+    def attach(self, job_dir) -> None:
+        """Load <job_dir>/.state.json (once; a damaged or missing file is an empty cache)."""
+        job_dir = os.path.abspath(str(job_dir))
+        if self.job_dir == job_dir:
+            return
+        self.job_dir = job_dir
+        from stages.artifacts import read_json
+
         try:
-            st = os.stat(path)
-        except OSError:
-            return None
-        return st.st_size, st.st_mtime_ns, st.st_ino
+            state = read_json(os.path.join(job_dir, STATE_FILE), 1 << 30)  # regular files only
+            if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+                return
+            root = job_dir + os.sep
+            for rel, (size, mtime, ino, ctime, sha) in state["hashes"].items():
+                self._hashes.setdefault(root + rel, ((size, mtime, ino, ctime), sha))
+            for rel, (stamp, fingerprint, ok, why) in state["verdicts"].items():
+                self.verdicts.setdefault(root + rel, (stamp, fingerprint, bool(ok), str(why)))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, ArtifactError):
+            self._hashes.clear()  # damaged: whatever was taken from it is dropped, and rebuilt
+            self.verdicts.clear()
+            self._dirty = True
+
+    def save(self) -> None:
+        """Write the state cache atomically when it learned something; entries of files changed
+        within RACY_NS of now stay out. Never fails the command: it is only a cache."""
+        if self.job_dir is None or not self._dirty:
+            return
+        import time
+
+        root = self.job_dir + os.sep
+        recent = time.time_ns() - RACY_NS
+        hashes = {path[len(root):]: [*key, sha] for path, (key, sha) in self._hashes.items()
+                  if path.startswith(root) and key[1] < recent and key[3] < recent}
+        verdicts = {path[len(root):]: list(v) for path, v in self.verdicts.items() if path.startswith(root) and v[0] is not None}
+        try:
+            publish_bytes(Path(root, STATE_FILE), json.dumps({"version": STATE_VERSION, "hashes": hashes, "verdicts": verdicts},
+                                                             separators=(",", ":")).encode())
+            self._dirty = False
+        except (OSError, ArtifactError):
+            pass
+
+    def verdict(self, key: str, stamp: str, fingerprint: str):
+        """(ok, why) kept for unit `key` made from files with this `stamp`, or None."""
+        kept = self.verdicts.get(key)
+        if kept is not None and kept[0] == stamp and kept[1] == fingerprint:
+            return kept[2], kept[3]
+        return None
+
+    def keep_verdict(self, key: str, stamp, fingerprint: str, verdict: tuple) -> None:
+        """Remember a verdict; `stamp` None (a file changed while it was judged) keeps it for nothing."""
+        self.verdicts[key] = (stamp, fingerprint, *verdict)
+        self._dirty = True
 
     def read(self, path) -> tuple[dict | None, str]:
         """read_record's answer (a fresh read), remembering the outputs' hashes it lists."""
         path = str(path)
-        key = self.stat_key(path)
+        key = stat_key(path)
         record, why = read_record(path)
+        self.reads += 1
         if key is not None:
             outputs = None if record is None else tuple((name, meta.get("sha256")) for name, meta in (record.get("outputs") or {}).items())
             self._outputs[path] = (key, outputs, why)
@@ -88,7 +173,7 @@ class RecordReader:
         (None, why it is not usable); read only when not yet read in this run, or changed since."""
         path = str(path)
         kept = self._outputs.get(path)
-        if kept is None or kept[0] != self.stat_key(path):
+        if kept is None or kept[0] != stat_key(path):
             record, why = self.read(path)
             kept = self._outputs.get(path) or (None, None, why)
         return (None if kept[1] is None else {"outputs": {name: {"sha256": sha} for name, sha in kept[1]}}), kept[2]
@@ -96,7 +181,7 @@ class RecordReader:
     def sha256(self, path) -> str | None:
         """The file's content hash, None when it is missing."""
         path = str(path)
-        key = self.stat_key(path)
+        key = stat_key(path)
         if key is None:
             return None
         kept = self._hashes.get(path)
@@ -105,6 +190,7 @@ class RecordReader:
                 kept = self._hashes[path] = (key, sha256_file(path))
             except FileNotFoundError:
                 return None
+            self._dirty = True
         return kept[1]
 
 

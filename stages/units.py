@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from stages.artifacts import not_regular
-from stages.contract import ArtifactError, JobFileError
+from stages.contract import FORMAT_VERSION, ArtifactError, JobFileError
 from stages.files import sha256_file, short_hash
-from stages.records import read_record
+from stages.records import read_record, stamp_of
 from stages.resolved import slugify, uses_guidance
 
 
@@ -177,8 +178,9 @@ def upstream_output_hash(job_dir: Path, stage: str, key: str, read=read_record) 
 
 def unit_status(job_dir: Path, unit: Unit, check_outputs: bool = True, reader=None) -> tuple[bool, str]:
     """(up to date, reason). Compares content hashes, never mtimes. `reader`: the run's
-    records.RecordReader: a unit whose record, upstream records and outputs are the files it
-    judged before in this run keeps that verdict, so planning again reads nothing again."""
+    records.RecordReader: a unit whose record, upstream records and outputs have the stat they had
+    when it was judged (in this run, or in an earlier one: the job's state cache) keeps that verdict,
+    so judging it again reads nothing."""
     root = str(job_dir)  # str paths: pathlib's parsing was a tenth of a 10,000-item plan
     path = os.path.join(root, unit.stage, f"{unit.key}.json")
     if reader is None:
@@ -186,13 +188,22 @@ def unit_status(job_dir: Path, unit: Unit, check_outputs: bool = True, reader=No
                             lambda output: sha256_file(output) if os.path.exists(output) else None)
     files = [path, *(os.path.join(root, up, f"{key}.json") for up, key in unit.inputs),
              *(os.path.join(root, unit.stage, name) for name in unit.outputs)]
-    stamp = tuple(reader.stat_key(f) for f in files)  # taken before judging: a change meanwhile only re-judges
-    kept = reader.verdicts.get((path, check_outputs))
-    if kept is not None and kept[0] == stamp:
-        return kept[1]
+    stamp = stamp_of(reader.stat_key(f) for f in files)  # taken before judging: a change meanwhile only re-judges
+    fingerprint = unit_fingerprint(unit)
+    key = f"{path}|{int(check_outputs)}"
+    kept = reader.verdict(key, stamp, fingerprint)
+    if kept is not None:
+        return kept
     verdict = _unit_status(root, unit, path, check_outputs, reader.read, reader.outputs, reader.sha256)
-    reader.verdicts[(path, check_outputs)] = (stamp, verdict)
+    reader.keep_verdict(key, stamp, fingerprint, verdict)
     return verdict
+
+
+def unit_fingerprint(unit: Unit) -> str:
+    """What a verdict depends on besides its files: the unit's params, inputs and outputs and the
+    record format. repr, not canonical JSON: 10x cheaper per unit, and plan_units builds params in
+    a fixed order, so equal units give equal text (unequal text only judges the unit again)."""
+    return hashlib.blake2b(repr((FORMAT_VERSION, unit.params, unit.inputs, unit.outputs)).encode(), digest_size=12).hexdigest()
 
 
 def _unit_status(root: str, unit: Unit, path: str, check_outputs: bool, read, read_upstream, hash_file) -> tuple[bool, str]:

@@ -131,12 +131,13 @@ def resolved_items(job_dir: Path) -> list[dict]:
 
 
 def tree_state(root: Path) -> dict[str, tuple]:
-    """Every file under `root` -> (inode, mtime_ns, size): a rewrite or a new file shows up."""
+    """Every file under `root` -> (inode, mtime_ns, size): a rewrite or a new file shows up. The
+    job's state cache (.state.json, docs/state.md) is left out: a run may add to it, like a log."""
     root = Path(root)
     if not root.exists():
         return {}
     return {p.relative_to(root).as_posix(): (p.stat().st_ino, p.stat().st_mtime_ns, p.stat().st_size)
-            for p in sorted(root.rglob("*")) if p.is_file()}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".state.json"}
 
 
 def artifact_bytes(job_dir: Path) -> dict[str, bytes]:

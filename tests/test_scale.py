@@ -95,6 +95,7 @@ def _counting(monkeypatch):
 def test_a_run_with_nothing_to_do_reads_each_record_and_hashes_each_output_once(finished, monkeypatch, chunk):
     job_dir = finished
     resolved = read_job(job_dir)
+    (job_dir / records.STATE_FILE).unlink(missing_ok=True)  # cold: tests/test_state.py has the warm case
     reads, hashes = _counting(monkeypatch)
     lines, plans = [], []
     runs = run_job(job_dir, resolved, lines.append, chunk=chunk, launch=lambda *a: pytest.fail("nothing should run"), plans=plans)
@@ -113,6 +114,7 @@ def test_a_changed_record_is_read_again_within_the_run(finished, monkeypatch):
     rewrites it) is read and judged anew when the job is planned again."""
     job_dir = finished
     job, reader = read_job(job_dir), records.RecordReader()
+    (job_dir / records.STATE_FILE).unlink(missing_ok=True)  # what is kept across runs: tests/test_state.py
     reads, _ = _counting(monkeypatch)
     path = next((job_dir / "decode").glob("0000*.json"))
     plan_job(job_dir, job, reader)

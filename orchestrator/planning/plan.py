@@ -25,9 +25,13 @@ class UnitState:
 
 def plan_job(job_dir: Path, job: dict, reader: RecordReader | None = None, units: dict | None = None) -> dict[str, list[UnitState]]:
     """Every unit of every stage with its predicted state and reason. A run passes its own
-    `reader` (each record and output read once per run) and `units` (plan_units, made once)."""
+    `reader` (each record and output read once per run) and `units` (plan_units, made once).
+    Verdicts and hashes come from the job's state cache (stages/records.py, RecordReader) when
+    their files' stat is unchanged; only `orchestrate run` saves it (under the job lock), so
+    `status`, `plan` and `gallery` write nothing."""
     units = units if units is not None else plan_units(job)
     reader = reader if reader is not None else RecordReader()
+    reader.attach(job_dir)  # the job's state cache (.state.json): a warm no-op plan stats files, reads no record
     pending: set[tuple[str, str]] = set()
     # imagencode only when it has units (img2img): a text-only job's plan is the three stages'.
     return {stage: _states(job_dir, units[stage], pending, reader) for stage in ALL_STAGES if units.get(stage) or stage != "imagencode"}

@@ -140,8 +140,11 @@ def runtime_if_nothing_to_do(job_dir: Path, resolved: dict, flags: dict, reader=
     same = {k: v for k, v in previous.items() if k != "runtime"} == {k: v for k, v in resolved.items() if k != "runtime"}
     if not same or not runtime.get("stages") or runtime.get("flags") != flags:
         return None
+    from stages.records import RecordReader
     from stages.units import plan_units, unit_status
 
+    reader = reader if reader is not None else RecordReader()
+    reader.attach(job_dir)  # the job's state cache: judged by stat, as the run's plan will (docs/state.md)
     units = plan_units(dict(resolved, runtime=runtime))  # in stage order: the first stale unit ends the check
     if not all(unit_status(job_dir, unit, reader=reader)[0] for stage in ALL_STAGES for unit in units.get(stage, ())):
         return None

@@ -25,6 +25,7 @@ from pathlib import Path
 from stages.contract import ALL_STAGES, TMP_PREFIX, ArtifactError
 from stages.locks import exclusive_lock
 from stages.measure import format_bytes
+from stages.records import STATE_FILE
 from stages.units import plan_units
 
 KEEP = {"summary.json", "stage.log", ".lock", ".lock.pid", "shards"}  # a stage folder's own files (stages/locks.py; shards/: the Ray executor's)
@@ -119,6 +120,10 @@ def clean(job_dir: Path, job: dict, workdir: Path, remove: bool, store: bool, ec
             echo(f"{'removed' if remove else 'unused'}  {format_bytes(size):>10}  {path.relative_to(workdir)}")
             if remove:
                 _remove(path)
+        state = Path(job_dir) / STATE_FILE
+        if remove and (state.exists() or state.is_symlink()):  # only a cache: the next run or status rebuilds it
+            _remove(state)
+            echo(f"removed the state cache {STATE_FILE} (file hashes and verdicts; rebuilt by the next run)")
         what = f"{len(files)} file(s) in {Path(job_dir).name}" + (f", {len(entries)} store entr{'y' if len(entries) == 1 else 'ies'}" if store else "")
         if not files and not entries:
             echo(f"nothing to clean: every file in {Path(job_dir).name} belongs to a current item" + (", and every store entry to a job" if store else ""))

@@ -27,6 +27,7 @@ import base64
 import hashlib
 import html
 import json
+import os
 import re
 from pathlib import Path
 from urllib.parse import quote
@@ -37,16 +38,21 @@ from stages.artifacts import read_json
 from stages.contract import RESOLVED_JOB, STAGES, JobFileError, ResourceError
 from stages.files import canonical_json, publish_bytes, read_bytes_limited, sha256_bytes, shown_path
 from stages.measure import format_bytes
-from stages.records import read_record
+from stages.records import read_record, stat_key
 from stages.resolved import read_job
 from stages.units import plan_units, thumbnail_name, unit_status
 
 PAGE = "index.html"
 DATA_DIR = "gallery"  # beside index.html: the items' data, PART_SIZE items per file, and manifest.json
 MANIFEST = "manifest.json"
+FINGERPRINTS = "fingerprints.json"  # per data file: what it shows, so a render keeps what did not change
 # Items per data file. A refresh after a chunk rewrites only the files holding the chunk's items, so
 # it costs about max(chunk, PART_SIZE) items, not the job; 500 items are about 0.5 MB of data.
 PART_SIZE = 500
+# Each data file has a fingerprint in gallery/fingerprints.json of what it shows (_part_fingerprint): a render
+# keeps a file whose fingerprint is unchanged without reading its items' records, so a no-op rerun
+# reads no record for the page either. Bump when _item_data's output changes.
+PART_VERSION = 1
 # Cards added to the grid at a time, as the user scrolls (10,000 cards at once would take seconds).
 BATCH = 120
 
@@ -329,27 +335,26 @@ def _subset_states(job_dir: Path, job: dict, only: set[str]) -> dict[str, list[U
 
 def _item_states(job_dir: Path, job: dict, outcome: str | None, states: dict | None = None,
                  only: set[str] | None = None) -> dict[str, dict]:
-    """Per item id (all, or those in `only`): state (done, to do, stale, failed), why, and its
-    units' records when done. `states`: the caller's plan_job result, when it has one."""
+    """Per item id (all, or those in `only`): state (done, to do, stale, failed), why, and where
+    its done units' records are ("sources"; _read_records reads them). `states`: the caller's
+    plan_job result, when it has one."""
     if only is not None:
         states = _subset_states(job_dir, job, only)
     elif states is None:
         states = plan_job(job_dir, job)
     wanted = [item["id"] for item in job["items"] if only is None or item["id"] in only]
-    by_item: dict[str, dict] = {item_id: {"records": {}, "pending": None} for item_id in wanted}
+    by_item: dict[str, dict] = {item_id: {"records": {}, "sources": {}, "pending": None} for item_id in wanted}
     first_pending = None
     for stage in STAGES:
         for s in states[stage]:
-            record = None
             for item_id in s.unit.items:
                 entry = by_item.get(item_id)
                 if entry is None:
                     continue
-                if s.state == "done":
-                    # A plan that kept the records it read saves reading them again.
-                    record = record or getattr(s, "record", None) or read_record(s.unit.record_path(job_dir))[0] or {}
-                    shared_by = len(record.get("items") or s.unit.items)  # the items it was made for
-                    entry["records"][stage] = dict(record, shared_by=shared_by) if stage == "encode" else record
+                if s.state == "done":  # its record is read by _read_records, only for the data files remade
+                    # A plan that kept the records it read (a UnitState with a `record`) hands them over.
+                    entry["sources"][stage] = (os.path.join(job_dir, stage, f"{s.unit.key}.json"), len(s.unit.items),
+                                               getattr(s, "record", None))
                 elif entry["pending"] is None:
                     entry["pending"] = (stage, s.unit.key, s.state, s.reason)
                     first_pending = first_pending or stage
@@ -367,6 +372,30 @@ def _item_states(job_dir: Path, job: dict, outcome: str | None, states: dict | N
         else:
             entry.update(state=state, why=f"{stage}: {reason}")
     return by_item
+
+
+def _read_records(entries: list[dict]) -> None:
+    """Fill each entry's "records" (stage -> record) from its "sources"; a shared encode record is
+    read once."""
+    read: dict[str, dict] = {}
+    for entry in entries:
+        for stage, (path, users, given) in entry["sources"].items():
+            if path not in read:
+                read[path] = given or read_record(Path(path))[0] or {}
+            record = read[path]
+            # encode: the items it was made for
+            entry["records"][stage] = dict(record, shared_by=len(record.get("items") or ()) or users) if stage == "encode" else record
+
+
+def _part_fingerprint(job_key: str, items: list[dict], entries: dict) -> str:
+    """What a data file's bytes depend on: the job, and per item its state, why, and the stat of
+    each record it shows (as stages/records.py's state cache keys them). Equal: the file is kept.
+    None (never kept) when a record was handed over by the caller rather than read from its file."""
+    if any(source[2] is not None for item in items for source in entries[item["id"]]["sources"].values()):
+        return None
+    rows = [(item["id"], entries[item["id"]]["state"], entries[item["id"]]["why"],
+             [(stage, stat_key(path)) for stage, (path, _, _) in sorted(entries[item["id"]]["sources"].items())]) for item in items]
+    return sha256_bytes(repr((PART_VERSION, job_key, rows)).encode())[:24]
 
 
 def _stage_rows(job_dir: Path, job: dict) -> list[dict]:
@@ -606,19 +635,74 @@ def render_gallery(job_dir: Path, job: dict, outcome: str | None = None, states:
     "interrupted ..."); `states` is the caller's plan_job result, so the job is not planned again."""
     job_dir = Path(job_dir)
     entries = _item_states(job_dir, job, outcome, states)
-    manifest = {"job": _job_key(job), "part_size": PART_SIZE, "tiling": _tilings(entries), "parts": []}
+    key = _job_key(job)
+    manifest = {"job": key, "part_size": PART_SIZE, "tiling": [], "parts": []}
+    old = _old_parts(job_dir, key)
+    prints = []  # per data file: [fingerprint, tilings], gallery/fingerprints.json
     out: dict[str, bytes] = {}
     for number, start in enumerate(range(0, len(job["items"]), PART_SIZE)):
         chunk = job["items"][start:start + PART_SIZE]
-        data = _part_js(number, [_item_data(item, entries[item["id"]], job) for item in chunk])
-        counts = {state: 0 for state in _COUNTED}
-        for item in chunk:
-            counts[entries[item["id"]]["state"]] += 1
-        manifest["parts"].append({"file": _part_name(number), "sha256": sha256_bytes(data), "counts": counts})
+        fingerprint = _part_fingerprint(key, chunk, entries)
+        kept = old.get(number)
+        if kept is not None and fingerprint is not None and kept[1] == fingerprint:  # nothing it shows changed: no record read
+            part, _, tiling, data = kept
+        else:
+            _read_records([entries[item["id"]] for item in chunk])
+            data = _part_js(number, [_item_data(item, entries[item["id"]], job) for item in chunk])
+            counts = {state: 0 for state in _COUNTED}
+            for item in chunk:
+                counts[entries[item["id"]]["state"]] += 1
+            part = {"file": _part_name(number), "sha256": sha256_bytes(data), "counts": counts}
+            tiling = _tilings({item["id"]: entries[item["id"]] for item in chunk})
+            for item in chunk:  # one part's records at a time: at 10,000 items all of them were ~200 MB
+                entries[item["id"]]["records"] = {}
+        manifest["parts"].append(part)
+        prints.append([fingerprint, tiling])
+        manifest["tiling"] = sorted(set(manifest["tiling"]) | set(tiling))
         out[f"{DATA_DIR}/{_part_name(number)}"] = data
+    out[f"{DATA_DIR}/{FINGERPRINTS}"] = _fingerprints_json(key, prints)
     out[f"{DATA_DIR}/{MANIFEST}"] = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
     out[PAGE] = _index_html(job_dir, job, outcome, manifest).encode()
     return out
+
+
+def _fingerprints_json(key: str, prints: list) -> bytes:
+    return (json.dumps({"job": key, "version": PART_VERSION, "parts": prints}, separators=(",", ":")) + "\n").encode()
+
+
+def _read_fingerprints(job_dir: Path, key: str, parts: int) -> list | None:
+    """gallery/fingerprints.json's [fingerprint, tilings] per data file, when it is this job's."""
+    try:
+        prints = json.loads(_read_own(job_dir / DATA_DIR / FINGERPRINTS))
+        if prints["job"] != key or prints["version"] != PART_VERSION or len(prints["parts"]) != parts:
+            return None
+        if not all(isinstance(fp, (str, type(None))) and isinstance(tiling, list) for fp, tiling in prints["parts"]):
+            return None
+        return prints["parts"]
+    except (OSError, ValueError, KeyError, TypeError, JobFileError):
+        return None
+
+
+def _old_parts(job_dir: Path, key: str) -> dict[int, tuple]:
+    """The data files already written for this job, by number: (manifest entry, fingerprint,
+    tilings, bytes), each only when its bytes have the sha256 its manifest entry names."""
+    try:
+        manifest = json.loads(_read_own(job_dir / DATA_DIR / MANIFEST))
+        if manifest["job"] != key or manifest["part_size"] != PART_SIZE:
+            return {}
+        prints = _read_fingerprints(job_dir, key, len(manifest["parts"]))
+        if prints is None:
+            return {}
+        parts = {}
+        for number, (part, (fingerprint, tiling)) in enumerate(zip(manifest["parts"], prints)):
+            if fingerprint is None or not isinstance(part, dict) or part.get("file") != _part_name(number):
+                continue
+            data = _read_own(job_dir / DATA_DIR / part["file"])
+            if sha256_bytes(data) == part.get("sha256"):
+                parts[number] = (part, fingerprint, tiling, data)
+        return parts
+    except (OSError, ValueError, KeyError, TypeError, JobFileError):
+        return {}
 
 
 def _read_own(path: Path) -> bytes:
@@ -635,9 +719,11 @@ def _refreshed(job_dir: Path, job: dict, ids: set[str]) -> dict[str, bytes] | No
         ok = ok and len(manifest["parts"]) == -(-len(job["items"]) // PART_SIZE)
     except (OSError, ValueError, KeyError, TypeError, JobFileError):
         return None
-    if not ok:
+    prints = _read_fingerprints(job_dir, manifest["job"], len(manifest["parts"])) if ok else None
+    if prints is None:
         return None
     entries = _item_states(job_dir, job, None, only=ids)
+    _read_records(list(entries.values()))
     position = {item["id"]: n for n, item in enumerate(job["items"])}
     touched = sorted({position[item_id] // PART_SIZE for item_id in ids if item_id in position})
     out: dict[str, bytes] = {}
@@ -654,8 +740,11 @@ def _refreshed(job_dir: Path, job: dict, ids: set[str]) -> dict[str, bytes] | No
         data = _part_js(number, merged)
         counts = {state: sum(1 for d in merged if d["state"] == state) for state in _COUNTED}
         manifest["parts"][number] = {"file": _part_name(number), "sha256": sha256_bytes(data), "counts": counts}
+        # No fingerprint: the next whole render remakes this file once (its other items were not judged here).
+        prints[number] = [None, sorted(set(prints[number][1]) | set(_tilings({i: e for i, e in entries.items() if i in old})))]
         out[f"{DATA_DIR}/{_part_name(number)}"] = data
     manifest["tiling"] = sorted(set(manifest["tiling"]) | set(_tilings(entries)))
+    out[f"{DATA_DIR}/{FINGERPRINTS}"] = _fingerprints_json(manifest["job"], prints)
     out[f"{DATA_DIR}/{MANIFEST}"] = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
     out[PAGE] = _index_html(job_dir, job, None, manifest).encode()
     return out

@@ -1,0 +1,162 @@
+"""The job's state cache (<job_dir>/.state.json, stages/records.py): a rerun with nothing to do
+stats files and reads no record, a file whose stat changed is hashed again, a damaged cache is
+rebuilt, and status or a no-op run never imports torch (issue 21). Counts, not timings."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from orchestrator.executors.runner import run_job
+from orchestrator.planning.plan import plan_job
+from orchestrator.tools.clean import clean
+from orchestrator.views import gallery
+from stages import records
+from stages.resolved import read_job
+from tests.conftest import run_inprocess, write_job
+
+JOB = """
+[job]
+name = "state"
+model = "{model}"
+[defaults]
+width = 64
+height = 64
+use_resolution_binning = false
+num_inference_steps = 1
+guidance_scale = 1.0
+seed = 5
+[[generation]]
+prompt = "a red boat"
+count = 2
+[[generation]]
+prompt = "a green hill"
+"""
+
+
+@pytest.fixture(scope="module")
+def made(tiny_model, tmp_path_factory):
+    """A finished job of 3 items (job file, workdir, job folder), copied by each test."""
+    tmp = tmp_path_factory.mktemp("state")
+    job_file = write_job(tmp, JOB.format(model=tiny_model))
+    job_dir, _, _ = run_inprocess(job_file, tmp / "work")
+    return job_file, tmp / "work", job_dir
+
+
+@pytest.fixture
+def job_dir(made, tmp_path, monkeypatch):
+    """A copy of the finished job (a copy has new inodes and ctimes: nothing in its cache holds),
+    with the racy-entry window off, since the test's files were all written a moment ago."""
+    monkeypatch.setattr(records, "RACY_NS", 0)
+    copy = tmp_path / "work" / made[2].name
+    shutil.copytree(made[2], copy)
+    return copy
+
+
+def _counting(monkeypatch):
+    """Record reads and file hashes, by path, wherever the plan and the gallery make them."""
+    reads, hashes = collections.Counter(), collections.Counter()
+    real_read, real_hash = records.read_record, records.sha256_file
+    monkeypatch.setattr(records, "read_record", lambda path: reads.update([str(path)]) or real_read(path))
+    monkeypatch.setattr(gallery, "read_record", lambda path: reads.update([str(path)]) or real_read(path))
+    monkeypatch.setattr(records, "sha256_file", lambda path: hashes.update([str(path)]) or real_hash(path))
+    return reads, hashes
+
+
+def _noop_run(job_dir):
+    """`orchestrate run` with nothing to do, gallery included: its final plan."""
+    plans, lines = [], []
+    runs = run_job(job_dir, read_job(job_dir), lines.append, launch=lambda *a: pytest.fail("nothing should run"), plans=plans)
+    assert runs == [] and "decode: 3 up to date, 0 to do" in lines
+    gallery.write_gallery(job_dir, read_job(job_dir), states=plans[-1])
+    return plans[-1]
+
+
+def test_a_warm_no_op_rerun_reads_no_record_and_hashes_nothing(job_dir, monkeypatch):
+    reads, hashes = _counting(monkeypatch)
+    _noop_run(job_dir)  # cold: the copy's stats match nothing kept, so every record is read
+    assert len(reads) == 3 + 3 + 2 and len(hashes) == 2 + 3 + 6  # 2 encode units (one shared), decode has PNG + thumbnail
+    state = json.loads((job_dir / records.STATE_FILE).read_text())
+    assert state["version"] == records.STATE_VERSION and len(state["verdicts"]) == 8 and len(state["hashes"]) == 11
+    page = (job_dir / "index.html").read_bytes()
+    reads.clear(), hashes.clear()
+    states = _noop_run(job_dir)  # warm
+    assert not reads and not hashes, (reads, hashes)
+    assert [s.state for stage in states.values() for s in stage] == ["done"] * 8
+    assert (job_dir / "index.html").read_bytes() == page
+    plan_job(job_dir, read_job(job_dir))  # `orchestrate status`: a fresh reader, the same cache
+    assert not reads and not hashes
+
+
+def test_a_same_size_rewrite_is_hashed_again_and_found_stale(job_dir, monkeypatch):
+    """Different bytes, same size, and the mtime set back as it was: the ctime (and, for most
+    writers, the inode) still differs, so the file is hashed again; its content hash decides."""
+    _noop_run(job_dir)
+    latents = next((job_dir / "denoise").glob("0001-*.safetensors"))
+    before = os.stat(latents)
+    data = bytearray(latents.read_bytes())
+    data[-1] ^= 0xFF  # the last byte of the last tensor: still a valid file of the same size
+    with open(latents, "r+b") as f:  # in place: same inode
+        f.write(data)
+    os.utime(latents, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (os.stat(latents).st_size, os.stat(latents).st_mtime_ns, os.stat(latents).st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
+    reads, hashes = _counting(monkeypatch)
+    states = plan_job(job_dir, read_job(job_dir))
+    assert hashes[str(latents)] == 1
+    by_key = {(stage, s.unit.key): s for stage, stage_states in states.items() for s in stage_states}
+    item = latents.name.removesuffix(".safetensors")
+    assert (by_key["denoise", item].state, by_key["denoise", item].reason) == ("stale", f"{latents.name} is corrupt (sha256 mismatch)")
+    assert (by_key["decode", item].state, by_key["decode", item].reason) == ("stale", "denoise reruns")
+    assert sum(s.state == "done" for s in by_key.values()) == 6  # the other items are untouched
+
+
+@pytest.mark.parametrize("damage", ["not json", "wrong types", "other version", "fifo"])
+def test_a_damaged_state_cache_is_rebuilt(job_dir, monkeypatch, damage):
+    _noop_run(job_dir)
+    path = job_dir / records.STATE_FILE
+    good = json.loads(path.read_text())
+    path.unlink()
+    if damage == "fifo":
+        os.mkfifo(path)  # never opened: a read would block forever
+    else:
+        path.write_text({"not json": "{\"version\": 1, \"hashes\": {",
+                         "wrong types": json.dumps({"version": 1, "hashes": {"x": 1}, "verdicts": {}}),
+                         # a stale verdict of another version must not be trusted: it says every unit is stale
+                         "other version": json.dumps(dict(good, version=0, verdicts={k: [s, f, False, "lie"] for k, (s, f, _, _) in good["verdicts"].items()})),
+                         }[damage])
+    damaged = None if damage == "fifo" else path.read_bytes()
+    reads, _ = _counting(monkeypatch)
+    states = plan_job(job_dir, read_job(job_dir))  # `status`: judged from the records again, writes nothing
+    assert [s.state for stage in states.values() for s in stage] == ["done"] * 8
+    assert len(reads) == 8 and (path.is_fifo() if damage == "fifo" else path.read_bytes() == damaged)
+    _noop_run(job_dir)  # `run` saves it
+    assert path.is_file() and json.loads(path.read_text()) == good
+
+
+def test_clean_removes_the_state_cache(job_dir):
+    _noop_run(job_dir)
+    lines = []
+    clean(job_dir, read_job(job_dir), job_dir.parent, True, False, lines.append)
+    assert not (job_dir / records.STATE_FILE).exists() and any(records.STATE_FILE in line for line in lines)
+    assert (job_dir / "decode").is_dir() and len(list((job_dir / "decode").glob("*.png"))) == 3
+
+
+def test_status_and_a_no_op_run_import_no_torch(made):
+    """The commands that only judge files never load torch, diffusers or transformers (seconds)."""
+    job_file, workdir, _ = made
+    probe = ("import sys\nfrom typer.testing import CliRunner\nfrom orchestrator.cli import app\n"
+             "for args in (['status'], ['run'], ['gallery']):\n"
+             "    extra = [] if args == ['gallery'] else ['--device', 'cpu']\n"
+             f"    result = CliRunner().invoke(app, args + [{str(job_file)!r}, '--workdir', {str(workdir)!r}] + extra)\n"
+             "    assert result.exit_code == 0, result.output\n"
+             "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'safetensors') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, encoding="utf-8", timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
