@@ -70,7 +70,7 @@ def in_process(stage: str, job_dir: Path, force: bool, echo, units=None):
     code = importlib.import_module(f"stages.{stage}").main([str(job_dir)] + (["--force"] if force else []) + (["--units", ",".join(units)] if units else []))
     if code != 0:
         raise RuntimeError(f"stage {stage} exited {code}")
-    return StageRun(stage, time.perf_counter() - started, json.loads((job_dir / stage / "summary.json").read_text()))
+    return StageRun(stage, time.perf_counter() - started, json.loads((job_dir / stage / "summary.json").read_text(encoding="utf-8")))
 
 
 def run_one(model: Path, work: Path, name: str, loras: list[Path], strategy: str, args) -> dict:

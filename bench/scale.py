@@ -116,6 +116,8 @@ def clone_job(work: Path, workdir: Path, template: Path, n: int) -> None:
     resolved["runtime"] = {}
     hashes: dict[tuple, str] = {}
     for stage, units in plan_units(resolved).items():
+        if not units:  # imagencode: text-only jobs have none
+            continue
         (job_dir / stage).mkdir(parents=True, exist_ok=True)
         model = json.loads(next(p for p in common.published(template / stage, "*.json") if p.name != "summary.json").read_text(encoding="utf-8"))
         # Each output of the template's unit (decode: the PNG and its thumbnail), by its suffix.

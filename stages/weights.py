@@ -75,12 +75,30 @@ def missing_parameters(model, present) -> list[str]:
     return sorted(group[0] for group in names.values() if not any(name in present for name in group))
 
 
+def header_keys(folder: Path) -> set[str]:
+    """The tensor names the safetensors in `folder` hold, from the shard index or the JSON headers
+    alone (safetensors_damage has checked their framing; a header that lies about a tensor's bytes
+    is left for the loader to report, as before)."""
+    folder = Path(folder)
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        weight_map = read_json_limited(indexes[0], "weight index", fix="the model folder is damaged; download it again").get("weight_map")
+        return set(weight_map) if isinstance(weight_map, dict) else set()
+    keys: set[str] = set()
+    for file in sorted(folder.glob("*.safetensors")):
+        with open(file, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(min(length, MAX_HEADER_BYTES)))
+        keys.update(k for k in header if k != "__metadata__")
+    return keys
+
+
 def require_complete(model, folder: Path) -> None:
     """A ValueError naming the first tensors `model` needs that the safetensors in `folder` lack.
     Checked from the headers before loading: a file without some tensor would otherwise load with
     those weights random (transformers initializes them) or left on `meta` (diffusers), and an image
     made from random weights is worse than an error."""
-    missing = missing_parameters(model, WeightIndex(folder).files)
+    missing = missing_parameters(model, header_keys(folder))
     if missing:
         raise ValueError(f"its weights lack {len(missing)} tensor(s) the model needs, first {', '.join(missing[:3])}")
 

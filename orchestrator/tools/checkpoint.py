@@ -48,7 +48,7 @@ _ORIGINAL_MARKERS = ("x_embedder.", "t_block.", "blocks.0.attn.qkv.weight", "fin
 
 def reference_configs() -> dict[str, dict]:
     """Name -> transformer config of every reference config that has one."""
-    return {p.parent.parent.name: json.loads(p.read_text()) for p in sorted(REFERENCE_CONFIGS.glob("*/transformer/config.json"))}
+    return {p.parent.parent.name: json.loads(p.read_text(encoding="utf-8")) for p in sorted(REFERENCE_CONFIGS.glob("*/transformer/config.json"))}
 
 
 def family_of(name: str) -> str:
