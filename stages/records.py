@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -56,7 +56,7 @@ def read_record(path: Path) -> tuple[dict | None, str]:
 # of every file they were computed from, so a rerun with nothing to do stats files instead of
 # reading and hashing them (issue 21; DVC's state db keeps file hashes keyed the same way).
 STATE_FILE = ".state.json"
-STATE_VERSION = 1  # bump when a verdict's meaning changes (units.py's checks): older caches are dropped
+STATE_VERSION = 2  # bump when a verdict's meaning changes (units.py's checks): older caches are dropped
 # A file changed again within the file system's mtime granularity (FAT 2 s, HFS+ 1 s, ext4 a few ms)
 # could keep its stat: entries whose files changed less than this before the save are kept for
 # this process only, never saved ("racily clean" entries, as git handles its index).
@@ -74,8 +74,14 @@ def stat_key(path: str):
 
 
 def stamp_of(keys) -> str:
-    """A short digest of the stat keys of the files a verdict was made from."""
-    return hashlib.blake2b(repr(tuple(keys)).encode(), digest_size=12).hexdigest()
+    """A short digest of the stat keys of the files a verdict was made from: Python's 64-bit hash
+    of the tuple of ints (-1 for a missing file), which is the same in every process (PYTHONHASHSEED
+    salts only str and bytes) and 15x cheaper than hashing their text; another Python build that
+    hashes differently only makes the cache miss."""
+    return format(hash(tuple(NO_FILE if key is None else key for key in keys)) & 0xFFFFFFFFFFFFFFFF, "x")
+
+
+NO_FILE = (-1,)
 
 
 class RecordReader:
@@ -94,15 +100,42 @@ class RecordReader:
     def __init__(self, job_dir=None) -> None:
         self._outputs: dict[str, tuple] = {}  # record path -> (stat key, ((name, sha256), ...) or None, why)
         self._hashes: dict[str, tuple] = {}  # output path -> (stat key, sha256)
-        # unit_status: record path + "|1" (outputs hashed) or "|0" -> (stamp, unit fingerprint, ok, why)
+        # unit_status: record path + "|1" (outputs hashed) or "|0" -> [stamp, unit fingerprint, ok, why]
         self.verdicts: dict[str, tuple] = {}
         self.job_dir: str | None = None
         self.reads = 0  # records read and parsed by this reader (tests count them)
         self._dirty = False
+        self._stats: dict | None = None  # record path -> stat key while a snapshot is open
+        self.last_snapshot: dict = {}
+        self._saved: tuple | None = None  # (job_dir + sep, hashes, verdicts) as .state.json holds them
         if job_dir is not None:
             self.attach(job_dir)
 
-    stat_key = staticmethod(stat_key)
+    def stat_key(self, path: str):
+        """stat_key; a record's is taken once while a snapshot is open (plan_job: a unit's
+        upstream record is also its upstream unit's record, so each would be stat'ed twice).
+        Outputs are stat'ed once per plan anyway, so only records are kept (a tenth of a plan's
+        memory at 10,000 items)."""
+        memo = self._stats
+        if memo is None or not path.endswith(".json"):
+            return stat_key(path)
+        key = memo.get(path, memo)
+        if key is memo:
+            key = memo[path] = stat_key(path)
+        return key
+
+    @contextlib.contextmanager
+    def snapshot(self):
+        """One stat per record for the block's verdicts (a plan judges the job as of one moment).
+        Afterwards `last_snapshot` holds those stats (record path -> stat_key), for the caller
+        that renders the plan's states right after it (the gallery at the end of a run)."""
+        outer, self._stats = self._stats, {} if self._stats is None else self._stats
+        try:
+            yield self
+        finally:
+            if outer is None:
+                self.last_snapshot = self._stats
+            self._stats = outer
 
     def attach(self, job_dir) -> None:
         """Load <job_dir>/.state.json (once; a damaged or missing file is an empty cache)."""
@@ -116,15 +149,25 @@ class RecordReader:
             state = read_json(os.path.join(job_dir, STATE_FILE), 1 << 30)  # regular files only
             if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
                 return
+            hashes, verdicts = state["hashes"], state["verdicts"]
+            if not isinstance(hashes, dict) or not isinstance(verdicts, dict):
+                raise TypeError("hashes and verdicts must be objects")
+            # Entries are kept as read ([stamp, fingerprint, ok, why] lists, the hashes by their
+            # path inside the job) and checked when used: a 10,000-item cache has ~70,000 of them.
             root = job_dir + os.sep
-            for rel, (size, mtime, ino, ctime, sha) in state["hashes"].items():
-                self._hashes.setdefault(root + rel, ((size, mtime, ino, ctime), sha))
-            for rel, (stamp, fingerprint, ok, why) in state["verdicts"].items():
-                self.verdicts.setdefault(root + rel, (stamp, fingerprint, bool(ok), str(why)))
+            self._saved = (root, hashes, verdicts)
+            for rel, entry in verdicts.items():
+                self.verdicts.setdefault(root + rel, entry)
         except (OSError, ValueError, KeyError, TypeError, AttributeError, ArtifactError):
-            self._hashes.clear()  # damaged: whatever was taken from it is dropped, and rebuilt
-            self.verdicts.clear()
+            self._saved = None  # damaged: an empty cache, rebuilt by the next run
             self._dirty = True
+
+    def _saved_hash(self, path: str):
+        """The state file's [size, mtime, inode, ctime, sha256] for `path`, or None."""
+        saved = self._saved
+        if saved is None or not path.startswith(saved[0]):
+            return None
+        return saved[1].get(path[len(saved[0]):])
 
     def save(self) -> None:
         """Write the state cache atomically when it learned something; entries of files changed
@@ -135,9 +178,13 @@ class RecordReader:
 
         root = self.job_dir + os.sep
         recent = time.time_ns() - RACY_NS
-        hashes = {path[len(root):]: [*key, sha] for path, (key, sha) in self._hashes.items()
-                  if path.startswith(root) and key[1] < recent and key[3] < recent}
-        verdicts = {path[len(root):]: list(v) for path, v in self.verdicts.items() if path.startswith(root) and v[0] is not None}
+        saved = self._saved if self._saved is not None and self._saved[0] == root else (root, {}, {})
+        # What this run did not look at stays as it was, when well formed.
+        hashes = {rel: v for rel, v in saved[1].items() if isinstance(v, list) and len(v) == 5}
+        hashes.update((path[len(root):], [*key, sha]) for path, (key, sha) in self._hashes.items()
+                      if path.startswith(root) and key[1] < recent and key[3] < recent)
+        verdicts = {path[len(root):]: v for path, v in self.verdicts.items()
+                    if path.startswith(root) and isinstance(v, list) and len(v) == 4 and v[0] is not None}
         try:
             publish_bytes(Path(root, STATE_FILE), json.dumps({"version": STATE_VERSION, "hashes": hashes, "verdicts": verdicts},
                                                              separators=(",", ":")).encode())
@@ -148,13 +195,16 @@ class RecordReader:
     def verdict(self, key: str, stamp: str, fingerprint: str):
         """(ok, why) kept for unit `key` made from files with this `stamp`, or None."""
         kept = self.verdicts.get(key)
-        if kept is not None and kept[0] == stamp and kept[1] == fingerprint:
-            return kept[2], kept[3]
+        try:
+            if kept is not None and kept[0] == stamp and kept[1] == fingerprint and len(kept) == 4 and kept[2] in (True, False):
+                return kept[2] is True, str(kept[3])
+        except (TypeError, KeyError, IndexError):
+            pass  # a damaged entry of the state file: judged again (and replaced when the run saves)
         return None
 
     def keep_verdict(self, key: str, stamp, fingerprint: str, verdict: tuple) -> None:
         """Remember a verdict; `stamp` None (a file changed while it was judged) keeps it for nothing."""
-        self.verdicts[key] = (stamp, fingerprint, *verdict)
+        self.verdicts[key] = [stamp, fingerprint, *verdict]  # as the state file holds it
         self._dirty = True
 
     def read(self, path) -> tuple[dict | None, str]:
@@ -185,6 +235,10 @@ class RecordReader:
         if key is None:
             return None
         kept = self._hashes.get(path)
+        if kept is None:
+            saved = self._saved_hash(path)
+            if isinstance(saved, list) and len(saved) == 5 and isinstance(saved[4], str):
+                kept = (tuple(saved[:4]), saved[4])
         if kept is None or kept[0] != key:
             try:
                 kept = self._hashes[path] = (key, sha256_file(path))

@@ -45,10 +45,13 @@ def windows_reserved(name: str) -> bool:
     return name.split(".")[0].rstrip(" ").upper() in WINDOWS_RESERVED
 
 
+_NOT_SLUG = re.compile(r"[^a-z0-9]+")
+
+
 def slugify(text: str, max_len: int = 40) -> str:
     """A file-name-safe slug of a prompt: lowercase ASCII words joined by '-', never a name that
     Windows reserves (so 'nul' becomes 'nul-'); no dots, so no trailing dot, and one case only."""
-    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:max_len].strip("-")
+    slug = _NOT_SLUG.sub("-", text.lower()).strip("-")[:max_len].strip("-")
     return (f"{slug}-" if windows_reserved(slug) else slug) or "empty"
 
 

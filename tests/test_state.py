@@ -116,7 +116,7 @@ def test_a_same_size_rewrite_is_hashed_again_and_found_stale(job_dir, monkeypatc
     assert sum(s.state == "done" for s in by_key.values()) == 6  # the other items are untouched
 
 
-@pytest.mark.parametrize("damage", ["not json", "wrong types", "other version", "fifo"])
+@pytest.mark.parametrize("damage", ["not json", "wrong types", "damaged entries", "other version", "fifo"])
 def test_a_damaged_state_cache_is_rebuilt(job_dir, monkeypatch, damage):
     _noop_run(job_dir)
     path = job_dir / records.STATE_FILE
@@ -126,7 +126,11 @@ def test_a_damaged_state_cache_is_rebuilt(job_dir, monkeypatch, damage):
         os.mkfifo(path)  # never opened: a read would block forever
     else:
         path.write_text({"not json": "{\"version\": 1, \"hashes\": {",
-                         "wrong types": json.dumps({"version": 1, "hashes": {"x": 1}, "verdicts": {}}),
+                         "wrong types": json.dumps({"version": records.STATE_VERSION, "hashes": [], "verdicts": {}}),
+                         # entries are checked when used: each damaged one is judged again, and dropped by the next save
+                         "damaged entries": json.dumps({"version": records.STATE_VERSION,
+                                                        "hashes": {"x": 1, **{k: "junk" for k in good["hashes"]}},
+                                                        "verdicts": {"y": [1], **{k: 7 for k in good["verdicts"]}}}),
                          # a stale verdict of another version must not be trusted: it says every unit is stale
                          "other version": json.dumps(dict(good, version=0, verdicts={k: [s, f, False, "lie"] for k, (s, f, _, _) in good["verdicts"].items()})),
                          }[damage])
@@ -137,6 +141,28 @@ def test_a_damaged_state_cache_is_rebuilt(job_dir, monkeypatch, damage):
     assert len(reads) == 8 and (path.is_fifo() if damage == "fifo" else path.read_bytes() == damaged)
     _noop_run(job_dir)  # `run` saves it
     assert path.is_file() and json.loads(path.read_text()) == good
+
+
+def test_a_warm_plan_stats_each_file_once_and_the_page_reuses_its_stats(job_dir, monkeypatch):
+    """A record is its unit's and its downstream unit's input: the plan stats it once
+    (RecordReader.snapshot), and the gallery rendered from that plan stats no record again."""
+    _noop_run(job_dir)
+    stats = collections.Counter()
+    real_stat = records.stat_key
+    counting = lambda path: stats.update([str(path)]) or real_stat(path)  # noqa: E731
+    monkeypatch.setattr(records, "stat_key", counting)
+    monkeypatch.setattr(gallery, "stat_key", counting)
+    reader = records.RecordReader()
+    states = plan_job(job_dir, read_job(job_dir), reader)
+    assert [s.state for stage in states.values() for s in stage] == ["done"] * 8
+    # 2 encode units (record, embedding), 3 denoise (record, latents), 3 decode (record, PNG, thumbnail)
+    assert len(stats) == 2 * 2 + 3 * 2 + 3 * 3 and set(stats.values()) == {1}, stats
+    assert set(reader.last_snapshot) == {p for p in stats if p.endswith(".json")}
+    stats.clear()
+    gallery.render_gallery(job_dir, read_job(job_dir), states=states, stats=reader.last_snapshot)
+    assert not stats
+    gallery.render_gallery(job_dir, read_job(job_dir), states=states)  # without them, each record is stat'ed
+    assert len(stats) == 8 and all(p.endswith(".json") for p in stats)
 
 
 def test_clean_removes_the_state_cache(job_dir):

@@ -349,7 +349,10 @@ def _remove_leftovers(job_dir: Path, stage: str, echo) -> None:
     """A stage with nothing to do never starts, so delete what a killed run of it left half-written
     (e.g. its summary) here, under its lock; a stage run by hand holds the lock and cleans up itself."""
     stage_dir = job_dir / stage
-    if not any(stage_dir.glob(f"{TMP_PREFIX}*")):
+    try:  # names only (Path.glob made a Path per file: a third of a 10,000-item no-op rerun's gallery time)
+        if not any(name.startswith(TMP_PREFIX) for name in os.listdir(stage_dir)):
+            return
+    except OSError:
         return
     try:
         with exclusive_lock(stage_dir / ".lock", f"stage {stage} of {job_dir.name}"):

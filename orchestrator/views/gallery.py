@@ -38,7 +38,7 @@ from stages.artifacts import read_json
 from stages.contract import RESOLVED_JOB, STAGES, JobFileError, ResourceError
 from stages.files import canonical_json, publish_bytes, read_bytes_limited, sha256_bytes, shown_path
 from stages.measure import format_bytes
-from stages.records import read_record, stat_key
+from stages.records import RecordReader, read_record, stat_key
 from stages.resolved import read_job
 from stages.units import plan_units, thumbnail_name, unit_status
 
@@ -342,6 +342,7 @@ def _item_states(job_dir: Path, job: dict, outcome: str | None, states: dict | N
         states = _subset_states(job_dir, job, only)
     elif states is None:
         states = plan_job(job_dir, job)
+    root = str(job_dir)  # the paths as plan_job's unit_status makes them (its stats are keyed by them)
     wanted = [item["id"] for item in job["items"] if only is None or item["id"] in only]
     by_item: dict[str, dict] = {item_id: {"records": {}, "sources": {}, "pending": None} for item_id in wanted}
     first_pending = None
@@ -353,7 +354,7 @@ def _item_states(job_dir: Path, job: dict, outcome: str | None, states: dict | N
                     continue
                 if s.state == "done":  # its record is read by _read_records, only for the data files remade
                     # A plan that kept the records it read (a UnitState with a `record`) hands them over.
-                    entry["sources"][stage] = (os.path.join(job_dir, stage, f"{s.unit.key}.json"), len(s.unit.items),
+                    entry["sources"][stage] = (f"{root}{os.sep}{stage}{os.sep}{s.unit.key}.json", len(s.unit.items),
                                                getattr(s, "record", None))
                 elif entry["pending"] is None:
                     entry["pending"] = (stage, s.unit.key, s.state, s.reason)
@@ -387,14 +388,21 @@ def _read_records(entries: list[dict]) -> None:
             entry["records"][stage] = dict(record, shared_by=len(record.get("items") or ()) or users) if stage == "encode" else record
 
 
-def _part_fingerprint(job_key: str, items: list[dict], entries: dict) -> str:
+def _part_fingerprint(job_key: str, items: list[dict], entries: dict, stats: dict) -> str:
     """What a data file's bytes depend on: the job, and per item its state, why, and the stat of
-    each record it shows (as stages/records.py's state cache keys them). Equal: the file is kept.
-    None (never kept) when a record was handed over by the caller rather than read from its file."""
+    each record it shows (as stages/records.py's state cache keys them; `stats`: those the plan
+    just took, by path). Equal: the file is kept. None (never kept) when a record was handed over
+    by the caller rather than read from its file."""
     if any(source[2] is not None for item in items for source in entries[item["id"]]["sources"].values()):
         return None
-    rows = [(item["id"], entries[item["id"]]["state"], entries[item["id"]]["why"],
-             [(stage, stat_key(path)) for stage, (path, _, _) in sorted(entries[item["id"]]["sources"].items())]) for item in items]
+    missing = stats  # a sentinel no stat equals
+    rows = []
+    for item in items:
+        stamps = []
+        for stage, (path, _, _) in sorted(entries[item["id"]]["sources"].items()):
+            taken = stats.get(path, missing)
+            stamps.append((stage, stat_key(path) if taken is missing else taken))
+        rows.append((item["id"], entries[item["id"]]["state"], entries[item["id"]]["why"], stamps))
     return sha256_bytes(repr((PART_VERSION, job_key, rows)).encode())[:24]
 
 
@@ -628,12 +636,17 @@ def _tilings(entries: dict) -> list[str]:
     return sorted({_tiling(entry["records"]["decode"]) for entry in entries.values() if "decode" in entry["records"]})
 
 
-def render_gallery(job_dir: Path, job: dict, outcome: str | None = None, states: dict | None = None) -> dict[str, bytes]:
+def render_gallery(job_dir: Path, job: dict, outcome: str | None = None, states: dict | None = None,
+                   stats: dict | None = None) -> dict[str, bytes]:
     """The page's files for a job folder and its resolved job, by path relative to the folder:
     index.html, and gallery/items-NNNN.js plus gallery/manifest.json (what a refresh after a chunk
     starts from). `outcome` says how the last run ended when it did not finish ("failed: ...",
-    "interrupted ..."); `states` is the caller's plan_job result, so the job is not planned again."""
+    "interrupted ..."); `states` is the caller's plan_job result, so the job is not planned again,
+    and `stats` the stats of the records that plan took (records.RecordReader.last_snapshot)."""
     job_dir = Path(job_dir)
+    if states is None:
+        reader = RecordReader()
+        states, stats = plan_job(job_dir, job, reader), reader.last_snapshot
     entries = _item_states(job_dir, job, outcome, states)
     key = _job_key(job)
     manifest = {"job": key, "part_size": PART_SIZE, "tiling": [], "parts": []}
@@ -642,7 +655,7 @@ def render_gallery(job_dir: Path, job: dict, outcome: str | None = None, states:
     out: dict[str, bytes] = {}
     for number, start in enumerate(range(0, len(job["items"]), PART_SIZE)):
         chunk = job["items"][start:start + PART_SIZE]
-        fingerprint = _part_fingerprint(key, chunk, entries)
+        fingerprint = _part_fingerprint(key, chunk, entries, stats or {})
         kept = old.get(number)
         if kept is not None and fingerprint is not None and kept[1] == fingerprint:  # nothing it shows changed: no record read
             part, _, tiling, data = kept
@@ -751,7 +764,7 @@ def _refreshed(job_dir: Path, job: dict, ids: set[str]) -> dict[str, bytes] | No
 
 
 def write_gallery(job_dir: Path, job: dict | None = None, outcome: str | None = None, states: dict | None = None,
-                  items: list[str] | None = None) -> Path:
+                  items: list[str] | None = None, stats: dict | None = None) -> Path:
     """Write `<job_dir>/index.html` and its data files atomically, each only when its content
     changed (so a no-op rerun touches nothing), the data before the page that names them; `job`
     defaults to the folder's job.resolved.json. With `items` (the ids a chunk just made), only the
@@ -760,7 +773,7 @@ def write_gallery(job_dir: Path, job: dict | None = None, outcome: str | None = 
     job = job if job is not None else read_job(job_dir)
     files = (_refreshed(job_dir, job, set(items)) if items is not None and outcome is None else None)
     if files is None:
-        files = render_gallery(job_dir, job, outcome, states)
+        files = render_gallery(job_dir, job, outcome, states, stats)
         (job_dir / DATA_DIR).mkdir(exist_ok=True)
         for old in (job_dir / DATA_DIR).glob("items-*.js"):  # a longer job's parts, from before
             if f"{DATA_DIR}/{old.name}" not in files:
@@ -784,7 +797,7 @@ def describe_outcome(exc: BaseException) -> str:
 
 
 def write_gallery_after_run(job_dir: Path, job: dict, echo, exc: BaseException | None = None, states: dict | None = None,
-                            items: list[str] | None = None) -> Path | None:
+                            items: list[str] | None = None, stats: dict | None = None) -> Path | None:
     """After `orchestrate run` (or one of its chunks, whose item ids are `items`): write the page
     and return its path (None when it could not be written, which is one warning line: the images
     are what the run is for). After a run that raised `exc`, the page says how it ended, its path is
@@ -792,7 +805,7 @@ def write_gallery_after_run(job_dir: Path, job: dict, echo, exc: BaseException |
     if exc is not None and not Path(job_dir).is_dir():
         return None  # stopped before anything was made: no page to show
     try:
-        path = write_gallery(job_dir, job, describe_outcome(exc) if exc is not None else None, states, items)
+        path = write_gallery(job_dir, job, describe_outcome(exc) if exc is not None else None, states, items, stats)
     except (OSError, ResourceError) as error:  # a full disk, a read-only folder
         echo(f"warning: gallery page not written ({error})")
         return None
