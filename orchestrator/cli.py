@@ -14,7 +14,7 @@ import typer
 
 from orchestrator.jobfile import job as jobfile
 from orchestrator.planning.plan import describe_stage, plan_job
-from orchestrator.planning.prepare import describe_model, prepare_job, resolve_device
+from orchestrator.planning.prepare import describe_model, last_run_device, prepare_job, resolve_device
 from orchestrator.executors.runner import StageFailedError, run_job, summary_table
 from stages.contract import ALL_STAGES, STAGES, ArtifactError, JobFileError, ResourceError
 from stages.files import shown_path
@@ -300,13 +300,16 @@ def stage(
 @job_command
 def status(job: JobOptions) -> None:
     """Per stage and item: done, to do, or stale and why. Runs nothing. Give the memory flags of
-    `run`: the decode strategy they plan (tiled or not) is part of decode's params.
+    `run`: the decode strategy they plan (tiled or not) is part of decode's params. With
+    --device auto (the default) the job is judged for the device of its last run, if it had one.
 
     Example: orchestrate status job.toml
     """
-    job_dir, resolved = prepare_job(job.job_file, job.workdir, job.device, job.memory)
+    job_dir, resolved = prepare_job(job.job_file, job.workdir, job.device, job.memory, as_last_run=True)
     for line in describe_model(resolved):
         echo(line)
+    if job.device == "auto" and (job_dir / "job.resolved.json").is_file():
+        echo(f"judged for {resolved['device']}, the device of the job's last run (--device judges it for another)")
     states = plan_job(job_dir, resolved)
     for name in states:  # imagencode only with img2img items
         for line in describe_stage(name, states[name], limit=10_000):
@@ -372,15 +375,13 @@ def clean(
     Example: orchestrate clean job.toml --yes --store
     """
     from orchestrator.tools.clean import clean as clean_job
-    from stages.files import MAX_TEXT_BYTES, read_json_limited
 
     job = jobfile.load_job(job_file)
     job_dir = jobfile.job_dir_for(job, workdir)
     if not job_dir.is_dir():
         raise JobFileError(f"job folder {job_dir} does not exist; nothing was run for {job_file} in {workdir}")
     if device == "auto":
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, JobFileError):
-            device = read_json_limited(job_dir / "job.resolved.json", "resolved job", MAX_TEXT_BYTES)["device"]
+        device = last_run_device(job_dir) or device
     resolved = jobfile.resolve_job(job, job_dir, resolve_device(device), require_weights=False)
     clean_job(job_dir, resolved, Path(workdir).resolve(), yes, store, echo)
 

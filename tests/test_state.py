@@ -178,7 +178,8 @@ def test_status_and_a_no_op_run_import_no_torch(made):
     job_file, workdir, _ = made
     probe = ("import sys\nfrom typer.testing import CliRunner\nfrom orchestrator.cli import app\n"
              "for args in (['status'], ['run'], ['gallery']):\n"
-             "    extra = [] if args == ['gallery'] else ['--device', 'cpu']\n"
+             # status with --device auto: the device of the job's last run, so no torch to look for a GPU
+             "    extra = ['--device', 'cpu'] if args == ['run'] else []\n"
              f"    result = CliRunner().invoke(app, args + [{str(job_file)!r}, '--workdir', {str(workdir)!r}] + extra)\n"
              "    assert result.exit_code == 0, result.output\n"
              "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'safetensors') if m in sys.modules))\n")

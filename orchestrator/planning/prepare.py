@@ -100,15 +100,29 @@ def describe_device(device: str) -> str:
     return f"device: {device}: {said}"
 
 
+def last_run_device(job_dir: Path) -> str | None:
+    """The device the job's last run used (its job.resolved.json), when it names one validly."""
+    from stages.files import MAX_TEXT_BYTES, read_json_limited
+
+    try:
+        device = read_json_limited(Path(job_dir) / "job.resolved.json", "resolved job", MAX_TEXT_BYTES)["device"]
+    except (OSError, ValueError, KeyError, TypeError, JobFileError):
+        return None
+    return device if isinstance(device, str) and _DEVICE.fullmatch(device) else None
+
+
 def prepare_job(job_file: Path, workdir: Path, device: str, memory: tuple = (None, None, True, False),
-             store: bool = True, model: str | None = None, reader=None) -> tuple[Path, dict]:
+             store: bool = True, model: str | None = None, reader=None, as_last_run: bool = False) -> tuple[Path, dict]:
     """The job dir and resolved job; `memory` (--max-vram, --max-ram, tiling allowed) plans its
     runtime section; `store` names the workdir's embedding store (stages/store.py) in it; `model`
     is --model, for a prompt list (.txt) given instead of a job file; `reader`: the run's
-    records.RecordReader, so the records checked here are not read again by the run."""
+    records.RecordReader, so the records checked here are not read again by the run.
+    `as_last_run` (status): `auto` is the device of the job's last run when there was one, as
+    `clean` takes it, so judging a job never imports torch to look for a GPU."""
     job = jobfile.load_job(job_file, model)
     job_dir = jobfile.job_dir_for(job, workdir)
-    resolved = jobfile.resolve_job(job, job_dir, resolve_device(device))
+    last = last_run_device(job_dir) if as_last_run and device == "auto" else None
+    resolved = jobfile.resolve_job(job, job_dir, last or resolve_device(device))
     resolved["embedding_store"] = str(Path(workdir).resolve() / ".store" / "encode") if store else None
     from orchestrator.planning.memory import runtime_for_job
 
