@@ -54,13 +54,16 @@ def read_record(path: Path) -> tuple[dict | None, str]:
 
 # The job's state cache (<job_dir>/.state.json): content hashes and unit verdicts keyed by the stat
 # of every file they were computed from, so a rerun with nothing to do stats files instead of
-# reading and hashing them (issue 21; DVC's state db keeps file hashes keyed the same way).
+# reading and hashing them (issue 21; DVC's state db keeps file hashes keyed the same way). Two
+# JSON lines: the verdicts, which every plan reads, then the file hashes, read only when a file
+# must be hashed (a no-op rerun or `status` never parses them: half the file).
 STATE_FILE = ".state.json"
-STATE_VERSION = 2  # bump when a verdict's meaning changes (units.py's checks): older caches are dropped
+STATE_VERSION = 3  # bump when a verdict's meaning or the file's layout changes: older caches are dropped
 # A file changed again within the file system's mtime granularity (FAT 2 s, HFS+ 1 s, ext4 a few ms)
 # could keep its stat: entries whose files changed less than this before the save are kept for
 # this process only, never saved ("racily clean" entries, as git handles its index).
 RACY_NS = 2_000_000_000
+MAX_STATE_BYTES = 1 << 30
 
 
 def stat_key(path: str):
@@ -100,14 +103,16 @@ class RecordReader:
     def __init__(self, job_dir=None) -> None:
         self._outputs: dict[str, tuple] = {}  # record path -> (stat key, ((name, sha256), ...) or None, why)
         self._hashes: dict[str, tuple] = {}  # output path -> (stat key, sha256)
-        # unit_status: record path + "|1" (outputs hashed) or "|0" -> [stamp, unit fingerprint, ok, why]
-        self.verdicts: dict[str, tuple] = {}
+        # unit_status: record path + "|1" (outputs hashed) or "|0" -> "stamp|fingerprint|ok|why",
+        # one string as the state file holds it (a 10,000-item job has 30,000)
+        self.verdicts: dict[str, str] = {}
+        self._racy: dict[str, int] = {}  # verdict key -> the newest mtime/ctime of its files
+        self._saved_hashes: dict | None = None  # relative path -> "size mtime inode ctime sha256", once loaded
         self.job_dir: str | None = None
         self.reads = 0  # records read and parsed by this reader (tests count them)
         self._dirty = False
         self._stats: dict | None = None  # record path -> stat key while a snapshot is open
         self.last_snapshot: dict = {}
-        self._saved: tuple | None = None  # (job_dir + sep, hashes, verdicts) as .state.json holds them
         if job_dir is not None:
             self.attach(job_dir)
 
@@ -138,36 +143,48 @@ class RecordReader:
             self._stats = outer
 
     def attach(self, job_dir) -> None:
-        """Load <job_dir>/.state.json (once; a damaged or missing file is an empty cache)."""
+        """Load the verdicts of <job_dir>/.state.json (once; a damaged or missing file is an empty cache)."""
         job_dir = os.path.abspath(str(job_dir))
         if self.job_dir == job_dir:
             return
-        self.job_dir = job_dir
-        from stages.artifacts import read_json
+        self.job_dir, self._saved_hashes = job_dir, None
+        verdicts = self._state_line(0, "verdicts")
+        if verdicts is None:
+            self._dirty = True  # none, damaged or another version: the next run writes a good one
+            return
+        root = job_dir + os.sep
+        for rel, entry in verdicts.items():  # checked when used (verdict): most are never looked at
+            self.verdicts.setdefault(root + rel, entry)
+
+    def _state_line(self, number: int, name: str) -> dict | None:
+        """Line `number` of the state file: its `name` table when the line is this version's."""
+        from stages.artifacts import open_regular
 
         try:
-            state = read_json(os.path.join(job_dir, STATE_FILE), 1 << 30)  # regular files only
-            if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-                return
-            hashes, verdicts = state["hashes"], state["verdicts"]
-            if not isinstance(hashes, dict) or not isinstance(verdicts, dict):
-                raise TypeError("hashes and verdicts must be objects")
-            # Entries are kept as read ([stamp, fingerprint, ok, why] lists, the hashes by their
-            # path inside the job) and checked when used: a 10,000-item cache has ~70,000 of them.
-            root = job_dir + os.sep
-            self._saved = (root, hashes, verdicts)
-            for rel, entry in verdicts.items():
-                self.verdicts.setdefault(root + rel, entry)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, ArtifactError):
-            self._saved = None  # damaged: an empty cache, rebuilt by the next run
-            self._dirty = True
+            with os.fdopen(open_regular(os.path.join(self.job_dir, STATE_FILE)), "rb") as f:  # regular files only
+                data = f.read(MAX_STATE_BYTES + 1)
+            lines = data.split(b"\n")
+            if len(data) > MAX_STATE_BYTES or len(lines) < 2:
+                return None
+            line = json.loads(lines[number])
+        except (OSError, ValueError, ArtifactError, RecursionError):
+            return None
+        if not isinstance(line, dict) or line.get("version") != STATE_VERSION or not isinstance(line.get(name), dict):
+            return None
+        return line[name]
 
     def _saved_hash(self, path: str):
-        """The state file's [size, mtime, inode, ctime, sha256] for `path`, or None."""
-        saved = self._saved
-        if saved is None or not path.startswith(saved[0]):
+        """The state file's (stat key, sha256) for `path`, or None; the hashes are read at the first call."""
+        if self.job_dir is None or not path.startswith(self.job_dir + os.sep):
             return None
-        return saved[1].get(path[len(saved[0]):])
+        if self._saved_hashes is None:
+            self._saved_hashes = self._state_line(1, "hashes") or {}
+        entry = self._saved_hashes.get(path[len(self.job_dir) + 1:])
+        try:
+            size, mtime, inode, ctime, sha = entry.split(" ")
+            return (int(size), int(mtime), int(inode), int(ctime)), sha
+        except (AttributeError, ValueError):
+            return None  # none, or damaged: hashed again
 
     def save(self) -> None:
         """Write the state cache atomically when it learned something; entries of files changed
@@ -178,16 +195,18 @@ class RecordReader:
 
         root = self.job_dir + os.sep
         recent = time.time_ns() - RACY_NS
-        saved = self._saved if self._saved is not None and self._saved[0] == root else (root, {}, {})
+        if self._saved_hashes is None:
+            self._saved_hashes = self._state_line(1, "hashes") or {}
         # What this run did not look at stays as it was, when well formed.
-        hashes = {rel: v for rel, v in saved[1].items() if isinstance(v, list) and len(v) == 5}
-        hashes.update((path[len(root):], [*key, sha]) for path, (key, sha) in self._hashes.items()
+        hashes = {rel: v for rel, v in self._saved_hashes.items() if isinstance(v, str) and v.count(" ") == 4}
+        hashes.update((path[len(root):], f"{key[0]} {key[1]} {key[2]} {key[3]} {sha}") for path, (key, sha) in self._hashes.items()
                       if path.startswith(root) and key[1] < recent and key[3] < recent)
+        racy = {key for key, changed in self._racy.items() if changed >= recent}
         verdicts = {path[len(root):]: v for path, v in self.verdicts.items()
-                    if path.startswith(root) and isinstance(v, list) and len(v) == 4 and v[0] is not None}
-        try:
-            publish_bytes(Path(root, STATE_FILE), json.dumps({"version": STATE_VERSION, "hashes": hashes, "verdicts": verdicts},
-                                                             separators=(",", ":")).encode())
+                    if path.startswith(root) and isinstance(v, str) and path not in racy}
+        lines = [{"version": STATE_VERSION, "verdicts": verdicts}, {"version": STATE_VERSION, "hashes": hashes}]
+        try:  # JSON never holds a raw newline: one line each
+            publish_bytes(Path(root, STATE_FILE), "\n".join(json.dumps(line, separators=(",", ":")) for line in lines).encode() + b"\n")
             self._dirty = False
         except (OSError, ArtifactError):
             pass
@@ -195,16 +214,20 @@ class RecordReader:
     def verdict(self, key: str, stamp: str, fingerprint: str):
         """(ok, why) kept for unit `key` made from files with this `stamp`, or None."""
         kept = self.verdicts.get(key)
-        try:
-            if kept is not None and kept[0] == stamp and kept[1] == fingerprint and len(kept) == 4 and kept[2] in (True, False):
-                return kept[2] is True, str(kept[3])
-        except (TypeError, KeyError, IndexError):
-            pass  # a damaged entry of the state file: judged again (and replaced when the run saves)
+        if kept is None:
+            return None
+        prefix = f"{stamp}|{fingerprint}|"
+        # A damaged entry of the state file (not this shape) is judged again, and replaced.
+        if type(kept) is str and kept.startswith(prefix) and kept[len(prefix):len(prefix) + 2] in ("1|", "0|"):
+            return kept[len(prefix)] == "1", kept[len(prefix) + 2:]
         return None
 
-    def keep_verdict(self, key: str, stamp, fingerprint: str, verdict: tuple) -> None:
-        """Remember a verdict; `stamp` None (a file changed while it was judged) keeps it for nothing."""
-        self.verdicts[key] = [stamp, fingerprint, *verdict]  # as the state file holds it
+    def keep_verdict(self, key: str, stamp: str, fingerprint: str, verdict: tuple, changed_ns: int = 0) -> None:
+        """Remember a verdict; `changed_ns`, the newest mtime or ctime of its files, keeps a racily
+        clean one out of the saved cache (it holds for this process only)."""
+        ok, why = verdict
+        self.verdicts[key] = f"{stamp}|{fingerprint}|{1 if ok else 0}|{why}"
+        self._racy[key] = changed_ns
         self._dirty = True
 
     def read(self, path) -> tuple[dict | None, str]:
@@ -236,9 +259,7 @@ class RecordReader:
             return None
         kept = self._hashes.get(path)
         if kept is None:
-            saved = self._saved_hash(path)
-            if isinstance(saved, list) and len(saved) == 5 and isinstance(saved[4], str):
-                kept = (tuple(saved[:4]), saved[4])
+            kept = self._saved_hash(path)
         if kept is None or kept[0] != key:
             try:
                 kept = self._hashes[path] = (key, sha256_file(path))

@@ -207,7 +207,8 @@ def unit_status(job_dir: Path, unit: Unit, check_outputs: bool = True, reader=No
     if kept is not None:
         return kept
     verdict = _unit_status(root, unit, path, check_outputs, reader.read, reader.outputs, reader.sha256)
-    reader.keep_verdict(key, stamp, fingerprint, verdict)
+    changed = max((max(k[1], k[3]) for k in keys if k is not None), default=0)  # its newest mtime or ctime: racy or not
+    reader.keep_verdict(key, stamp, fingerprint, verdict, changed)
     return verdict
 
 

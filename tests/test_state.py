@@ -82,16 +82,40 @@ def test_a_warm_no_op_rerun_reads_no_record_and_hashes_nothing(job_dir, monkeypa
     reads, hashes = _counting(monkeypatch)
     _noop_run(job_dir)  # cold: the copy's stats match nothing kept, so every record is read
     assert len(reads) == 3 + 3 + 2 and len(hashes) == 2 + 3 + 6  # 2 encode units (one shared), decode has PNG + thumbnail
-    state = json.loads((job_dir / records.STATE_FILE).read_text())
-    assert state["version"] == records.STATE_VERSION and len(state["verdicts"]) == 8 and len(state["hashes"]) == 11
+    verdicts, file_hashes = _state(job_dir)
+    assert verdicts["version"] == file_hashes["version"] == records.STATE_VERSION
+    assert len(verdicts["verdicts"]) == 8 and len(file_hashes["hashes"]) == 11
     page = (job_dir / "index.html").read_bytes()
     reads.clear(), hashes.clear()
     states = _noop_run(job_dir)  # warm
     assert not reads and not hashes, (reads, hashes)
     assert [s.state for stage in states.values() for s in stage] == ["done"] * 8
     assert (job_dir / "index.html").read_bytes() == page
+    lines = []  # which lines of the state file are parsed: the hashes only when a file must be hashed
+    real_line = records.RecordReader._state_line
+    monkeypatch.setattr(records.RecordReader, "_state_line", lambda self, n, name: lines.append(n) or real_line(self, n, name))
     plan_job(job_dir, read_job(job_dir))  # `orchestrate status`: a fresh reader, the same cache
-    assert not reads and not hashes
+    assert not reads and not hashes and lines == [0]
+
+
+def _state(job_dir) -> list[dict]:
+    """The state file's two JSON lines: the verdicts, then the file hashes."""
+    return [json.loads(line) for line in (job_dir / records.STATE_FILE).read_text().splitlines()]
+
+
+def _state_text(verdicts, hashes, version=records.STATE_VERSION) -> str:
+    return json.dumps({"version": version, "verdicts": verdicts}) + "\n" + json.dumps({"version": version, "hashes": hashes}) + "\n"
+
+
+def test_racily_clean_verdicts_and_hashes_are_not_saved(job_dir, monkeypatch):
+    """A file changed within RACY_NS before the save could change again without changing its
+    stat: neither its hash nor a verdict made from it is saved (this process still uses them)."""
+    monkeypatch.setattr(records, "RACY_NS", 10**6 * 10**9)  # every file of the copy changed "just now"
+    reads, _ = _counting(monkeypatch)
+    _noop_run(job_dir)
+    verdicts, hashes = _state(job_dir)
+    assert verdicts["verdicts"] == {} and hashes["hashes"] == {}
+    assert len(reads) == 8  # judged once in this run: its own plans reuse what it learned
 
 
 def test_a_same_size_rewrite_is_hashed_again_and_found_stale(job_dir, monkeypatch):
@@ -120,19 +144,18 @@ def test_a_same_size_rewrite_is_hashed_again_and_found_stale(job_dir, monkeypatc
 def test_a_damaged_state_cache_is_rebuilt(job_dir, monkeypatch, damage):
     _noop_run(job_dir)
     path = job_dir / records.STATE_FILE
-    good = json.loads(path.read_text())
+    good = _state(job_dir)
+    verdicts, hashes = good[0]["verdicts"], good[1]["hashes"]
     path.unlink()
     if damage == "fifo":
         os.mkfifo(path)  # never opened: a read would block forever
     else:
-        path.write_text({"not json": "{\"version\": 1, \"hashes\": {",
-                         "wrong types": json.dumps({"version": records.STATE_VERSION, "hashes": [], "verdicts": {}}),
+        path.write_text({"not json": '{"version": %d, "verdicts": {' % records.STATE_VERSION,
+                         "wrong types": _state_text([], []),
                          # entries are checked when used: each damaged one is judged again, and dropped by the next save
-                         "damaged entries": json.dumps({"version": records.STATE_VERSION,
-                                                        "hashes": {"x": 1, **{k: "junk" for k in good["hashes"]}},
-                                                        "verdicts": {"y": [1], **{k: 7 for k in good["verdicts"]}}}),
+                         "damaged entries": _state_text({"y": [1], **{k: 7 for k in verdicts}}, {"x": 1, **{k: "junk" for k in hashes}}),
                          # a stale verdict of another version must not be trusted: it says every unit is stale
-                         "other version": json.dumps(dict(good, version=0, verdicts={k: [s, f, False, "lie"] for k, (s, f, _, _) in good["verdicts"].items()})),
+                         "other version": _state_text({k: v.rsplit("|", 2)[0] + "|0|lie" for k, v in verdicts.items()}, hashes, version=0),
                          }[damage])
     damaged = None if damage == "fifo" else path.read_bytes()
     reads, _ = _counting(monkeypatch)
@@ -140,7 +163,7 @@ def test_a_damaged_state_cache_is_rebuilt(job_dir, monkeypatch, damage):
     assert [s.state for stage in states.values() for s in stage] == ["done"] * 8
     assert len(reads) == 8 and (path.is_fifo() if damage == "fifo" else path.read_bytes() == damaged)
     _noop_run(job_dir)  # `run` saves it
-    assert path.is_file() and json.loads(path.read_text()) == good
+    assert path.is_file() and _state(job_dir) == good
 
 
 def test_a_warm_plan_stats_each_file_once_and_the_page_reuses_its_stats(job_dir, monkeypatch):
