@@ -52,7 +52,8 @@ def slugify(text: str, max_len: int = 40) -> str:
     """A file-name-safe slug of a prompt: lowercase ASCII words joined by '-', never a name that
     Windows reserves (so 'nul' becomes 'nul-'); no dots, so no trailing dot, and one case only."""
     slug = _NOT_SLUG.sub("-", text.lower()).strip("-")[:max_len].strip("-")
-    return (f"{slug}-" if windows_reserved(slug) else slug) or "empty"
+    # Reserved names have at most 4 letters, and a slug has no dot or space to strip.
+    return (f"{slug}-" if len(slug) <= 4 and windows_reserved(slug) else slug) or "empty"
 
 
 def uses_guidance(item: dict) -> bool:
