@@ -214,8 +214,10 @@ def unit_status(job_dir: Path, unit: Unit, check_outputs: bool = True, reader=No
 
 def unit_fingerprint(unit: Unit) -> str:
     """What a verdict depends on besides its files: the unit's params, inputs and outputs and the
-    record format. A pickle, not canonical JSON: 20x cheaper per unit, and plan_units builds params
-    in a fixed order, so equal units give equal bytes (unequal bytes only judge the unit again)."""
+    record format. A pickle, not canonical JSON: 20x cheaper per unit. Its bytes follow the params'
+    order and which of their strings are one object (a repeat is written as a reference);
+    plan_units builds both the same way every run, and unequal bytes only judge the unit again.
+    Unequal params never give equal bytes."""
     return hashlib.blake2b(pickle.dumps((FORMAT_VERSION, unit.params, unit.inputs, unit.outputs), 4), digest_size=12).hexdigest()
 
 

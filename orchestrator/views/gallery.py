@@ -28,6 +28,7 @@ import hashlib
 import html
 import json
 import os
+import pickle
 import re
 from pathlib import Path
 from urllib.parse import quote
@@ -393,17 +394,20 @@ def _part_fingerprint(job_key: str, items: list[dict], entries: dict, stats: dic
     each record it shows (as stages/records.py's state cache keys them; `stats`: those the plan
     just took, by path). Equal: the file is kept. None (never kept) when a record was handed over
     by the caller rather than read from its file."""
-    if any(source[2] is not None for item in items for source in entries[item["id"]]["sources"].values()):
-        return None
     missing = stats  # a sentinel no stat equals
     rows = []
     for item in items:
+        entry = entries[item["id"]]
         stamps = []
-        for stage, (path, _, _) in sorted(entries[item["id"]]["sources"].items()):
+        for stage, (path, _, given) in sorted(entry["sources"].items()):
+            if given is not None:
+                return None
             taken = stats.get(path, missing)
             stamps.append((stage, stat_key(path) if taken is missing else taken))
-        rows.append((item["id"], entries[item["id"]]["state"], entries[item["id"]]["why"], stamps))
-    return sha256_bytes(repr((PART_VERSION, job_key, rows)).encode())[:24]
+        rows.append((item["id"], entry["state"], entry["why"], stamps))
+    # A pickle: 3x cheaper than repr; as for units.unit_fingerprint, bytes that differ for equal
+    # rows (another object layout) would only remake the file.
+    return sha256_bytes(pickle.dumps((PART_VERSION, job_key, rows), 4))[:24]
 
 
 def _stage_rows(job_dir: Path, job: dict) -> list[dict]:
