@@ -502,6 +502,7 @@ def estimates_json(chosen: dict) -> dict:
 
 _STAGE_ORDER = ("encode", "denoise", "decode")  # choose_strategies' order, which `plan` prints in
 _ESTIMATE_INTS = ("batch_size", "weights_bytes", "activation_bytes", "workspace_bytes", "host_kept_bytes")
+_STRATEGIES = {"encode": ("resident", "stream"), "denoise": ("resident", "offload"), "decode": ("full", "tiled")}
 
 
 def _estimates_from_json(data) -> dict | None:
@@ -520,8 +521,9 @@ def _estimates_from_json(data) -> dict | None:
 
 
 def _estimate_from_json(data, stage: str, nested: bool = False) -> Estimate | None:
+    """One Estimate of `stage` read back strictly (every field, ints as ints, a known strategy), or None."""
     fields = [field.name for field in dataclasses.fields(Estimate)]
-    if not isinstance(data, dict) or sorted(data) != sorted(fields) or data["stage"] != stage or not isinstance(data["strategy"], str):
+    if not isinstance(data, dict) or sorted(data) != sorted(fields) or data["stage"] != stage or data["strategy"] not in _STRATEGIES[stage]:
         return None
     if not all(type(data[k]) is int and data[k] >= 0 for k in _ESTIMATE_INTS):
         return None
