@@ -324,7 +324,9 @@ def plan_memory(
     json_output: bool = typer.Option(False, "--json", help="Print the plan as JSON instead of a table."),
 ) -> None:
     """Per stage: the strategy, batch size and estimated peak memory under the budget, from the
-    model's configs alone (no weights are read). Runs and writes nothing.
+    model's configs alone (no weights are read). Runs nothing; writes only its plan cache in an
+    existing job folder (<workdir>/<job>/plan-cache.json), so asking again costs no planning. With
+    --device auto a job whose last run was on the CPU is planned for the CPU.
 
     Example: orchestrate plan job.toml --max-vram 2GiB
     """
@@ -334,11 +336,15 @@ def plan_memory(
     from orchestrator.planning import memory
 
     loaded = jobfile.load_job(job.job_file)
+    job_dir = jobfile.job_dir_for(loaded, job.workdir)
+    # As `status`: auto is the CPU when the last run was there, without importing torch to look for a
+    # GPU (a GPU target imports it anyway, for its free memory).
+    last_cpu = job.device == "auto" and last_run_device(job_dir) == "cpu"
     # Planning needs no GPU: with --max-vram, plan for CUDA, XPU or MPS on a machine without one too.
-    target = job.device if job.max_vram is not None and re.fullmatch(r"(cuda|xpu)(:\d+)?|mps", job.device) else resolve_device(job.device)
-    resolved = jobfile.resolve_job(loaded, jobfile.job_dir_for(loaded, job.workdir), target, require_weights=False)
+    target = "cpu" if last_cpu else job.device if job.max_vram is not None and re.fullmatch(r"(cuda|xpu)(:\d+)?|mps", job.device) else resolve_device(job.device)
+    resolved = jobfile.resolve_job(loaded, job_dir, target, require_weights=False)
     budget_bytes, host_budget_bytes = memory.budgets(resolved["device"], job.max_vram, job.max_ram)
-    chosen = memory.choose_for_job(resolved, budget_bytes, not job.no_tiling, job.exact, host_budget_bytes)
+    chosen = memory.choose_for_plan(resolved, job_dir, budget_bytes, not job.no_tiling, job.exact, host_budget_bytes)
     failed = any(isinstance(c, memory.NoFit) for c in chosen.values())
     if json_output and not failed:
         plan = memory.plan_json(chosen, resolved["device"], budget_bytes, host_budget_bytes)
@@ -347,6 +353,8 @@ def plan_memory(
     elif not json_output:
         for line in describe_model(resolved):
             echo(line)
+        if last_cpu:
+            echo("planned for cpu, the device of the job's last run (--device plans for another)")
         echo(f"memory plan for {resolved['name']}: {len(resolved['items'])} images, {resolved['dtype']} on {resolved['device']}, "
              f"budget {format_bytes(budget_bytes) if budget_bytes is not None else 'unlimited'} "
              f"({memory.budget_source(resolved['device'], job.max_vram, job.max_ram, budget_bytes)})")

@@ -299,7 +299,7 @@ def test_plan_on_a_folder_of_configs_only(tmp_path):
     result = CliRunner().invoke(app, ["plan", str(job), "--device", "cpu", "--max-ram", "2GiB", "--workdir", str(tmp_path / "work")])
     assert result.exit_code == 0, result.output
     assert "encode   stream" in result.output and "budget 2.00 GiB" in result.output
-    assert not (tmp_path / "work").exists()  # plan writes nothing
+    assert not (tmp_path / "work").exists()  # plan writes nothing without a job folder (its plan cache goes there)
     failed = CliRunner().invoke(app, ["plan", str(job), "--device", "cpu", "--max-ram", "100MiB", "--workdir", str(tmp_path / "work")])
     assert failed.exit_code == 2 and "NO: nothing fits" in failed.output and "smallest workable budget" in failed.output
     # A GPU job can be planned on a machine without one.

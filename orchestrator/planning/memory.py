@@ -327,13 +327,14 @@ def plan_json(chosen: dict, device_type: str, budget_bytes: int | None, host_bud
 def plan_memory(model_path, dtype: str, device_type: str, items: list[dict], max_sequence_length: int,
                 budget_bytes: int | None, host_budget_bytes: int | None, allow_tiling: bool = True, exact: bool = False,
                 pipeline: str | None = None) -> dict:
-    """The runtime section for this job and budget; JobFileError naming the stage and the smallest
+    """The runtime section for this job and budget, with the chosen estimates (`estimates`, which
+    remember_plan keeps for `orchestrate plan`); JobFileError naming the stage and the smallest
     workable budget when a stage fits under none of its strategies."""
     chosen = choose_strategies(model_path, dtype, device_type, items, max_sequence_length, budget_bytes, allow_tiling, exact,
                                host_budget_bytes, pipeline)
     if any(isinstance(c, NoFit) for c in chosen.values()):
         raise JobFileError(no_fit_message(chosen, budget_bytes, allow_tiling, host_budget_bytes))
-    return runtime_section(chosen, device_type, budget_bytes, host_budget_bytes)
+    return dict(runtime_section(chosen, device_type, budget_bytes, host_budget_bytes), estimates=estimates_json(chosen))
 
 
 def budgets(device: str, max_vram: str | None, max_ram: str | None) -> tuple[int | None, int | None]:
@@ -411,19 +412,38 @@ def _code_version() -> str:
 
 def plan_key(resolved: dict, budget_bytes: int, host_budget_bytes: int | None, allow_tiling: bool, exact: bool) -> str:
     """What decides a plan: the model (per-stage hashes), dtype, device type, family and tokens, the
-    texts' count and each item's shape and steps, the budgets rounded down to 64 MiB, the flags and
-    the planner's code version."""
+    texts' count and how many encode keeps at once, each item's shape, steps and LoRA set, the
+    budgets rounded down to 64 MiB, the flags and the planner's code version."""
     import hashlib
 
-    shapes = sorted({json.dumps([i["width"], i["height"], i["use_resolution_binning"], i["num_inference_steps"], uses_guidance(i),
-                                 i.get("timesteps")]) for i in resolved["items"]})
-    groups = sorted(json.dumps([i["width"], i["height"], i["num_inference_steps"], i["guidance_scale"], i.get("timesteps")])
-                    for i in resolved["items"])
+    from stages.embedding_cache import most_held
+
+    items = resolved["items"]
+    # Tuples counted, then the few distinct ones as JSON: two json.dumps per item took 0.4 s at 100,000 items, this 0.1 s.
+    shapes, groups = set(), {}
+    for i in items:
+        steps = tuple(i.get("timesteps") or ())
+        shapes.add((i["width"], i["height"], i["use_resolution_binning"], i["num_inference_steps"], uses_guidance(i), steps))
+        # As choose_strategies groups denoise batches: one LoRA set per batch, and every adapter's size counted.
+        group = (i["width"], i["height"], i["num_inference_steps"], i["guidance_scale"], steps,
+                 tuple((lora["sha256"], lora["scale"], lora.get("parameters", 0)) for lora in i.get("loras") or ()))
+        groups[group] = groups.get(group, 0) + 1
+    shapes = sorted(json.dumps(shape) for shape in shapes)
+    groups = sorted(json.dumps([group, count]) for group, count in groups.items())
     key = {"model": resolved["model"]["component_hashes"], "dtype": resolved["dtype"], "device": _device_kind(resolved["device"]),
-           "pipeline": resolved.get("pipeline"), "tokens": resolved["max_sequence_length"], "texts": len(_texts(resolved["items"])),
+           "pipeline": resolved.get("pipeline"), "tokens": resolved["max_sequence_length"], "texts": len(_texts(items)),
+           "kept": most_held(_encode_units_texts(items), 1, stream=False),  # the texts' sharing, not only their count
            "shapes": shapes, "groups": groups, "budget": _floor(budget_bytes), "host": _floor(host_budget_bytes),
            "tiling": allow_tiling, "exact": exact, "code": _code_version()}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def estimates_key(key: str, budget_bytes: int | None, host_budget_bytes: int | None) -> str:
+    """The plan cache key of the chosen estimates `orchestrate plan` prints: plan_key's, with the
+    exact budgets, since `plan` prints them and whether a strategy fits depends on them."""
+    import hashlib
+
+    return "estimates-" + hashlib.sha256(json.dumps([key, budget_bytes, host_budget_bytes]).encode()).hexdigest()[:20]
 
 
 def _device_kind(device: str) -> str:
@@ -437,25 +457,96 @@ def _read_plan_cache(job_dir: Path) -> dict:
         data = read_json_limited(Path(job_dir) / PLAN_CACHE, "plan cache", MAX_TEXT_BYTES)
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError, JobFileError):
-        return {}  # none yet, or damaged: plan again
+        return {}  # none yet, or damaged (not JSON, not a regular file): plan again
 
 
 def remember_plan(job_dir: Path, runtime: dict) -> None:
     """Keep a freshly made plan in the job folder's plan cache (`orchestrate run` calls this once
-    the folder exists; `plan` and `status` write nothing)."""
+    the folder exists): its runtime section, and its chosen estimates for `orchestrate plan` under
+    the budgets it was planned for (rounded down to 64 MiB)."""
     if runtime.get("plan_key") and runtime.get("plan_cache") is None and Path(job_dir).is_dir():
-        _write_plan_cache(job_dir, runtime["plan_key"], runtime)
+        key = runtime["plan_key"]
+        entries = {key: {"runtime": {k: v for k, v in runtime.items() if k not in ("budget_source", "plan_cache", "flags")}}}
+        if _estimates_from_json(runtime.get("estimates")) is not None:
+            floors = _floor(runtime.get("budget_bytes")), _floor(runtime.get("host_budget_bytes"))
+            entries[estimates_key(key, *floors)] = {"estimates": runtime["estimates"]}
+        _write_plan_cache(job_dir, entries)
 
 
-def _write_plan_cache(job_dir: Path, key: str, runtime: dict) -> None:
-    """Atomic, like every file here; the newest PLAN_CACHE_ENTRIES plans are kept."""
+def choose_for_plan(resolved: dict, job_dir: Path, budget_bytes: int | None, allow_tiling: bool = True, exact: bool = False,
+                    host_budget_bytes: int | None = None) -> dict:
+    """choose_for_job for `orchestrate plan`, through the job folder's plan cache: a hit reads the
+    chosen estimates back and imports no torch (issue 21); a miss plans and, when the job folder
+    exists, keeps them there. A cache, so a write that fails or races costs only a later replan."""
+    from stages.contract import ArtifactError, ResourceError
+
+    key = estimates_key(plan_key(resolved, budget_bytes, host_budget_bytes, allow_tiling, exact), budget_bytes, host_budget_bytes)
+    entry = _read_plan_cache(job_dir).get(key)
+    cached = _estimates_from_json(entry.get("estimates")) if isinstance(entry, dict) else None
+    if cached is not None:
+        return cached
+    chosen = choose_for_job(resolved, budget_bytes, allow_tiling, exact, host_budget_bytes)
+    if Path(job_dir).is_dir():
+        try:
+            _write_plan_cache(job_dir, {key: {"estimates": estimates_json(chosen)}})
+        except (OSError, ArtifactError, ResourceError):
+            pass  # e.g. a read-only job folder: `plan` still prints its plan
+    return chosen
+
+
+def estimates_json(chosen: dict) -> dict:
+    """choose_strategies' result as JSON: per stage its Estimate's fields, or {"no_fit": smallest}."""
+    return {stage: {"no_fit": dataclasses.asdict(c.smallest)} if isinstance(c, NoFit) else dataclasses.asdict(c)
+            for stage, c in chosen.items()}
+
+
+_STAGE_ORDER = ("encode", "denoise", "decode")  # choose_strategies' order, which `plan` prints in
+_ESTIMATE_INTS = ("batch_size", "weights_bytes", "activation_bytes", "workspace_bytes", "host_kept_bytes")
+_STRATEGIES = {"encode": ("resident", "stream"), "denoise": ("resident", "offload"), "decode": ("full", "tiled")}
+
+
+def _estimates_from_json(data) -> dict | None:
+    """estimates_json read back, or None (a miss) for anything of another shape."""
+    if not isinstance(data, dict) or set(data) != set(_STAGE_ORDER):
+        return None
+    chosen = {}
+    for stage in _STAGE_ORDER:
+        value = data[stage]
+        no_fit = isinstance(value, dict) and set(value) == {"no_fit"}
+        estimate = _estimate_from_json(value["no_fit"] if no_fit else value, stage)
+        if estimate is None:
+            return None
+        chosen[stage] = NoFit(stage, estimate) if no_fit else estimate
+    return chosen
+
+
+def _estimate_from_json(data, stage: str, nested: bool = False) -> Estimate | None:
+    """One Estimate of `stage` read back strictly (every field, ints as ints, a known strategy), or None."""
+    fields = [field.name for field in dataclasses.fields(Estimate)]
+    if not isinstance(data, dict) or sorted(data) != sorted(fields) or data["stage"] != stage or data["strategy"] not in _STRATEGIES[stage]:
+        return None
+    if not all(type(data[k]) is int and data[k] >= 0 for k in _ESTIMATE_INTS):
+        return None
+    if not all(data[k] is None or (type(data[k]) is int and data[k] > 0) for k in ("tile_size", "attention_chunk")):
+        return None
+    retry = None
+    if data["retry"] is not None:  # decode's float32 retry, one level deep
+        retry = None if nested else _estimate_from_json(data["retry"], stage, nested=True)
+        if retry is None:
+            return None
+    return Estimate(**dict(data, retry=retry))
+
+
+def _write_plan_cache(job_dir: Path, entries: dict) -> None:
+    """Atomic, like every file here; the newest PLAN_CACHE_ENTRIES entries are kept."""
     import time
 
     from stages.files import publish_json
 
     cache = {k: v for k, v in _read_plan_cache(job_dir).items() if isinstance(v, dict)}
-    cache[key] = {"at": time.time(), "runtime": {k: v for k, v in runtime.items() if k not in ("budget_source", "plan_cache", "flags")}}
-    newest = sorted(cache, key=lambda k: cache[k].get("at", 0))[-PLAN_CACHE_ENTRIES:]
+    now = time.time()
+    cache.update({key: dict(entry, at=now) for key, entry in entries.items()})
+    newest = sorted(cache, key=lambda k: cache[k].get("at", 0) if isinstance(cache[k].get("at", 0), (int, float)) else 0)[-PLAN_CACHE_ENTRIES:]
     publish_json(Path(job_dir) / PLAN_CACHE, {k: cache[k] for k in newest})
 
 
