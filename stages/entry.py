@@ -202,7 +202,7 @@ def select_units(job_dir: Path, job: dict, stage: str, force: bool, log: logging
                  wanted: list[str] | None = None) -> tuple[list[Unit], int]:
     """The units of `stage` to make now (all when forced), and how many were up to date; with
     `wanted` (`--units`), only among those."""
-    units = pick_units(plan_units(job)[stage], stage, wanted)
+    units = pick_units(plan_units(job, only=stage)[stage], stage, wanted)
     todo = []
     for unit in units:
         ok, why = (False, "forced") if force else unit_status(job_dir, unit)
@@ -307,7 +307,7 @@ def stage_main(stage: str, make_units, argv: list[str] | None = None, imports: t
     keys = None if args.units is None else set()  # a shard's cleanup touches only its own units' files
     try:
         job = read_job(job_dir)
-        owned = None if args.units is None else pick_units(plan_units(job)[stage], stage, args.units)
+        owned = None if args.units is None else pick_units(plan_units(job, only=stage)[stage], stage, args.units)
         keys = None if owned is None else {unit.key for unit in owned}
         with stage_lock(job_dir, stage, owned):
             for tmp in remove_temp_files(job_dir / stage, keys):

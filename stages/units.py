@@ -59,61 +59,71 @@ def decode_strategy(job: dict) -> dict:
     return {"strategy": planned.get("strategy", "full"), "tile_size": planned.get("tile_size")}
 
 
-def plan_units(job: dict) -> dict[str, list[Unit]]:
-    """All units of all stages, in job order. Items with equal encode params share one unit."""
+def plan_units(job: dict, only: str | None = None) -> dict[str, list[Unit]]:
+    """All units of all stages, in job order. Items with equal encode params share one unit.
+    `only`: one stage's units (the others' lists are empty): a stage process holds its own alone,
+    a third of the memory at 10,000 items."""
     encode: dict[str, Unit] = {}
     imagencode: dict[str, Unit] = {}
     denoise, decode = [], []
     for item in job["items"]:
-        e_params = encode_params(job, item)
-        e_key = encode_key(e_params)
-        if e_key in encode:
-            prev = encode[e_key]
-            encode[e_key] = Unit("encode", e_key, prev.params, items=prev.items + (item["id"],), outputs=prev.outputs)
-        else:
-            encode[e_key] = Unit("encode", e_key, e_params, items=(item["id"],), outputs=(f"{e_key}.safetensors",))
-        d_params = {
-            "model": job["model"]["component_hashes"]["denoise"],
-            "dtype": job["dtype"],
-            **{k: item[k] for k in DENOISE_ITEM_KEYS},
-        }
-        # Keys that newer jobs may set enter only when set, so older artifacts stay valid.
-        if job.get("pipeline", "PixArtAlphaPipeline") != "PixArtAlphaPipeline":
-            d_params["pipeline"] = job["pipeline"]
-        if job.get("scheduler"):
-            d_params["scheduler"] = job["scheduler"]
-        if item.get("timesteps"):
-            d_params["timesteps"] = item["timesteps"]
-        d_inputs: tuple = (("encode", e_key),)
-        if item.get("init_image"):  # img2img: the picture's posterior, shared by the items that use it
+        if only in (None, "encode", "denoise"):  # denoise names its encode unit
+            e_params = encode_params(job, item)
+            e_key = encode_key(e_params)
+            if only != "denoise":
+                prev = encode.get(e_key)
+                encode[e_key] = (Unit("encode", e_key, e_params, items=(item["id"],), outputs=(f"{e_key}.safetensors",)) if prev is None
+                                 else Unit("encode", e_key, prev.params, items=prev.items + (item["id"],), outputs=prev.outputs))
+        i_key = None
+        if item.get("init_image") and only in (None, "imagencode", "denoise"):  # img2img: the picture's posterior, shared by its items
             i_params = imagencode_params(job, item)
             i_key = imagencode_key(item, i_params)
-            prev = imagencode.get(i_key)
-            imagencode[i_key] = Unit("imagencode", i_key, i_params, items=(prev.items if prev else ()) + (item["id"],),
-                                     outputs=(f"{i_key}.safetensors",))
-            d_inputs += (("imagencode", i_key),)
-            d_params.update({k: item[k] for k in IMG2IMG_ITEM_KEYS if k in item})
-        if item.get("loras"):  # content and scale: adding, removing or rescaling one remakes exactly these items
-            d_params["loras"] = [{"sha256": lora["sha256"], "scale": lora["scale"]} for lora in item["loras"]]
-        denoise.append(
-            Unit("denoise", item["id"], d_params, inputs=d_inputs, items=(item["id"],),
-                 outputs=(f"{item['id']}.safetensors",))
-        )
-        c_params = {
-            "model": job["model"]["component_hashes"]["decode"],
-            "dtype": job["dtype"],
-            "decode": decode_strategy(job),
-            # PNG text metadata carries these, so they decide the file's bytes too.
-            "metadata": {k: item[k] for k in ("prompt", "negative_prompt", *DENOISE_ITEM_KEYS)} | {"model": job["model"]["given"]}
-                        | {k: v for k, v in (("scheduler", job.get("scheduler")), ("timesteps", item.get("timesteps"))) if v}
-                        | img2img_metadata(item)
-                        | ({"loras": [{"path": lora["given"], "scale": lora["scale"]} for lora in item["loras"]]} if item.get("loras") else {}),
-        }
-        decode.append(
-            Unit("decode", item["id"], c_params, inputs=(("denoise", item["id"]),), items=(item["id"],),
-                 outputs=(f"{item['id']}.png", thumbnail_name(item["id"])))
-        )
+            if only != "denoise":
+                prev = imagencode.get(i_key)
+                imagencode[i_key] = Unit("imagencode", i_key, i_params, items=(prev.items if prev else ()) + (item["id"],),
+                                         outputs=(f"{i_key}.safetensors",))
+        if only in (None, "denoise"):
+            denoise.append(_denoise_unit(job, item, e_key, i_key))
+        if only in (None, "decode"):
+            decode.append(_decode_unit(job, item))
     return {"encode": list(encode.values()), "imagencode": list(imagencode.values()), "denoise": denoise, "decode": decode}
+
+
+def _denoise_unit(job: dict, item: dict, e_key: str, i_key: str | None) -> Unit:
+    params = {
+        "model": job["model"]["component_hashes"]["denoise"],
+        "dtype": job["dtype"],
+        **{k: item[k] for k in DENOISE_ITEM_KEYS},
+    }
+    # Keys that newer jobs may set enter only when set, so older artifacts stay valid.
+    if job.get("pipeline", "PixArtAlphaPipeline") != "PixArtAlphaPipeline":
+        params["pipeline"] = job["pipeline"]
+    if job.get("scheduler"):
+        params["scheduler"] = job["scheduler"]
+    if item.get("timesteps"):
+        params["timesteps"] = item["timesteps"]
+    inputs: tuple = (("encode", e_key),)
+    if i_key is not None:
+        inputs += (("imagencode", i_key),)
+        params.update({k: item[k] for k in IMG2IMG_ITEM_KEYS if k in item})
+    if item.get("loras"):  # content and scale: adding, removing or rescaling one remakes exactly these items
+        params["loras"] = [{"sha256": lora["sha256"], "scale": lora["scale"]} for lora in item["loras"]]
+    return Unit("denoise", item["id"], params, inputs=inputs, items=(item["id"],), outputs=(f"{item['id']}.safetensors",))
+
+
+def _decode_unit(job: dict, item: dict) -> Unit:
+    params = {
+        "model": job["model"]["component_hashes"]["decode"],
+        "dtype": job["dtype"],
+        "decode": decode_strategy(job),
+        # PNG text metadata carries these, so they decide the file's bytes too.
+        "metadata": {k: item[k] for k in ("prompt", "negative_prompt", *DENOISE_ITEM_KEYS)} | {"model": job["model"]["given"]}
+                    | {k: v for k, v in (("scheduler", job.get("scheduler")), ("timesteps", item.get("timesteps"))) if v}
+                    | img2img_metadata(item)
+                    | ({"loras": [{"path": lora["given"], "scale": lora["scale"]} for lora in item["loras"]]} if item.get("loras") else {}),
+    }
+    return Unit("decode", item["id"], params, inputs=(("denoise", item["id"]),), items=(item["id"],),
+                outputs=(f"{item['id']}.png", thumbnail_name(item["id"])))
 
 
 # The denoise params an img2img item adds: the picture's and mask's content hashes (replacing a

@@ -185,6 +185,15 @@ def test_img2img_and_inpainting_match_diffusers_bit_for_bit(tiny_model, tiny_sig
     records = [json.loads(p.read_text()) for p in (job_dir / "imagencode").glob("*.json") if p.name != "summary.json"]
     assert sorted(len(r["items"]) for r in records) == [1, 6]
     assert "imagencode: 0 up to date, 2 to do" in run["lines"]
+    # Each stage process plans its own units only (plan_units' `only`): the same units as the whole plan's.
+    from stages.resolved import read_job
+    from stages.units import plan_units
+
+    job = read_job(job_dir)
+    full = plan_units(job)
+    assert all(full.values())
+    for stage, units in full.items():
+        assert plan_units(job, only=stage) == {**{other: [] for other in full}, stage: units}, stage
 
 
 def test_lcm_with_an_image(tiny_model, pictures, tmp_path):
