@@ -208,6 +208,7 @@ def table(results: dict) -> tuple[list[str], list[list]]:
     add("no-op rerun peak RSS", lambda r: r["noop"]["peak_rss_bytes"], common.format_bytes)
     add("status, s (median)", median("status"))
     add("status peak RSS", lambda r: r["status"]["peak_rss_bytes"], common.format_bytes)
+    add("plan, first, s (no plan cache yet)", lambda r: r["plan"]["seconds"][0])
     add("plan, s (median)", median("plan"))
     add("gallery render, s (median)", median("gallery"))
     add("gallery index.html", lambda r: r["gallery"]["page_bytes"], lambda v: "-" if v is None else f"{v / 1e6:.2f} MB")

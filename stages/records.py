@@ -81,7 +81,9 @@ def stamp_of(keys) -> str:
     of the tuple of ints (-1 for a missing file), which is the same in every process (PYTHONHASHSEED
     salts only str and bytes) and 15x cheaper than hashing their text; another Python build that
     hashes differently only makes the cache miss."""
-    return format(hash(tuple(NO_FILE if key is None else key for key in keys)) & 0xFFFFFFFFFFFFFFFF, "x")
+    if None in keys:  # hash(None) differs between processes before Python 3.12
+        keys = [NO_FILE if key is None else key for key in keys]
+    return format(hash(tuple(keys)) & 0xFFFFFFFFFFFFFFFF, "x")
 
 
 NO_FILE = (-1,)

@@ -45,7 +45,7 @@ def _states(job_dir: Path, units: list, pending: set, reader: RecordReader) -> l
     Adds this stage's units that are not done to `pending`."""
     states = []
     for unit in units:
-        waiting = [f"{up} reruns" for up, key in unit.inputs if (up, key) in pending]
+        waiting = [f"{up} reruns" for up, key in unit.inputs if (up, key) in pending] if pending else None
         if waiting:
             ok, why = False, ", ".join(waiting)
         else:
