@@ -188,6 +188,25 @@ def test_a_warm_plan_stats_each_file_once_and_the_page_reuses_its_stats(job_dir,
     assert len(stats) == 8 and all(p.endswith(".json") for p in stats)
 
 
+def test_a_unit_fingerprint_depends_on_values_not_on_object_identity(job_dir):
+    """A verdict is kept while its unit's fingerprint is equal: params built by another path (a job
+    read back from JSON, a string shared by two fields) must give the same fingerprint, and any
+    other value another one (pickle, or marshal past version 0, writes shared objects as references)."""
+    import dataclasses
+
+    from stages.units import plan_units, unit_fingerprint
+
+    unit = plan_units(read_job(job_dir))["decode"][0]
+    shared = "".join(["x"] * 50)  # one object, used twice
+    one = dataclasses.replace(unit, params=dict(unit.params, a=shared, b=shared))
+    two = dataclasses.replace(unit, params=dict(unit.params, a="".join(["x"] * 50), b="".join(["x"] * 50)))
+    assert unit_fingerprint(one) == unit_fingerprint(two)
+    for other in (dict(unit.params, a=shared, b=shared + "y"), dict(unit.params, a=shared, b=1), dict(unit.params, a=shared, b=1.0),
+                  dict(unit.params, a=shared, b=True)):
+        assert unit_fingerprint(dataclasses.replace(unit, params=other)) != unit_fingerprint(one)
+    assert len({unit_fingerprint(dataclasses.replace(unit, params=dict(unit.params, b=v))) for v in (1, 1.0, True, "1", None)}) == 5
+
+
 def test_clean_removes_the_state_cache(job_dir):
     _noop_run(job_dir)
     lines = []
