@@ -1,4 +1,9 @@
-"""`orchestrate`: the command line. Thin: parsing and printing only; the work is in job/plan/runner."""
+"""`orchestrate`: the command line, a table of commands; each body hands its work to its folder's module.
+
+The run flow (`run`, `demo`, `stage`): executors/session.py; `status`: views/status.py; `plan`:
+planning/report.py; `clean`, `convert`, `demo`'s tiny model: tools/. Here: the options, the one-line
+errors and exit codes, and the signals.
+"""
 
 from __future__ import annotations
 
