@@ -1,8 +1,12 @@
-"""`orchestrate`: the command line. Thin: parsing and printing only; the work is in job/plan/runner."""
+"""`orchestrate`: the command line, a table of commands; each body hands its work to its folder's module.
+
+The run flow (`run`, `demo`, `stage`): executors/session.py; `status`: views/status.py; `plan`:
+planning/report.py; `clean`, `convert`, `demo`'s tiny model: tools/. Here: the options, the one-line
+errors and exit codes, and the signals.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import gc
 import inspect
@@ -12,13 +16,11 @@ from pathlib import Path
 
 import typer
 
-from orchestrator.jobfile import job as jobfile
-from orchestrator.planning.plan import describe_stage, plan_job
-from orchestrator.planning.prepare import describe_model, last_run_device, prepare_job, resolve_device
-from orchestrator.executors.runner import StageFailedError, run_job, summary_table
-from stages.contract import ALL_STAGES, STAGES, ArtifactError, JobFileError, ResourceError
+from orchestrator.executors import session
+from orchestrator.executors.runner import StageFailedError
+from orchestrator.views.status import show_status
+from stages.contract import ArtifactError, JobFileError, ResourceError
 from stages.files import shown_path
-from stages.measure import format_bytes
 
 app = typer.Typer(
     add_completion=False,
@@ -120,70 +122,6 @@ def expected_errors(command):
     return wrapper
 
 
-def _gallery_refresher(resolved: dict):
-    """After each decode process of a chunked run: the gallery page again, so the first images show
-    there early (its path is said once)."""
-    from orchestrator.views.gallery import write_gallery_after_run
-
-    said: list[str] = []
-
-    def refresh(job_dir: Path, items: list[str] | None = None) -> None:
-        page = write_gallery_after_run(job_dir, resolved, echo, items=items)  # remakes the chunk's data only
-        if page is not None and not said:
-            said.append(str(page))
-            echo(f"gallery: {shown_path(page)} (refreshed after each chunk)")
-
-    return refresh
-
-
-def _run(job_file: Path, workdir: Path, device: str, force: tuple[str, ...], memory: tuple = (None, None, True, False),
-         store: bool = True, chunk: int | None = None, model: str | None = None, executor: tuple = ("local", None, None)) -> None:
-    """`executor`: (name, --ray-address, --gpus-per-task)."""
-    from orchestrator.views.gallery import write_gallery_after_run
-    from stages.records import RecordReader
-
-    reader = RecordReader()  # this run's: each record and output read once (issue 21)
-    plans: list = []  # the local executor leaves its final plan here, so the gallery does not plan again
-    job_dir, resolved = prepare_job(job_file, workdir, device, memory, store, model, reader)
-    echo(f"job {resolved['name']}: {len(resolved['items'])} images, model {resolved['model']['given']}, "
-         f"{resolved['dtype']} on {resolved['device']}, folder {shown_path(job_dir)}")
-    if resolved["runtime"]:
-        from orchestrator.planning.memory import describe_runtime
-
-        echo(describe_runtime(resolved["runtime"]))
-    try:
-        if executor[0] == "ray":
-            from orchestrator.executors.ray_executor import run_job_on_ray
-
-            runs = run_job_on_ray(job_dir, resolved, echo, force, executor[1], executor[2])
-        else:
-            runs = run_job(job_dir, resolved, echo, force, chunk=chunk, on_images=_gallery_refresher(resolved), reader=reader,
-                           plans=plans)
-    except (StageFailedError, ResourceError, KeyboardInterrupt) as exc:
-        write_gallery_after_run(job_dir, resolved, echo, exc)  # the page says what is missing and why
-        raise
-    finally:
-        from orchestrator.planning.memory import remember_plan
-
-        remember_plan(job_dir, resolved["runtime"])  # a rerun with the same shapes and budget will not plan again
-    # The run's final plan and the stats of the records it judged: the page stats nothing again.
-    page = write_gallery_after_run(job_dir, resolved, echo, states=plans[-1] if plans else None,
-                                   stats=reader.last_snapshot if plans else None)
-    if not runs:
-        echo(f"nothing to do: all {len(resolved['items'])} images are up to date in {shown_path(job_dir / 'decode')}")
-    else:
-        echo("")
-        echo(summary_table(runs))
-        if executor[0] == "ray":
-            from orchestrator.executors.ray_executor import worker_table
-
-            echo("")
-            echo(worker_table(runs))
-        echo(f"images: {shown_path(job_dir / 'decode')}/")
-    if page is not None:
-        echo(f"gallery: {shown_path(page)}")
-
-
 @app.command()
 @expected_errors
 @job_command(job_file=typer.Argument(..., help="The job's TOML file, or a prompt list (.txt, one prompt per line) with --model."))
@@ -209,17 +147,9 @@ def run(
     Example: orchestrate run prompts.txt --model PixArt-alpha/PixArt-XL-2-1024-MS
     Example: orchestrate run job.toml --executor ray --ray-address auto
     """
-    for stage in force:
-        if stage not in ALL_STAGES:
-            raise JobFileError(f"--force {stage!r} is not a stage; use one of {', '.join(STAGES)} (imagencode with img2img)")
-    if chunk is not None and chunk < 0:
-        raise JobFileError(f"--chunk {chunk} is negative; give a number of items, or 0 for the whole queue per stage")
-    from orchestrator.executors.ray_executor import check_executor
-
-    check_executor(executor, ray_address, gpus_per_task)
-    if executor == "ray" and chunk is not None:
-        raise JobFileError("--chunk is for the local executor; with --executor ray, stages already overlap shard by shard (docs/ray.md)")
-    _run(job.job_file, job.workdir, job.device, tuple(force), job.memory, not no_store, chunk, model, (executor, ray_address, gpus_per_task))
+    session.check_run_flags(force, chunk, executor, ray_address, gpus_per_task)
+    session.run_job_file(job.job_file, job.workdir, job.device, tuple(force), job.memory, not no_store, chunk, model,
+                         (executor, ray_address, gpus_per_task), echo=echo)
 
 
 @app.command()
@@ -259,40 +189,7 @@ def stage(
 
     Example: orchestrate stage denoise job.toml --units 0003-a-red-apple
     """
-    if name not in ALL_STAGES:
-        raise JobFileError(f"stage {name!r} does not exist; use one of {', '.join(ALL_STAGES)}")
-    job_dir, resolved = prepare_job(job.job_file, job.workdir, job.device, job.memory, not no_store)
-    states = plan_job(job_dir, resolved)
-    wanted = [u.strip() for u in units.split(",") if u.strip()] if units is not None else None
-    if wanted is not None:
-        from stages.units import pick_units
-
-        if not wanted:
-            raise JobFileError("--units is empty; give unit keys separated by commas, e.g. --units 0003-a-red-apple")
-        chosen = pick_units([s.unit for s in states[name]], name, wanted)
-        units_by_key = {(st, u.unit.key): u.unit for st in states for u in states[st]}
-        needed, frontier = set(), [inp for unit in chosen for inp in unit.inputs]
-        while frontier:  # every upstream unit the chosen ones depend on, transitively
-            key = frontier.pop()
-            if key not in needed:
-                needed.add(key)
-                frontier.extend(units_by_key[key].inputs)
-    if name not in states:
-        raise JobFileError(f"stage {name!r} has nothing to make in this job (imagencode runs only for items with an image)")
-    upstream = list(states)[: list(states).index(name)]
-    missing = [f"{s} {u.unit.key}" for s in upstream for u in states[s]
-               if u.state != "done" and (wanted is None or (s, u.unit.key) in needed)]
-    if missing:
-        raise ArtifactError(f"{name}: {missing[0]} is not up to date ({len(missing)} upstream units); run `orchestrate run {job.job_file}` first")
-    from orchestrator.executors.runner import run_stage
-    from stages.contract import RESOLVED_JOB
-    from stages.files import publish_json
-    from stages.locks import exclusive_lock
-
-    with exclusive_lock(job_dir / "run.lock", f"job {job_dir.name}"):
-        publish_json(job_dir / RESOLVED_JOB, resolved)
-        result = run_stage(name, job_dir, True, echo, [u.key for u in chosen] if wanted is not None else None)
-    echo(summary_table([result]))
+    session.rerun_stage(name, units, job.job_file, job.workdir, job.device, job.memory, not no_store, echo=echo)
 
 
 @app.command()
@@ -305,15 +202,7 @@ def status(job: JobOptions) -> None:
 
     Example: orchestrate status job.toml
     """
-    job_dir, resolved = prepare_job(job.job_file, job.workdir, job.device, job.memory, as_last_run=True)
-    for line in describe_model(resolved):
-        echo(line)
-    if job.device == "auto" and (job_dir / "job.resolved.json").is_file():
-        echo(f"judged for {resolved['device']}, the device of the job's last run (--device judges it for another)")
-    states = plan_job(job_dir, resolved)
-    for name in states:  # imagencode only with img2img items
-        for line in describe_stage(name, states[name], limit=10_000):
-            echo(line)
+    show_status(job.job_file, job.workdir, job.device, job.memory, echo=echo)
 
 
 @app.command("plan")
@@ -330,41 +219,9 @@ def plan_memory(
 
     Example: orchestrate plan job.toml --max-vram 2GiB
     """
-    import json
-    import re
+    from orchestrator.planning.report import report_plan
 
-    from orchestrator.planning import memory
-
-    loaded = jobfile.load_job(job.job_file)
-    job_dir = jobfile.job_dir_for(loaded, job.workdir)
-    # As `status`: auto is the CPU when the last run was there, without importing torch to look for a
-    # GPU (a GPU target imports it anyway, for its free memory).
-    last_cpu = job.device == "auto" and last_run_device(job_dir) == "cpu"
-    # Planning needs no GPU: with --max-vram, plan for CUDA, XPU or MPS on a machine without one too.
-    target = "cpu" if last_cpu else job.device if job.max_vram is not None and re.fullmatch(r"(cuda|xpu)(:\d+)?|mps", job.device) else resolve_device(job.device)
-    resolved = jobfile.resolve_job(loaded, job_dir, target, require_weights=False)
-    budget_bytes, host_budget_bytes = memory.budgets(resolved["device"], job.max_vram, job.max_ram)
-    chosen = memory.choose_for_plan(resolved, job_dir, budget_bytes, not job.no_tiling, job.exact, host_budget_bytes)
-    failed = any(isinstance(c, memory.NoFit) for c in chosen.values())
-    if json_output and not failed:
-        plan = memory.plan_json(chosen, resolved["device"], budget_bytes, host_budget_bytes)
-        plan["pipeline"] = resolved["pipeline"]
-        echo(json.dumps(plan, indent=2))
-    elif not json_output:
-        for line in describe_model(resolved):
-            echo(line)
-        if last_cpu:
-            echo("planned for cpu, the device of the job's last run (--device plans for another)")
-        echo(f"memory plan for {resolved['name']}: {len(resolved['items'])} images, {resolved['dtype']} on {resolved['device']}, "
-             f"budget {format_bytes(budget_bytes) if budget_bytes is not None else 'unlimited'} "
-             f"({memory.budget_source(resolved['device'], job.max_vram, job.max_ram, budget_bytes)})")
-        echo(memory.format_plan(chosen, budget_bytes))
-        pictures = len({(i["init_image_sha256"], i["image_size"]["height"], i["image_size"]["width"]) for i in resolved["items"] if i.get("init_image")})
-        if pictures and not isinstance(chosen.get("decode"), memory.NoFit):  # img2img: the VAE encoder runs under the VAE's plan
-            tile = getattr(chosen["decode"], "tile_size", None)
-            echo(f"imagencode: {pictures} picture{'s' if pictures > 1 else ''}, the VAE's plan as decode ({f'tiled, {tile} px tiles' if tile else 'untiled'})")
-    if failed:
-        raise JobFileError(memory.no_fit_message(chosen, budget_bytes, not job.no_tiling, host_budget_bytes))
+    report_plan(job.job_file, job.workdir, job.device, job.max_vram, job.max_ram, not job.no_tiling, job.exact, json_output, echo=echo)
 
 
 @app.command()
@@ -382,16 +239,9 @@ def clean(
 
     Example: orchestrate clean job.toml --yes --store
     """
-    from orchestrator.tools.clean import clean as clean_job
+    from orchestrator.tools.clean import clean_job_file
 
-    job = jobfile.load_job(job_file)
-    job_dir = jobfile.job_dir_for(job, workdir)
-    if not job_dir.is_dir():
-        raise JobFileError(f"job folder {job_dir} does not exist; nothing was run for {job_file} in {workdir}")
-    if device == "auto":
-        device = last_run_device(job_dir) or device
-    resolved = jobfile.resolve_job(job, job_dir, resolve_device(device), require_weights=False)
-    clean_job(job_dir, resolved, Path(workdir).resolve(), yes, store, echo)
+    clean_job_file(job_file, workdir, device, yes, store, echo)
 
 
 @app.command()
@@ -412,12 +262,9 @@ def convert(
     Example: orchestrate convert models/PixArt-Alpha-DMD-XL-2-512x512/transformer
     Example: orchestrate convert PixArt-Sigma-XL-2-1024-MS.pth --out models/sigma-1024
     """
-    from orchestrator.tools.checkpoint import convert_checkpoint
-    from orchestrator.tools.convert import convert_folder
+    from orchestrator.tools.convert import convert_path
 
-    if path.is_dir() and (out is not None or config is not None):
-        raise JobFileError(f"convert: {path} is a folder; --out and --config are for one checkpoint file")
-    for line in convert_folder(path, force) if path.is_dir() else convert_checkpoint(path, out, config, force):
+    for line in convert_path(path, out, config, force):
         echo(line)
 
 
@@ -433,22 +280,9 @@ def demo(
     The images are noise-like (random weights); the demo shows the whole pipeline working.
     Example: orchestrate demo --family sigma
     """
-    from orchestrator.tools.tiny import DEMO_JOB, save_tiny_model
+    from orchestrator.tools.tiny import write_demo_job
 
-    if family not in ("alpha", "sigma"):
-        raise JobFileError(f"--family {family!r} is not alpha or sigma")
-    workdir.mkdir(parents=True, exist_ok=True)
-    suffix = "" if family == "alpha" else f"-{family}"
-    model = workdir / f"demo-model{suffix}"
-    if not (model / "model_index.json").exists():
-        echo(f"building a tiny random-weight PixArt-{'α' if family == 'alpha' else 'Σ'} model in {shown_path(model)}")
-        save_tiny_model(model, family=family)
-    job_file = workdir / f"demo{suffix}.toml"
-    job_file.write_text(DEMO_JOB.replace('name = "demo"', f'name = "demo{suffix}"').replace('model = "demo-model"', f'model = "demo-model{suffix}"'), encoding="utf-8")
-    echo(f"job file: {shown_path(job_file)}")
-    _run(job_file, workdir, device, ())
-
-
+    session.run_job_file(write_demo_job(workdir, family, echo), workdir, device, (), echo=echo)
 
 
 class Terminated(KeyboardInterrupt):

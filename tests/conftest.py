@@ -97,10 +97,10 @@ def inprocess_stage(stage: str, job_dir: Path, force: bool, echo, units: list[st
 
 @pytest.fixture
 def cli_in_process(monkeypatch):
-    """`orchestrate run` through the CLI's own code (cli._run, prepare.prepare_job) with in-process stages."""
-    from orchestrator import cli
+    """`orchestrate run` through the CLI's own code (session.run_job_file, prepare.prepare_job) with in-process stages."""
+    from orchestrator.executors import session
 
-    monkeypatch.setattr(cli, "run_job", lambda job_dir, resolved, echo, force, **kw: run_job(job_dir, resolved, echo, force, launch=inprocess_stage, **kw))
+    monkeypatch.setattr(session, "run_job", lambda job_dir, resolved, echo, force, **kw: run_job(job_dir, resolved, echo, force, launch=inprocess_stage, **kw))
 
 
 def run_inprocess(job_file: Path, workdir: Path, force=(), device="cpu", runtime=None, chunk=0, launch=None) -> tuple[Path, list[StageRun], list[str]]:

@@ -10,7 +10,7 @@ import sys
 
 from typer.testing import CliRunner
 
-from orchestrator import cli
+from orchestrator.executors import session
 from orchestrator.cli import app
 from orchestrator.executors.runner import PROJECT_ROOT
 from tests.conftest import write_job
@@ -36,9 +36,9 @@ seed = 2
 def test_clean_lists_then_removes_only_what_no_current_item_uses(tiny_model, tmp_path, cli_in_process):
     workdir = tmp_path / "work"
     job_file = write_job(tmp_path, JOB.format(model=tiny_model, second="a red apple"))
-    cli._run(job_file, workdir, "cpu", ())
+    session.run_job_file(job_file, workdir, "cpu", (), echo=print)
     job_file = write_job(tmp_path, JOB.format(model=tiny_model, second="a lighthouse by the sea"))  # the prompt edited
-    cli._run(job_file, workdir, "cpu", ())
+    session.run_job_file(job_file, workdir, "cpu", (), echo=print)
     job_dir = workdir / "tidy"
     (job_dir / "decode" / ".tmp-999-left-by-a-kill.png").write_bytes(b"half")
     old = sorted(p.name for s in ("encode", "denoise", "decode") for p in (job_dir / s).iterdir() if "apple" in p.name)

@@ -246,7 +246,7 @@ def test_run_writes_the_page_also_when_a_stage_fails_or_is_interrupted(tiny_mode
     """Guards the hook in `orchestrate run`: after a stage failure (exit code kept) and after an
     interrupt (exit 130) the page is there and says so; a finished run's page shows every image,
     and a no-op rerun leaves the page untouched."""
-    from orchestrator import cli
+    from orchestrator.executors import session
 
     job_file = write_job(tmp_path, f"""
         [job]
@@ -268,7 +268,7 @@ def test_run_writes_the_page_also_when_a_stage_fails_or_is_interrupted(tiny_mode
             raise StageFailedError("stage denoise failed (exit 3): denoise: out of memory on item 0000-a-red-apple", 3)
         return inprocess_stage(stage, job_dir_, force, echo, units)
 
-    monkeypatch.setattr(cli, "run_job", lambda d, r, echo, force, **kw: run_job(d, r, echo, force, **kw, launch=failing))
+    monkeypatch.setattr(session, "run_job", lambda d, r, echo, force, **kw: run_job(d, r, echo, force, **kw, launch=failing))
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 3 and "out of memory" in result.stderr, result.output
     html = (job_dir / "index.html").read_text()
@@ -277,12 +277,12 @@ def test_run_writes_the_page_also_when_a_stage_fails_or_is_interrupted(tiny_mode
     def interrupted(stage, job_dir_, force, echo, units=None):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "run_job", lambda d, r, echo, force, **kw: run_job(d, r, echo, force, **kw, launch=interrupted))
+    monkeypatch.setattr(session, "run_job", lambda d, r, echo, force, **kw: run_job(d, r, echo, force, **kw, launch=interrupted))
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 130, result.output
     assert "last run <bdi>interrupted" in (job_dir / "index.html").read_text()
 
-    monkeypatch.setattr(cli, "run_job", lambda d, r, echo, force, **kw: run_job(d, r, echo, force, **kw, launch=inprocess_stage))
+    monkeypatch.setattr(session, "run_job", lambda d, r, echo, force, **kw: run_job(d, r, echo, force, **kw, launch=inprocess_stage))
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0 and "gallery: " in result.stdout, result.output
     html, data = (job_dir / "index.html").read_text(), (job_dir / "gallery" / "items-0000.js").read_text()

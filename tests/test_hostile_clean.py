@@ -10,7 +10,7 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from orchestrator import cli
+from orchestrator.executors import session
 from orchestrator.cli import app
 from tests.conftest import artifact_bytes, write_job
 
@@ -47,7 +47,7 @@ def finished(tiny_model, tmp_path, cli_in_process):
     """A finished run of a one-image job: (job file, workdir, job folder, its artifacts' bytes)."""
     workdir = tmp_path / "work"
     job_file = write_job(tmp_path, JOB.format(model=tiny_model))
-    cli._run(job_file, workdir, "cpu", ())
+    session.run_job_file(job_file, workdir, "cpu", (), echo=print)
     job_dir = workdir / "tidy"
     made = artifact_bytes(job_dir)
     assert any(name.endswith(".png") for name in made)

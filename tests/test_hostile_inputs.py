@@ -15,7 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from orchestrator import cli
+from orchestrator.executors import session
 from orchestrator.cli import app
 from orchestrator.executors.runner import StageFailedError, run_stage
 from tests.conftest import artifact_bytes, tree_state, write_job
@@ -185,7 +185,7 @@ def test_damaged_weights_after_a_finished_run(model, tmp_path, cli_in_process):
     (the runner's message carries its reason); the finished images and records stay byte-identical."""
     workdir = tmp_path / "work"
     job_file = _job(tmp_path, model)
-    cli._run(job_file, workdir, "cpu", ())
+    session.run_job_file(job_file, workdir, "cpu", (), echo=print)
     job_dir = workdir / "hostile"
     made = artifact_bytes(job_dir)
     records = {p: p.read_bytes() for p in job_dir.glob("*/*.json")}

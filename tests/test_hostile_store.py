@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator import cli
+from orchestrator.executors import session
 from stages import denoise, decode, records
 from stages.files import sha256_file
 from tests.conftest import resolved_items, tree_state, write_job
@@ -53,13 +54,13 @@ def write(tmp_path: Path, model: Path, name: str) -> Path:
 
 
 def run_inprocess(job_file: Path, workdir: Path) -> Path:
-    """`orchestrate run` through cli._run, stages in this process (conftest's cli_in_process)."""
+    """`orchestrate run` through session.run_job_file, stages in this process (conftest's cli_in_process)."""
     from orchestrator.executors.runner import run_job
     from tests.conftest import inprocess_stage
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cli, "run_job", lambda job_dir, resolved, echo, force, **kw: run_job(job_dir, resolved, echo, force, launch=inprocess_stage, **kw))
-        cli._run(job_file, workdir, "cpu", ())
+        mp.setattr(session, "run_job", lambda job_dir, resolved, echo, force, **kw: run_job(job_dir, resolved, echo, force, launch=inprocess_stage, **kw))
+        session.run_job_file(job_file, workdir, "cpu", (), echo=print)
     return workdir / job_file.stem
 
 

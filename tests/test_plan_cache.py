@@ -19,6 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from orchestrator import cli
+from orchestrator.executors import session
 from orchestrator.planning import memory
 from tests.conftest import write_job
 
@@ -48,7 +49,7 @@ def test_a_plan_is_made_once_per_shape_and_budget(tiny_model, tmp_path, monkeypa
 
     def run(a, b, ram="8GiB"):
         job_file = write_job(tmp_path, JOB.format(model=tiny_model, a=a, b=b))
-        cli._run(job_file, workdir, "cpu", (), (None, ram, True, False))
+        session.run_job_file(job_file, workdir, "cpu", (), (None, ram, True, False), echo=print)
         return json.loads((job_dir / "job.resolved.json").read_text())["runtime"]
 
     first = run(1, 2)
@@ -72,7 +73,7 @@ def test_a_damaged_plan_cache_is_planned_over(tiny_model, tmp_path, cli_in_proce
     job_file = write_job(tmp_path, JOB.format(model=tiny_model, a=1, b=2))
     (tmp_path / "work" / "cached").mkdir(parents=True)
     (tmp_path / "work" / "cached" / memory.PLAN_CACHE).write_text("{half")
-    cli._run(job_file, tmp_path / "work", "cpu", (), (None, "8GiB", True, False))
+    session.run_job_file(job_file, tmp_path / "work", "cpu", (), (None, "8GiB", True, False), echo=print)
     cache = json.loads((tmp_path / "work" / "cached" / memory.PLAN_CACHE).read_text())
     runtimes = [entry["runtime"] for entry in cache.values() if "runtime" in entry]
     assert len(cache) == 2 and len(runtimes) == 1 and runtimes[0]["stages"]  # and its estimates entry
@@ -102,7 +103,7 @@ def test_a_second_plan_is_the_first_from_the_cache_without_torch(tiny_model, tmp
     transformers, with --device auto meaning the CPU the job last ran on."""
     job_file = write_job(tmp_path, JOB.format(model=tiny_model, a=1, b=2))
     workdir = tmp_path / "work"
-    cli._run(job_file, workdir, "cpu", (), (None, "8GiB", True, False))
+    session.run_job_file(job_file, workdir, "cpu", (), (None, "8GiB", True, False), echo=print)
     traced = {flags: _plan(job_file, tmp_path / "fresh", "--device", "cpu", "--max-ram", "8GiB", *flags) for flags in ((), ("--json",))}
     assert traced[()][0] == traced[("--json",)][0] == 0 and "encode" in traced[()][1]
     assert not (tmp_path / "fresh").exists()  # no job folder: planned, and nothing written

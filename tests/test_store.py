@@ -11,7 +11,7 @@ import json
 
 import numpy as np
 
-from orchestrator import cli
+from orchestrator.executors import session
 from stages import encode
 from tests.conftest import load_png, resolved_items, write_job
 
@@ -37,7 +37,7 @@ seed = {b}
 
 def run(tmp_path, workdir, model, name, a, b, store=True, force=()):
     job_file = write_job(tmp_path, JOB.format(name=name, model=model, a=a, b=b), f"{name}.toml")
-    cli._run(job_file, workdir, "cpu", force, store=store)
+    session.run_job_file(job_file, workdir, "cpu", force, store=store, echo=print)
     job_dir = workdir / name
     return job_dir, json.loads((job_dir / "encode" / "summary.json").read_text())
 

@@ -1,1 +1,1 @@
-"""Planning: what is stale, the memory plan and its estimates, chunking, job preparation."""
+"""Planning: what is stale, the memory plan, its estimates and report, chunking, job preparation."""

@@ -22,7 +22,9 @@ import shutil
 import stat
 from pathlib import Path
 
-from stages.contract import ALL_STAGES, TMP_PREFIX, ArtifactError
+from orchestrator.jobfile import job as jobfile
+from orchestrator.planning.prepare import last_run_device, resolve_device
+from stages.contract import ALL_STAGES, TMP_PREFIX, ArtifactError, JobFileError
 from stages.locks import exclusive_lock
 from stages.measure import format_bytes
 from stages.records import STATE_FILE
@@ -132,3 +134,16 @@ def clean(job_dir: Path, job: dict, workdir: Path, remove: bool, store: bool, ec
         else:
             echo(f"{what} unused: {format_bytes(total)}; run again with --yes to remove them")
         return total
+
+
+def clean_job_file(job_file: Path, workdir: Path, device: str, remove: bool, store: bool, echo) -> int:
+    """`orchestrate clean`: `clean` for the job folder of `job_file`, judged for `device` (auto: the
+    device of its last run, since it decides the dtype and so the encode keys)."""
+    job = jobfile.load_job(job_file)
+    job_dir = jobfile.job_dir_for(job, workdir)
+    if not job_dir.is_dir():
+        raise JobFileError(f"job folder {job_dir} does not exist; nothing was run for {job_file} in {workdir}")
+    if device == "auto":
+        device = last_run_device(job_dir) or device
+    resolved = jobfile.resolve_job(job, job_dir, resolve_device(device), require_weights=False)
+    return clean(job_dir, resolved, Path(workdir).resolve(), remove, store, echo)

@@ -1,4 +1,4 @@
-"""`orchestrate convert FOLDER`: a component's pickle weights (.bin) to safetensors, verified.
+"""`orchestrate convert`: a component's pickle weights (.bin) to safetensors, verified (one checkpoint file: checkpoint.py).
 
 The stages load safetensors only, never pickles (a pickle can run code when loaded). Some models
 are published as .bin only, e.g. the PixArt-α DMD transformer. This reads each .bin with
@@ -116,3 +116,15 @@ def convert_folder(folder: Path, force: bool = False) -> list[str]:
         publish_json(target, data)
         done.append(f"{index.name} -> {target.name}: shard names rewritten")
     return done
+
+
+def convert_path(path: Path, out: Path | None, config: str | None, force: bool) -> list[str]:
+    """`orchestrate convert`: a folder's .bin files in place, or one checkpoint file to a transformer
+    folder under `out`; the lines saying what was done."""
+    if path.is_dir() and (out is not None or config is not None):
+        raise JobFileError(f"convert: {path} is a folder; --out and --config are for one checkpoint file")
+    if path.is_dir():
+        return convert_folder(path, force)
+    from orchestrator.tools.checkpoint import convert_checkpoint
+
+    return convert_checkpoint(path, out, config, force)

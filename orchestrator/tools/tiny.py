@@ -1,10 +1,11 @@
 """Build a tiny PixArt-alpha diffusers folder with random weights, offline.
 
-Used by `orchestrate demo` (a first run on a machine with no real weights) and by the tests. The
-architecture follows diffusers' `get_dummy_components` for PixArt: a 2-layer transformer with
-sample_size 128 (so the 1024 aspect-ratio bins and the micro-conditions are exercised), a narrow
-4-block VAE (scale factor 8, as in the real one), a 2-layer T5 and a SentencePiece tokenizer
-trained here on a few sentences. The scheduler config is the real PixArt-XL-2-1024-MS one.
+Used by `orchestrate demo` (a first run on a machine with no real weights: `write_demo_job`) and by
+the tests. The architecture follows diffusers' `get_dummy_components` for PixArt: a 2-layer
+transformer with sample_size 128 (so the 1024 aspect-ratio bins and the micro-conditions are
+exercised), a narrow 4-block VAE (scale factor 8, as in the real one), a 2-layer T5 and a
+SentencePiece tokenizer trained here on a few sentences. The scheduler config is the real
+PixArt-XL-2-1024-MS one.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+
+from stages.contract import JobFileError
+from stages.files import shown_path
 
 REFERENCE_CONFIGS = Path(__file__).parent.parent / "reference_configs"
 
@@ -187,3 +191,19 @@ width = 384
 height = 256
 guidance_scale = 5.0
 """
+
+
+def write_demo_job(workdir: Path, family: str, echo) -> Path:
+    """`orchestrate demo`'s job file in `workdir`, beside its tiny model (built once per family)."""
+    if family not in ("alpha", "sigma"):
+        raise JobFileError(f"--family {family!r} is not alpha or sigma")
+    workdir.mkdir(parents=True, exist_ok=True)
+    suffix = "" if family == "alpha" else f"-{family}"
+    model = workdir / f"demo-model{suffix}"
+    if not (model / "model_index.json").exists():
+        echo(f"building a tiny random-weight PixArt-{'α' if family == 'alpha' else 'Σ'} model in {shown_path(model)}")
+        save_tiny_model(model, family=family)
+    job_file = workdir / f"demo{suffix}.toml"
+    job_file.write_text(DEMO_JOB.replace('name = "demo"', f'name = "demo{suffix}"').replace('model = "demo-model"', f'model = "demo-model{suffix}"'), encoding="utf-8")
+    echo(f"job file: {shown_path(job_file)}")
+    return job_file

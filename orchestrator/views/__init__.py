@@ -1,1 +1,1 @@
-"""Views: what a person reads about a job beyond the console (the gallery page)."""
+"""Views: what a person reads about a job: the gallery page and `status`'s lines."""
