@@ -115,6 +115,18 @@ def run_inprocess(job_file: Path, workdir: Path, force=(), device="cpu", runtime
     return job_dir, runs, lines
 
 
+def python_probe(code: str) -> str:
+    """The last stdout line of `code` run by a fresh interpreter in the project root (what a
+    command imports, e.g. no torch, is seen only from a fresh process)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
 def load_png(path: Path) -> np.ndarray:
     from PIL import Image
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,7 @@ from typer.testing import CliRunner
 from orchestrator import cli
 from orchestrator.executors import session
 from orchestrator.planning import memory
-from tests.conftest import write_job
+from tests.conftest import python_probe, write_job
 
 JOB = """
 [job]
@@ -112,10 +110,7 @@ def test_a_second_plan_is_the_first_from_the_cache_without_torch(tiny_model, tmp
              f"    r = CliRunner().invoke(app, ['plan', {str(job_file)!r}, '--workdir', {str(workdir)!r}, '--max-ram', '8GiB'] + flags)\n"
              "    out.append([r.exit_code, r.output])\n"
              "print(json.dumps([out, sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules)]))\n")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, encoding="utf-8", timeout=120,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert done.returncode == 0, done.stderr[-2000:]
-    (table, as_json, auto), imported = json.loads(done.stdout.strip().splitlines()[-1])
+    (table, as_json, auto), imported = json.loads(python_probe(probe))
     assert imported == []
     assert table == [0, traced[()][1]] and as_json == [0, traced[("--json",)][1]]
     assert json.loads(as_json[1]) == json.loads(traced[("--json",)][1])

@@ -8,8 +8,6 @@ import collections
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
@@ -19,7 +17,7 @@ from orchestrator.tools.clean import clean
 from orchestrator.views import gallery
 from stages import records
 from stages.resolved import read_job
-from tests.conftest import run_inprocess, write_job
+from tests.conftest import python_probe, run_inprocess, write_job
 
 JOB = """
 [job]
@@ -225,7 +223,4 @@ def test_status_and_a_no_op_run_import_no_torch(made):
              f"    result = CliRunner().invoke(app, args + [{str(job_file)!r}, '--workdir', {str(workdir)!r}] + extra)\n"
              "    assert result.exit_code == 0, result.output\n"
              "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'safetensors') if m in sys.modules))\n")
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, encoding="utf-8", timeout=120,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert python_probe(probe) == "[]"
