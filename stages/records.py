@@ -97,7 +97,7 @@ class RecordReader:
 
     With `job_dir` (attach), output hashes and unit verdicts also persist across runs in
     <job_dir>/.state.json, each keyed by the stat of the files it came from: a no-op rerun or
-    `status` stats ~4 files per unit and reads no record. Staleness still compares content hashes
+    `status` stats ~2 files per unit (each record once, in a snapshot) and reads no record. Staleness still compares content hashes
     (STYLE.md): the cache only says which hash a file with that stat had. A missing, damaged or
     other-version cache is rebuilt silently; `orchestrate clean` removes it. docs/state.md says
     what this keeps and what it does not."""
@@ -160,8 +160,6 @@ class RecordReader:
 
     def _state_line(self, number: int, name: str) -> dict | None:
         """Line `number` of the state file: its `name` table when the line is this version's."""
-        from stages.artifacts import open_regular
-
         try:
             with os.fdopen(open_regular(os.path.join(self.job_dir, STATE_FILE)), "rb") as f:  # regular files only
                 data = f.read(MAX_STATE_BYTES + 1)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.planning.estimate import estimate_host_bytes, Estimate, ModelConfigs, estimate_decode, estimate_denoise, estimate_encode
-from stages.contract import JobFileError
+from stages.contract import STAGES, JobFileError
 from stages.files import MAX_TEXT_BYTES, read_json_limited
 from stages.measure import format_bytes
 from stages.resolved import component_folder, uses_guidance
@@ -500,17 +500,16 @@ def estimates_json(chosen: dict) -> dict:
             for stage, c in chosen.items()}
 
 
-_STAGE_ORDER = ("encode", "denoise", "decode")  # choose_strategies' order, which `plan` prints in
 _ESTIMATE_INTS = ("batch_size", "weights_bytes", "activation_bytes", "workspace_bytes", "host_kept_bytes")
 _STRATEGIES = {"encode": ("resident", "stream"), "denoise": ("resident", "offload"), "decode": ("full", "tiled")}
 
 
 def _estimates_from_json(data) -> dict | None:
     """estimates_json read back, or None (a miss) for anything of another shape."""
-    if not isinstance(data, dict) or set(data) != set(_STAGE_ORDER):
+    if not isinstance(data, dict) or set(data) != set(STAGES):
         return None
     chosen = {}
-    for stage in _STAGE_ORDER:
+    for stage in STAGES:  # choose_strategies' order, which `plan` prints in
         value = data[stage]
         no_fit = isinstance(value, dict) and set(value) == {"no_fit"}
         estimate = _estimate_from_json(value["no_fit"] if no_fit else value, stage)

@@ -102,11 +102,11 @@ def describe_device(device: str) -> str:
 
 def last_run_device(job_dir: Path) -> str | None:
     """The device the job's last run used (its job.resolved.json), when it names one validly."""
-    from stages.files import MAX_TEXT_BYTES, read_json_limited
+    from stages.resolved import read_job
 
     try:
-        device = read_json_limited(Path(job_dir) / "job.resolved.json", "resolved job", MAX_TEXT_BYTES)["device"]
-    except (OSError, ValueError, KeyError, TypeError, JobFileError):
+        device = read_job(job_dir).get("device")
+    except (OSError, ValueError, JobFileError):
         return None
     return device if isinstance(device, str) and _DEVICE.fullmatch(device) else None
 

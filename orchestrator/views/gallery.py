@@ -337,12 +337,10 @@ def _subset_states(job_dir: Path, job: dict, only: set[str]) -> dict[str, list[U
 def _item_states(job_dir: Path, job: dict, outcome: str | None, states: dict | None = None,
                  only: set[str] | None = None) -> dict[str, dict]:
     """Per item id (all, or those in `only`): state (done, to do, stale, failed), why, and where
-    its done units' records are ("sources"; _read_records reads them). `states`: the caller's
-    plan_job result, when it has one."""
+    its done units' records are ("sources"; _read_records reads them). `states`: plan_job's result
+    (render_gallery's), or None with `only` (the units of those items are judged here)."""
     if only is not None:
         states = _subset_states(job_dir, job, only)
-    elif states is None:
-        states = plan_job(job_dir, job)
     root = str(job_dir)  # the paths as plan_job's unit_status makes them (its stats are keyed by them)
     wanted = [item["id"] for item in job["items"] if only is None or item["id"] in only]
     by_item: dict[str, dict] = {item_id: {"records": {}, "sources": {}, "pending": None} for item_id in wanted}

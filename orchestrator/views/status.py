@@ -6,6 +6,7 @@ from pathlib import Path
 
 from orchestrator.planning.plan import describe_stage, plan_job
 from orchestrator.planning.prepare import describe_model, prepare_job
+from stages.contract import RESOLVED_JOB
 
 
 def show_status(job_file: Path, workdir: Path, device: str, memory: tuple, *, echo) -> None:
@@ -14,7 +15,7 @@ def show_status(job_file: Path, workdir: Path, device: str, memory: tuple, *, ec
     job_dir, resolved = prepare_job(job_file, workdir, device, memory, as_last_run=True)
     for line in describe_model(resolved):
         echo(line)
-    if device == "auto" and (job_dir / "job.resolved.json").is_file():
+    if device == "auto" and (job_dir / RESOLVED_JOB).is_file():
         echo(f"judged for {resolved['device']}, the device of the job's last run (--device judges it for another)")
     states = plan_job(job_dir, resolved)
     for name in states:  # imagencode only with img2img items
