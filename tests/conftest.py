@@ -115,6 +115,22 @@ def run_inprocess(job_file: Path, workdir: Path, force=(), device="cpu", runtime
     return job_dir, runs, lines
 
 
+def count_reads_and_hashes(monkeypatch):
+    """(reads, hashes): Counters of the records read and the files hashed, by path, wherever the
+    plan (stages/records.py) and the gallery make them."""
+    import collections
+
+    from orchestrator.views import gallery
+    from stages import records
+
+    reads, hashes = collections.Counter(), collections.Counter()
+    real_read, real_hash = records.read_record, records.sha256_file
+    monkeypatch.setattr(records, "read_record", lambda path: reads.update([str(path)]) or real_read(path))
+    monkeypatch.setattr(gallery, "read_record", lambda path: reads.update([str(path)]) or real_read(path))
+    monkeypatch.setattr(records, "sha256_file", lambda path: hashes.update([str(path)]) or real_hash(path))
+    return reads, hashes
+
+
 def python_probe(code: str) -> str:
     """The last stdout line of `code` run by a fresh interpreter in the project root (what a
     command imports, e.g. no torch, is seen only from a fresh process)."""

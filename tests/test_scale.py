@@ -5,7 +5,6 @@ bench/scale.py measures the seconds and the peaks."""
 
 from __future__ import annotations
 
-import collections
 
 import pytest
 
@@ -17,7 +16,7 @@ from stages.contract import JobFileError
 from stages.embedding_cache import EmbeddingCache, most_held
 from stages.files import publish_json
 from stages.resolved import read_job
-from tests.conftest import inprocess_stage, run_inprocess, write_job
+from tests.conftest import count_reads_and_hashes, inprocess_stage, run_inprocess, write_job
 
 # Ten prompts with guidance and one shared negative prompt; "a cat" comes back at the end with
 # another negative, so its embedding must outlive the nine units between its two uses.
@@ -83,20 +82,12 @@ def finished(tiny_model, tmp_path_factory):
     return job_dir
 
 
-def _counting(monkeypatch):
-    reads, hashes = collections.Counter(), collections.Counter()
-    real_read, real_hash = records.read_record, records.sha256_file
-    monkeypatch.setattr(records, "read_record", lambda path: reads.update([str(path)]) or real_read(path))
-    monkeypatch.setattr(records, "sha256_file", lambda path: hashes.update([str(path)]) or real_hash(path))
-    return reads, hashes
-
-
 @pytest.mark.parametrize("chunk", [None, 0])
 def test_a_run_with_nothing_to_do_reads_each_record_and_hashes_each_output_once(finished, monkeypatch, chunk):
     job_dir = finished
     resolved = read_job(job_dir)
     (job_dir / records.STATE_FILE).unlink(missing_ok=True)  # cold: tests/test_state.py has the warm case
-    reads, hashes = _counting(monkeypatch)
+    reads, hashes = count_reads_and_hashes(monkeypatch)
     lines, plans = [], []
     runs = run_job(job_dir, resolved, lines.append, chunk=chunk, launch=lambda *a: pytest.fail("nothing should run"), plans=plans)
     assert runs == [] and "decode: 11 up to date, 0 to do" in lines
@@ -115,7 +106,7 @@ def test_a_changed_record_is_read_again_within_the_run(finished, monkeypatch):
     job_dir = finished
     job, reader = read_job(job_dir), records.RecordReader()
     (job_dir / records.STATE_FILE).unlink(missing_ok=True)  # what is kept across runs: tests/test_state.py
-    reads, _ = _counting(monkeypatch)
+    reads, _ = count_reads_and_hashes(monkeypatch)
     path = next((job_dir / "decode").glob("0000*.json"))
     plan_job(job_dir, job, reader)
     plan_job(job_dir, job, reader)

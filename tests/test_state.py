@@ -17,7 +17,7 @@ from orchestrator.tools.clean import clean
 from orchestrator.views import gallery
 from stages import records
 from stages.resolved import read_job
-from tests.conftest import python_probe, run_inprocess, write_job
+from tests.conftest import count_reads_and_hashes, python_probe, run_inprocess, write_job
 
 JOB = """
 [job]
@@ -57,16 +57,6 @@ def job_dir(made, tmp_path, monkeypatch):
     return copy
 
 
-def _counting(monkeypatch):
-    """Record reads and file hashes, by path, wherever the plan and the gallery make them."""
-    reads, hashes = collections.Counter(), collections.Counter()
-    real_read, real_hash = records.read_record, records.sha256_file
-    monkeypatch.setattr(records, "read_record", lambda path: reads.update([str(path)]) or real_read(path))
-    monkeypatch.setattr(gallery, "read_record", lambda path: reads.update([str(path)]) or real_read(path))
-    monkeypatch.setattr(records, "sha256_file", lambda path: hashes.update([str(path)]) or real_hash(path))
-    return reads, hashes
-
-
 def _noop_run(job_dir):
     """`orchestrate run` with nothing to do, gallery included: its final plan."""
     plans, lines = [], []
@@ -77,7 +67,7 @@ def _noop_run(job_dir):
 
 
 def test_a_warm_no_op_rerun_reads_no_record_and_hashes_nothing(job_dir, monkeypatch):
-    reads, hashes = _counting(monkeypatch)
+    reads, hashes = count_reads_and_hashes(monkeypatch)
     _noop_run(job_dir)  # cold: the copy's stats match nothing kept, so every record is read
     assert len(reads) == 3 + 3 + 2 and len(hashes) == 2 + 3 + 6  # 2 encode units (one shared), decode has PNG + thumbnail
     verdicts, file_hashes = _state(job_dir)
@@ -109,7 +99,7 @@ def test_racily_clean_verdicts_and_hashes_are_not_saved(job_dir, monkeypatch):
     """A file changed within RACY_NS before the save could change again without changing its
     stat: neither its hash nor a verdict made from it is saved (this process still uses them)."""
     monkeypatch.setattr(records, "RACY_NS", 10**6 * 10**9)  # every file of the copy changed "just now"
-    reads, _ = _counting(monkeypatch)
+    reads, _ = count_reads_and_hashes(monkeypatch)
     _noop_run(job_dir)
     verdicts, hashes = _state(job_dir)
     assert verdicts["verdicts"] == {} and hashes["hashes"] == {}
@@ -128,7 +118,7 @@ def test_a_same_size_rewrite_is_hashed_again_and_found_stale(job_dir, monkeypatc
         f.write(data)
     os.utime(latents, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert (os.stat(latents).st_size, os.stat(latents).st_mtime_ns, os.stat(latents).st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
-    reads, hashes = _counting(monkeypatch)
+    reads, hashes = count_reads_and_hashes(monkeypatch)
     states = plan_job(job_dir, read_job(job_dir))
     assert hashes[str(latents)] == 1
     by_key = {(stage, s.unit.key): s for stage, stage_states in states.items() for s in stage_states}
@@ -156,7 +146,7 @@ def test_a_damaged_state_cache_is_rebuilt(job_dir, monkeypatch, damage):
                          "other version": _state_text({k: v.rsplit("|", 2)[0] + "|0|lie" for k, v in verdicts.items()}, hashes, version=0),
                          }[damage])
     damaged = None if damage == "fifo" else path.read_bytes()
-    reads, _ = _counting(monkeypatch)
+    reads, _ = count_reads_and_hashes(monkeypatch)
     states = plan_job(job_dir, read_job(job_dir))  # `status`: judged from the records again, writes nothing
     assert [s.state for stage in states.values() for s in stage] == ["done"] * 8
     assert len(reads) == 8 and (path.is_fifo() if damage == "fifo" else path.read_bytes() == damaged)
