@@ -54,11 +54,12 @@ def read_record(path: Path) -> tuple[dict | None, str]:
 
 # The job's state cache (<job_dir>/.state.json): content hashes and unit verdicts keyed by the stat
 # of every file they were computed from, so a rerun with nothing to do stats files instead of
-# reading and hashing them (issue 21; DVC's state db keeps file hashes keyed the same way). Two
-# JSON lines: the verdicts, which every plan reads, then the file hashes, read only when a file
-# must be hashed (a no-op rerun or `status` never parses them: half the file).
+# reading and hashing them (issue 21; DVC's state db keeps file hashes keyed the same way). Three
+# JSON lines: the job's plan entry (when its last plan found every unit done: which files, and a
+# stamp of their stat), then the verdicts, then the file hashes. Each is parsed only when needed:
+# a no-op rerun or `status` whose plan entry holds parses the first line alone (docs/state.md).
 STATE_FILE = ".state.json"
-STATE_VERSION = 3  # bump when a verdict's meaning or the file's layout changes: older caches are dropped
+STATE_VERSION = 4  # bump when a verdict's meaning or the file's layout changes: older caches are dropped
 # A file changed again within the file system's mtime granularity (FAT 2 s, HFS+ 1 s, ext4 a few ms)
 # could keep its stat: entries whose files changed less than this before the save are kept for
 # this process only, never saved ("racily clean" entries, as git handles its index).
@@ -97,7 +98,9 @@ class RecordReader:
 
     With `job_dir` (attach), output hashes and unit verdicts also persist across runs in
     <job_dir>/.state.json, each keyed by the stat of the files it came from: a no-op rerun or
-    `status` stats ~2 files per unit (each record once, in a snapshot) and reads no record. Staleness still compares content hashes
+    `status` stats ~2 files per unit (each record once, in a snapshot) and reads no record; when
+    the job's last plan found every unit done, its plan entry (keep_plan, plan_done) skips even the
+    judging. Staleness still compares content hashes
     (STYLE.md): the cache only says which hash a file with that stat had. A missing, damaged or
     other-version cache is rebuilt silently; `orchestrate clean` removes it. docs/state.md says
     what this keeps and what it does not."""
@@ -108,12 +111,17 @@ class RecordReader:
         # unit_status: record path + "|1" (outputs hashed) or "|0" -> "stamp|fingerprint|ok|why",
         # one string as the state file holds it (a 10,000-item job has 30,000)
         self.verdicts: dict[str, str] = {}
+        self._verdicts_loaded = True  # False while the attached job's saved verdicts are not parsed yet
         self._racy: dict[str, int] = {}  # verdict key -> the newest mtime/ctime of its files
         self._saved_hashes: dict | None = None  # relative path -> "size mtime inode ctime sha256", once loaded
+        self._saved_plan: dict | None = None  # the state file's plan entry, once loaded ({} when none)
+        self._new_plan: tuple | None = None  # (entry, newest mtime/ctime of its files) to save
+        self.plan_identity: str | None = None  # the plan entry that holds now (keep_plan, plan_done)
         self.job_dir: str | None = None
         self.reads = 0  # records read and parsed by this reader (tests count them)
         self._dirty = False
         self._stats: dict | None = None  # record path -> stat key while a snapshot is open
+        self._fold: list | None = None  # while a collecting snapshot is open: [stamp so far, newest mtime/ctime, paths]
         self.last_snapshot: dict = {}
         if job_dir is not None:
             self.attach(job_dir)
@@ -122,51 +130,71 @@ class RecordReader:
         """stat_key; a record's is taken once while a snapshot is open (plan_job: a unit's
         upstream record is also its upstream unit's record, so each would be stat'ed twice).
         Outputs are stat'ed once per plan anyway, so only records are kept (a tenth of a plan's
-        memory at 10,000 items)."""
+        memory at 10,000 items). A collecting snapshot also folds each file's first stat into
+        the plan's stamp (keep_plan)."""
         memo = self._stats
-        if memo is None or not path.endswith(".json"):
+        if memo is None:
             return stat_key(path)
-        key = memo.get(path, memo)
-        if key is memo:
+        if path.endswith(".json"):
+            key = memo.get(path, memo)
+            if key is not memo:
+                return key
             key = memo[path] = stat_key(path)
+        else:
+            key = stat_key(path)
+        fold = self._fold
+        if fold is not None:
+            fold[0] = hash((fold[0], NO_FILE if key is None else key))
+            fold[2].append(path)
+            if key is not None and max(key[1], key[3]) > fold[1]:
+                fold[1] = max(key[1], key[3])
         return key
 
     @contextlib.contextmanager
-    def snapshot(self):
+    def snapshot(self, collect: bool = False):
         """One stat per record for the block's verdicts (a plan judges the job as of one moment).
         Afterwards `last_snapshot` holds those stats (record path -> stat_key), for the caller
-        that renders the plan's states right after it (the gallery at the end of a run)."""
+        that renders the plan's states right after it (the gallery at the end of a run).
+        `collect`: every file's stat is also folded into a stamp, which keep_plan saves."""
         outer, self._stats = self._stats, {} if self._stats is None else self._stats
+        if collect and outer is None:
+            self._fold = [0, 0, []]
         try:
             yield self
         finally:
             if outer is None:
                 self.last_snapshot = self._stats
+                self._fold = None
             self._stats = outer
 
     def attach(self, job_dir) -> None:
-        """Load the verdicts of <job_dir>/.state.json (once; a damaged or missing file is an empty cache)."""
+        """Use <job_dir>/.state.json; each of its lines is parsed when first needed (a damaged or
+        missing file is an empty cache)."""
         job_dir = os.path.abspath(str(job_dir))
         if self.job_dir == job_dir:
             return
-        self.job_dir, self._saved_hashes = job_dir, None
-        verdicts = self._state_line(0, "verdicts")
+        self.job_dir, self._saved_hashes, self._saved_plan, self._verdicts_loaded = job_dir, None, None, False
+
+    def _load_verdicts(self) -> None:
+        self._verdicts_loaded = True
+        verdicts = self._state_line(1, "verdicts")
         if verdicts is None:
             self._dirty = True  # none, damaged or another version: the next run writes a good one
             return
-        root = job_dir + os.sep
+        root = self.job_dir + os.sep
         for rel, entry in verdicts.items():  # checked when used (verdict): most are never looked at
             self.verdicts.setdefault(root + rel, entry)
 
     def _state_line(self, number: int, name: str) -> dict | None:
-        """Line `number` of the state file: its `name` table when the line is this version's."""
+        """Line `number` of the state file: its `name` table when the line is this version's and
+        whole. Only the lines up to it are read."""
         try:
             with os.fdopen(open_regular(os.path.join(self.job_dir, STATE_FILE)), "rb") as f:  # regular files only
-                data = f.read(MAX_STATE_BYTES + 1)
-            lines = data.split(b"\n")
-            if len(data) > MAX_STATE_BYTES or len(lines) < 2:
-                return None
-            line = json.loads(lines[number])
+                for _ in range(number + 1):
+                    data = f.readline(MAX_STATE_BYTES + 1)
+                    if not data.endswith(b"\n"):  # cut short, or over the limit
+                        return None
+            line = json.loads(data)
         except (OSError, ValueError, ArtifactError, RecursionError):
             return None
         if not isinstance(line, dict) or line.get("version") != STATE_VERSION or not isinstance(line.get(name), dict):
@@ -178,13 +206,56 @@ class RecordReader:
         if self.job_dir is None or not path.startswith(self.job_dir + os.sep):
             return None
         if self._saved_hashes is None:
-            self._saved_hashes = self._state_line(1, "hashes") or {}
+            self._saved_hashes = self._state_line(2, "hashes") or {}
         entry = self._saved_hashes.get(path[len(self.job_dir) + 1:])
         try:
             size, mtime, inode, ctime, sha = entry.split(" ")
             return (int(size), int(mtime), int(inode), int(ctime)), sha
         except (AttributeError, ValueError):
             return None  # none, or damaged: hashed again
+
+    def keep_plan(self, key: str, counts: dict[str, int]) -> None:
+        """After a collecting snapshot in which every unit of the job planned as `key` was judged
+        done: the plan entry (which files were stat'ed, in order, and the stamp of their stats),
+        so the next plan of the same job and code can stat them and skip judging (plan_done).
+        Saved unless one of those files changed within RACY_NS of the save."""
+        stamp, newest, paths = self._fold
+        self.plan_identity = None
+        root = self.job_dir + os.sep if self.job_dir else None
+        if root is None or not all(path.startswith(root) for path in paths):
+            return
+        stamp = format(stamp & 0xFFFFFFFFFFFFFFFF, "x")
+        entry = {"key": key, "stamp": stamp, "counts": counts, "files": "\n".join(path[len(root):] for path in paths)}
+        import time
+
+        self.plan_identity = f"{key}|{stamp}" if newest < time.time_ns() - RACY_NS else None
+        saved = self._saved_plan or {}
+        if (saved.get("key"), saved.get("stamp")) != (key, stamp):
+            self._new_plan, self._dirty = (entry, newest), True
+
+    def plan_done(self, key: str) -> dict[str, int] | None:
+        """Each stage's unit count when the state file's plan entry is for `key` (the same job and
+        code) and every file it lists has the stat it had then: every unit is done, as judged
+        then. Else None, and the job is judged unit by unit."""
+        self.plan_identity = None
+        if self._saved_plan is None:
+            self._saved_plan = self._state_line(0, "plan") or {}
+        entry = self._saved_plan
+        if entry.get("key") != key or not isinstance(entry.get("files"), str) or not isinstance(entry.get("counts"), dict):
+            return None
+        counts = entry["counts"]
+        if not all(type(n) is int and n >= 0 for n in counts.values()):
+            return None
+        root = self.job_dir + os.sep
+        stamp = 0
+        for rel in entry["files"].split("\n"):
+            key_ = stat_key(root + rel)
+            stamp = hash((stamp, NO_FILE if key_ is None else key_))
+        stamp = format(stamp & 0xFFFFFFFFFFFFFFFF, "x")
+        if stamp != entry.get("stamp"):
+            return None
+        self.plan_identity = f"{key}|{stamp}"
+        return counts
 
     def save(self) -> None:
         """Write the state cache atomically when it learned something; entries of files changed
@@ -196,7 +267,9 @@ class RecordReader:
         root = self.job_dir + os.sep
         recent = time.time_ns() - RACY_NS
         if self._saved_hashes is None:
-            self._saved_hashes = self._state_line(1, "hashes") or {}
+            self._saved_hashes = self._state_line(2, "hashes") or {}
+        if not self._verdicts_loaded:
+            self._load_verdicts()
         # What this run did not look at stays as it was, when well formed.
         hashes = {rel: v for rel, v in self._saved_hashes.items() if isinstance(v, str) and v.count(" ") == 4}
         hashes.update((path[len(root):], f"{key[0]} {key[1]} {key[2]} {key[3]} {sha}") for path, (key, sha) in self._hashes.items()
@@ -204,15 +277,21 @@ class RecordReader:
         racy = {key for key, changed in self._racy.items() if changed >= recent}
         verdicts = {path[len(root):]: v for path, v in self.verdicts.items()
                     if path.startswith(root) and isinstance(v, str) and path not in racy}
-        lines = [{"version": STATE_VERSION, "verdicts": verdicts}, {"version": STATE_VERSION, "hashes": hashes}]
+        # Only the newest plan's entry: an older one no longer holds (a stage ran, or the job changed).
+        plan = self._new_plan[0] if self._new_plan is not None and self._new_plan[1] < recent else {}
+        lines = [{"version": STATE_VERSION, "plan": plan}, {"version": STATE_VERSION, "verdicts": verdicts},
+                 {"version": STATE_VERSION, "hashes": hashes}]
         try:  # JSON never holds a raw newline: one line each
             publish_bytes(Path(root, STATE_FILE), "\n".join(json.dumps(line, separators=(",", ":")) for line in lines).encode() + b"\n")
             self._dirty = False
+            self._saved_plan = plan
         except (OSError, ArtifactError):
             pass
 
     def verdict(self, key: str, stamp: str, fingerprint: str):
         """(ok, why) kept for unit `key` made from files with this `stamp`, or None."""
+        if not self._verdicts_loaded:
+            self._load_verdicts()
         kept = self.verdicts.get(key)
         if kept is None:
             return None

@@ -19,14 +19,13 @@ import stages
 from stages.artifacts import read_json
 from stages import lifeline
 from orchestrator.planning import chunks
-from orchestrator.planning.plan import describe_stage, plan_job
+from orchestrator.planning.plan import describe_stage, plan_job, todo_states, units_once
 from stages.contract import ALL_STAGES, EXIT_INTERRUPTED, EXIT_RESOURCE_ERROR, RESOLVED_JOB, TMP_PREFIX, JobFileError
 from stages.files import publish_json, remove_temp_files, shown_path
 from stages.locks import exclusive_lock
 from stages.measure import Clock, format_bytes
 from stages.records import RecordReader
 from stages.resolved import read_job
-from stages.units import plan_units
 
 PROJECT_ROOT = Path(stages.__file__).resolve().parent.parent
 
@@ -189,7 +188,7 @@ class _Run:
         self.job_dir.mkdir(parents=True, exist_ok=True)
         with exclusive_lock(self.job_dir / "run.lock", f"job {self.job_dir.name}"):
             self.job = publish_resolved(self.job_dir, self.resolved)
-            self.units = plan_units(self.job)  # once per run (issue 21)
+            self.units = units_once(self.job)  # made once per run, and not at all when the job's plan entry holds (issue 21)
             # One plan for the whole job; planned again only after a stage made new records, each
             # stage deciding on the real records of the stages before it.
             if self._announce("encode", self.plan()["encode"]):
@@ -215,7 +214,7 @@ class _Run:
             return [s.unit.key for s in states]
         for line in describe_stage(stage, states):
             self.echo(line)
-        todo = [s.unit.key for s in states if s.state != "done"]
+        todo = [s.unit.key for s in todo_states(states)]
         if not todo:
             _remove_leftovers(self.job_dir, stage, self.echo)
         return todo
@@ -300,7 +299,7 @@ def publish_resolved(job_dir: Path, resolved: dict) -> dict:
 
 
 def _has_work(states, forced: bool) -> bool:
-    return forced or any(s.state != "done" for s in states)
+    return forced or bool(todo_states(states))
 
 
 def _publish_merged(job_dir: Path, runs: list[StageRun]) -> None:

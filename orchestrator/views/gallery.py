@@ -648,16 +648,19 @@ def render_gallery(job_dir: Path, job: dict, outcome: str | None = None, states:
     if states is None:
         reader = RecordReader()
         states, stats = plan_job(job_dir, job, reader), reader.last_snapshot
-    entries = _item_states(job_dir, job, outcome, states)
     key = _job_key(job)
     manifest = {"job": key, "part_size": PART_SIZE, "tiling": [], "parts": []}
-    old = _old_parts(job_dir, key)
+    old, old_plan = _old_parts(job_dir, key)
+    # Made from an equal plan (every item done, no record changed since) and all intact: kept, no item judged.
+    identity = getattr(states, "identity", None) if outcome is None else None
+    same_plan = identity is not None and old_plan == identity and len(old) == -(-len(job["items"]) // PART_SIZE)
+    entries = None if same_plan else _item_states(job_dir, job, outcome, states)
     prints = []  # per data file: [fingerprint, tilings], gallery/fingerprints.json
     out: dict[str, bytes] = {}
     for number, start in enumerate(range(0, len(job["items"]), PART_SIZE)):
         chunk = job["items"][start:start + PART_SIZE]
-        fingerprint = _part_fingerprint(key, chunk, entries, stats or {})
         kept = old.get(number)
+        fingerprint = kept[1] if same_plan else _part_fingerprint(key, chunk, entries, stats or {})
         if kept is not None and fingerprint is not None and kept[1] == fingerprint:  # nothing it shows changed: no record read
             part, _, tiling, data = kept
         else:
@@ -674,39 +677,46 @@ def render_gallery(job_dir: Path, job: dict, outcome: str | None = None, states:
         prints.append([fingerprint, tiling])
         manifest["tiling"] = sorted(set(manifest["tiling"]) | set(tiling))
         out[f"{DATA_DIR}/{_part_name(number)}"] = data
-    out[f"{DATA_DIR}/{FINGERPRINTS}"] = _fingerprints_json(key, prints)
+    whole = identity is not None and all(fingerprint is not None for fingerprint, _ in prints)
+    out[f"{DATA_DIR}/{FINGERPRINTS}"] = _fingerprints_json(key, prints, identity if whole else None)
     out[f"{DATA_DIR}/{MANIFEST}"] = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
     out[PAGE] = _index_html(job_dir, job, outcome, manifest).encode()
     return out
 
 
-def _fingerprints_json(key: str, prints: list) -> bytes:
-    return (json.dumps({"job": key, "version": PART_VERSION, "parts": prints}, separators=(",", ":")) + "\n").encode()
+def _fingerprints_json(key: str, prints: list, plan: str | None = None) -> bytes:
+    """`plan`: the identity of the plan (plan.Plan.identity) every data file was made from, when
+    one was: a later render from an equal plan keeps them all without judging any item."""
+    return (json.dumps({"job": key, "version": PART_VERSION, "parts": prints, "plan": plan}, separators=(",", ":")) + "\n").encode()
 
 
-def _read_fingerprints(job_dir: Path, key: str, parts: int) -> list | None:
-    """gallery/fingerprints.json's [fingerprint, tilings] per data file, when it is this job's."""
+def _read_fingerprints(job_dir: Path, key: str, parts: int) -> tuple[list, str | None] | None:
+    """gallery/fingerprints.json's [fingerprint, tilings] per data file and the plan they were all
+    made from (or None), when it is this job's."""
     try:
         prints = json.loads(_read_own(job_dir / DATA_DIR / FINGERPRINTS))
         if prints["job"] != key or prints["version"] != PART_VERSION or len(prints["parts"]) != parts:
             return None
         if not all(isinstance(fp, (str, type(None))) and isinstance(tiling, list) for fp, tiling in prints["parts"]):
             return None
-        return prints["parts"]
+        plan = prints.get("plan")
+        return prints["parts"], plan if isinstance(plan, str) else None
     except (OSError, ValueError, KeyError, TypeError, JobFileError):
         return None
 
 
-def _old_parts(job_dir: Path, key: str) -> dict[int, tuple]:
+def _old_parts(job_dir: Path, key: str) -> tuple[dict[int, tuple], str | None]:
     """The data files already written for this job, by number: (manifest entry, fingerprint,
-    tilings, bytes), each only when its bytes have the sha256 its manifest entry names."""
+    tilings, bytes), each only when its bytes have the sha256 its manifest entry names; and the
+    plan they were all made from, when one was."""
     try:
         manifest = json.loads(_read_own(job_dir / DATA_DIR / MANIFEST))
         if manifest["job"] != key or manifest["part_size"] != PART_SIZE:
-            return {}
-        prints = _read_fingerprints(job_dir, key, len(manifest["parts"]))
-        if prints is None:
-            return {}
+            return {}, None
+        found = _read_fingerprints(job_dir, key, len(manifest["parts"]))
+        if found is None:
+            return {}, None
+        prints, plan = found
         parts = {}
         for number, (part, (fingerprint, tiling)) in enumerate(zip(manifest["parts"], prints)):
             if fingerprint is None or not isinstance(part, dict) or part.get("file") != _part_name(number):
@@ -714,9 +724,9 @@ def _old_parts(job_dir: Path, key: str) -> dict[int, tuple]:
             data = _read_own(job_dir / DATA_DIR / part["file"])
             if sha256_bytes(data) == part.get("sha256"):
                 parts[number] = (part, fingerprint, tiling, data)
-        return parts
+        return parts, plan
     except (OSError, ValueError, KeyError, TypeError, JobFileError):
-        return {}
+        return {}, None
 
 
 def _read_own(path: Path) -> bytes:
@@ -733,9 +743,10 @@ def _refreshed(job_dir: Path, job: dict, ids: set[str]) -> dict[str, bytes] | No
         ok = ok and len(manifest["parts"]) == -(-len(job["items"]) // PART_SIZE)
     except (OSError, ValueError, KeyError, TypeError, JobFileError):
         return None
-    prints = _read_fingerprints(job_dir, manifest["job"], len(manifest["parts"])) if ok else None
-    if prints is None:
+    found = _read_fingerprints(job_dir, manifest["job"], len(manifest["parts"])) if ok else None
+    if found is None:
         return None
+    prints = found[0]
     entries = _item_states(job_dir, job, None, only=ids)
     _read_records(list(entries.values()))
     position = {item["id"]: n for n, item in enumerate(job["items"])}
