@@ -67,6 +67,29 @@ def test_a_plan_is_made_once_per_shape_and_budget(tiny_model, tmp_path, monkeypa
     assert len(json.loads((job_dir / memory.PLAN_CACHE).read_text())) == 4
 
 
+def test_a_budget_no_op_takes_every_unit_from_the_plan_entry(tiny_model, tmp_path, monkeypatch, cli_in_process):
+    """Under a budget (or on a GPU) a no-op rerun checks that nothing is left to do before planning
+    memory; once the job's state holds a plan entry (docs/state.md) that check makes no unit at all."""
+    from stages import records, units
+
+    monkeypatch.setattr(records, "RACY_NS", 0)  # the files were written just now: trust them anyway
+    job_file = write_job(tmp_path, JOB.format(model=tiny_model, a=1, b=2))
+
+    def run():
+        session.run_job_file(job_file, tmp_path / "work", "cpu", (), (None, "8GiB", True, False), echo=print)
+        return json.loads((tmp_path / "work" / "cached" / "job.resolved.json").read_text())["runtime"]
+
+    run()
+    assert run()["plan_cache"] == "not needed: nothing to do"  # judged unit by unit; saves the plan entry
+    made = []
+    real = units.plan_units
+    monkeypatch.setattr(units, "plan_units", lambda *a, **k: made.append(a) or real(*a, **k))
+    assert run()["plan_cache"] == "not needed: nothing to do" and not made
+    (tmp_path / "work" / "cached" / "decode" / next(p.name for p in (tmp_path / "work" / "cached" / "decode").glob("*.png"))).unlink()
+    assert run().get("plan_cache") != "not needed: nothing to do" and made  # a file changed: judged, planned and remade
+    assert len(list((tmp_path / "work" / "cached" / "decode").glob("*.png"))) == 2
+
+
 def test_a_damaged_plan_cache_is_planned_over(tiny_model, tmp_path, cli_in_process):
     job_file = write_job(tmp_path, JOB.format(model=tiny_model, a=1, b=2))
     (tmp_path / "work" / "cached").mkdir(parents=True)

@@ -157,9 +157,15 @@ def runtime_if_nothing_to_do(job_dir: Path, resolved: dict, flags: dict, reader=
     from stages.records import RecordReader
     from stages.units import plan_units, unit_status
 
+    from orchestrator.planning.plan import plan_key
+
     reader = reader if reader is not None else RecordReader()
     reader.attach(job_dir)  # the job's state cache: judged by stat, as the run's plan will (docs/state.md)
+    reused = dict(runtime, plan_cache="not needed: nothing to do")
+    key = plan_key(dict(resolved, runtime=reused))
+    if key is not None and reader.plan_done(key) is not None:  # the plan entry: every unit done, no file changed
+        return reused
     units = plan_units(dict(resolved, runtime=runtime))  # in stage order: the first stale unit ends the check
     if not all(unit_status(job_dir, unit, reader=reader)[0] for stage in ALL_STAGES for unit in units.get(stage, ())):
         return None
-    return dict(runtime, plan_cache="not needed: nothing to do")
+    return reused
