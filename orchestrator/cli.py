@@ -306,7 +306,12 @@ def main() -> None:
     for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None), getattr(signal, "SIGBREAK", None)):
         if signum is not None:
             signal.signal(signum, _terminate)
-    app()
+    try:
+        app()
+    finally:  # the work is over: a signal during interpreter shutdown (handlers back to default) must not kill it
+        for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None), getattr(signal, "SIGBREAK", None)):
+            if signum is not None:
+                signal.signal(signum, signal.SIG_IGN)
 
 
 if __name__ == "__main__":
