@@ -84,7 +84,16 @@ def stamp_of(keys) -> str:
     hashes differently only makes the cache miss."""
     if None in keys:  # hash(None) differs between processes before Python 3.12
         keys = [NO_FILE if key is None else key for key in keys]
-    return format(hash(tuple(keys)) & 0xFFFFFFFFFFFFFFFF, "x")
+    return _hex64(hash(tuple(keys)))
+
+
+def _chained(stamp: int, key) -> int:
+    """`stamp` with one more file's stat key folded in (a plan entry's stamp: keep_plan, plan_done)."""
+    return hash((stamp, NO_FILE if key is None else key))
+
+
+def _hex64(value: int) -> str:
+    return format(value & 0xFFFFFFFFFFFFFFFF, "x")
 
 
 NO_FILE = (-1,)
@@ -144,7 +153,7 @@ class RecordReader:
             key = stat_key(path)
         fold = self._fold
         if fold is not None:
-            fold[0] = hash((fold[0], NO_FILE if key is None else key))
+            fold[0] = _chained(fold[0], key)
             fold[2].append(path)
             if key is not None and max(key[1], key[3]) > fold[1]:
                 fold[1] = max(key[1], key[3])
@@ -224,7 +233,7 @@ class RecordReader:
         root = self.job_dir + os.sep if self.job_dir else None
         if root is None or not all(path.startswith(root) for path in paths):
             return
-        stamp = format(stamp & 0xFFFFFFFFFFFFFFFF, "x")
+        stamp = _hex64(stamp)
         entry = {"key": key, "stamp": stamp, "counts": counts, "files": "\n".join(path[len(root):] for path in paths)}
         import time
 
@@ -249,9 +258,8 @@ class RecordReader:
         root = self.job_dir + os.sep
         stamp = 0
         for rel in entry["files"].split("\n"):
-            key_ = stat_key(root + rel)
-            stamp = hash((stamp, NO_FILE if key_ is None else key_))
-        stamp = format(stamp & 0xFFFFFFFFFFFFFFFF, "x")
+            stamp = _chained(stamp, stat_key(root + rel))
+        stamp = _hex64(stamp)
         if stamp != entry.get("stamp"):
             return None
         self.plan_identity = f"{key}|{stamp}"

@@ -64,8 +64,7 @@ class DoneStates(Sequence):
 def units_once(job: dict):
     """plan_units(job), made at the first call and kept (a run plans several times, and not at all
     when the job's plan entry holds)."""
-    made: list = []
-    return lambda: made[0] if made else made.append(plan_units(job)) or made[0]
+    return functools.cache(lambda: plan_units(job))
 
 
 def todo_states(states) -> list[UnitState]:

@@ -155,9 +155,8 @@ def runtime_if_nothing_to_do(job_dir: Path, resolved: dict, flags: dict, reader=
     if not same or not runtime.get("stages") or runtime.get("flags") != flags:
         return None
     from stages.records import RecordReader
-    from stages.units import plan_units, unit_status
-
     from orchestrator.planning.plan import plan_key
+    from stages.units import plan_units, unit_status
 
     reader = reader if reader is not None else RecordReader()
     reader.attach(job_dir)  # the job's state cache: judged by stat, as the run's plan will (docs/state.md)

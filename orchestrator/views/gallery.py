@@ -653,7 +653,7 @@ def render_gallery(job_dir: Path, job: dict, outcome: str | None = None, states:
     old, old_plan = _old_parts(job_dir, key)
     # Made from an equal plan (every item done, no record changed since) and all intact: kept, no item judged.
     identity = getattr(states, "identity", None) if outcome is None else None
-    same_plan = identity is not None and old_plan == identity and len(old) == -(-len(job["items"]) // PART_SIZE)
+    same_plan = identity is not None and old_plan == identity and len(old) == _part_count(job)
     entries = None if same_plan else _item_states(job_dir, job, outcome, states)
     prints = []  # per data file: [fingerprint, tilings], gallery/fingerprints.json
     out: dict[str, bytes] = {}
@@ -682,6 +682,11 @@ def render_gallery(job_dir: Path, job: dict, outcome: str | None = None, states:
     out[f"{DATA_DIR}/{MANIFEST}"] = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
     out[PAGE] = _index_html(job_dir, job, outcome, manifest).encode()
     return out
+
+
+def _part_count(job: dict) -> int:
+    """How many data files the job's items fill (PART_SIZE each, the last one partly)."""
+    return -(-len(job["items"]) // PART_SIZE)
 
 
 def _fingerprints_json(key: str, prints: list, plan: str | None = None) -> bytes:
@@ -740,7 +745,7 @@ def _refreshed(job_dir: Path, job: dict, ids: set[str]) -> dict[str, bytes] | No
     try:
         manifest = json.loads(_read_own(job_dir / DATA_DIR / MANIFEST))
         ok = manifest["job"] == _job_key(job) and manifest["part_size"] == PART_SIZE
-        ok = ok and len(manifest["parts"]) == -(-len(job["items"]) // PART_SIZE)
+        ok = ok and len(manifest["parts"]) == _part_count(job)
     except (OSError, ValueError, KeyError, TypeError, JobFileError):
         return None
     found = _read_fingerprints(job_dir, manifest["job"], len(manifest["parts"])) if ok else None
