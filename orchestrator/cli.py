@@ -20,6 +20,7 @@ from orchestrator.executors import session
 from orchestrator.executors.runner import StageFailedError
 from orchestrator.views.status import show_status
 from stages.contract import ArtifactError, JobFileError, ResourceError
+from stages.entry import stop_signals
 from stages.files import shown_path
 
 app = typer.Typer(
@@ -303,15 +304,14 @@ def main() -> None:
     # collection every 700 allocations was a sixth of a no-op rerun's time (issue 21).
     gc.set_threshold(100_000, 20, 20)
     # A scheduler, a closed terminal (POSIX), Ctrl-Break (Windows): like Ctrl-C.
-    for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None), getattr(signal, "SIGBREAK", None)):
-        if signum is not None:
-            signal.signal(signum, _terminate)
+    stops = [signum for signum in stop_signals() if signum != signal.SIGINT]  # Ctrl-C is Python's KeyboardInterrupt already
+    for signum in stops:
+        signal.signal(signum, _terminate)
     try:
         app()
     finally:  # the work is over: a signal during interpreter shutdown (handlers back to default) must not kill it
-        for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None), getattr(signal, "SIGBREAK", None)):
-            if signum is not None:
-                signal.signal(signum, signal.SIG_IGN)
+        for signum in stops:
+            signal.signal(signum, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

@@ -235,10 +235,11 @@ def test_only_the_signals_a_platform_has_are_handled(monkeypatch):
     monkeypatch.setattr(signal, "SIGBREAK", 21, raising=False)
     assert entry.stop_signals() == (signal.SIGINT, signal.SIGTERM, 21)
     handled = []
-    monkeypatch.setattr(cli.signal, "signal", lambda signum, handler: handled.append(signum))
+    monkeypatch.setattr(cli.signal, "signal", lambda signum, handler: handled.append((signum, handler)))
     monkeypatch.setattr(cli, "app", lambda: None)
     cli.main()
-    assert handled == [signal.SIGTERM, 21]
+    # handled while the command runs; ignored once it has returned (interpreter shutdown)
+    assert handled == [(signal.SIGTERM, cli._terminate), (21, cli._terminate), (signal.SIGTERM, signal.SIG_IGN), (21, signal.SIG_IGN)]
 
 
 # ---------------------------------------------------------------------------------------------
